@@ -1,0 +1,16 @@
+"""meanflow: one-step generative modeling with MeanFlow (Geng et al. 2025, arXiv 2505.13447).
+
+Conventions: t = 0 is data, t = 1 is noise, ``z_t = (1 - t) x + t e``, ``v = e - x``; the network
+``u(z, r, t)`` predicts the average velocity over [r, t]; one-step sampling is ``x = e - u(e, 0, 1)``.
+"""
+
+from .errors import MeanFlowError
+from .objective import FlowMatching, MeanFlow, ObjectiveOutput
+from .path import linear_path
+from .sampling import sample, uniform_schedule
+from .times import TimeSampler
+
+__version__ = "0.1.0"
+
+__all__ = ["MeanFlow", "FlowMatching", "ObjectiveOutput", "TimeSampler", "sample",
+           "uniform_schedule", "linear_path", "MeanFlowError", "__version__"]

@@ -1,0 +1,41 @@
+"""An MLP for vector data, obeying ``model(z, r, t, y=None) -> u`` with ``z`` of shape (B, D).
+
+Input: ``[z, embed(time quantities), embed(label)]`` -> ``depth`` Linear+SiLU layers of width
+``hidden`` -> Linear to D. Time quantities default to ``(t, t - r)`` (see embeddings.py).
+Labels, when ``num_classes > 0``, use a learned table with one extra row for the null label
+(index ``num_classes``) that classifier-free guidance drops to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import check
+from .embeddings import TimeEmbedding
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_input: str = "t,t-r",
+                 time_dim: int = 32, num_classes: int = 0, label_dim: int = 32) -> None:
+        super().__init__()
+        check(dim >= 1, f"data dimension must be >= 1, got {dim}")
+        check(hidden >= 1 and depth >= 1, f"hidden and depth must be >= 1, got {hidden}, {depth}")
+        self.dim, self.num_classes = dim, num_classes
+        self.time = TimeEmbedding(time_input, time_dim)
+        self.label = nn.Embedding(num_classes + 1, label_dim) if num_classes > 0 else None
+        width_in = dim + self.time.out_dim + (label_dim if num_classes > 0 else 0)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), nn.SiLU()]
+        layers.append(nn.Linear(hidden, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [z, self.time(r.to(z.dtype), t.to(z.dtype))]
+        if self.label is not None:
+            if y is None:
+                y = torch.full((z.shape[0],), self.num_classes, device=z.device, dtype=torch.long)
+            parts.append(self.label(y))
+        return self.net(torch.cat(parts, dim=1))

@@ -1,0 +1,153 @@
+"""MeanFlow and flow-matching training objectives (paper Sec. 4.1, Algorithm 1, Eq. 9-10).
+
+The network ``u(z, r, t)`` models the average velocity over ``[r, t]``. The MeanFlow identity
+
+    u(z_t, r, t) = v(z_t, t) - (t - r) * du/dt,     du/dt = v . d_z u + d_t u
+
+gives the regression target ``u_tgt = sg(v - (t - r) du/dt)``, where ``du/dt`` is one JVP of
+the network with tangent ``(v, 0, 1)`` on ``(z, r, t)``. Per sample,
+
+    err  = sum over all non-batch dims of (u - u_tgt)^2
+    loss = err / sg((err + c)^p)          (adaptive weighting, Sec. 4.3; p = 1, c = 1e-3)
+
+and the batch loss is the mean of the per-sample losses. Flow matching is the special case
+r = t, where the target is ``v`` and no JVP is needed (the paper's 0% ablation, Table 1a).
+
+Objectives know nothing about networks: a model is any callable ``model(z, r, t, y=None)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MeanFlowError, check
+from .jvp import at_least_float32, total_derivative
+from .path import PathSample, broadcast_time, linear_path
+from .times import TimeSampler
+
+JVP_MODES = ("subset", "full")
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one objective evaluation produced (all per-sample tensors have leading dim B)."""
+
+    loss: torch.Tensor        # scalar, mean of ``per_sample``; backpropagate this
+    per_sample: torch.Tensor  # (B,) weighted loss err / sg((err + c)^p)
+    err: torch.Tensor         # (B,) squared error summed over non-batch dims (unweighted)
+    u: torch.Tensor           # network output, with autograd graph
+    target: torch.Tensor      # regression target, detached
+    r: torch.Tensor           # (B,)
+    t: torch.Tensor           # (B,)
+
+
+class MeanFlow:
+    """The MeanFlow objective. Call as ``obj(model, x, y=None, *, noise=None, r=None, t=None)``.
+
+    Args:
+        time_sampler: draws ``(r, t)`` when they are not given.
+        p, c: adaptive loss weight ``1 / sg((err + c)^p)``; ``p = 0`` is the plain squared error.
+        jvp: ``"subset"`` (default) runs the JVP only on samples with ``r < t`` and an ordinary
+            forward on the rest, whose target is exactly ``v``; ``"full"`` runs the JVP on the
+            whole batch like the authors' code. Both give the same loss and gradients for
+            networks that treat samples independently (no batch norm); each sample passes
+            through the network once either way.
+    """
+
+    uses_jvp = True
+
+    def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
+                 c: float = 1e-3, jvp: str = "subset") -> None:
+        check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
+        check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
+        check(jvp in JVP_MODES, f"jvp mode must be one of {', '.join(JVP_MODES)}, got {jvp!r}")
+        self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
+        self.p, self.c, self.jvp = p, c, jvp
+
+    # -- hooks for subclasses (guidance replaces the velocity) ---------------------------------
+    def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
+                 y: torch.Tensor | None) -> torch.Tensor:
+        """The velocity used as JVP tangent and in the target; the conditional ``v`` here."""
+        return path.v
+
+    # -- the objective ---------------------------------------------------------------------
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
+                 noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
+                 t: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> ObjectiveOutput:
+        r, t, noise = self._inputs(x, noise, r, t, generator)
+        path = linear_path(x, noise, t)
+        v = self.velocity(model, path, r, t, y).detach()
+        u, target = self.prediction_and_target(model, path.z, r, t, v, y)
+        err = (at_least_float32(u) - target).pow(2).flatten(1).sum(dim=1)
+        weight = (err.detach() + self.c).pow(self.p)
+        per_sample = err / weight
+        return ObjectiveOutput(loss=per_sample.mean(), per_sample=per_sample, err=err.detach(),
+                               u=u, target=target, r=r, t=t)
+
+    def prediction_and_target(self, model, z, r, t, v, y):
+        """Return ``(u, u_tgt)`` with ``u_tgt = sg(v - (t - r) du/dt)``."""
+        if self.jvp == "full":
+            return self._with_jvp(model, z, r, t, v, y)
+        distinct = r < t
+        if bool(distinct.all()):
+            return self._with_jvp(model, z, r, t, v, y)
+        if not bool(distinct.any()):
+            return model(z, r, t, y=y), at_least_float32(v)
+        idx_mf = distinct.nonzero().squeeze(1)
+        idx_fm = (~distinct).nonzero().squeeze(1)
+        sub = lambda a, i: None if a is None else a[i]  # noqa: E731
+        u_mf, tgt_mf = self._with_jvp(model, z[idx_mf], r[idx_mf], t[idx_mf], v[idx_mf],
+                                      sub(y, idx_mf))
+        u_fm = model(z[idx_fm], r[idx_fm], t[idx_fm], y=sub(y, idx_fm))
+        inverse = torch.argsort(torch.cat([idx_mf, idx_fm]))
+        u = torch.cat([at_least_float32(u_mf), at_least_float32(u_fm)])[inverse]
+        target = torch.cat([tgt_mf, at_least_float32(v[idx_fm])])[inverse]
+        return u, target
+
+    @staticmethod
+    def _with_jvp(model, z, r, t, v, y):
+        u, dudt = total_derivative(model, z, r, t, v, y)
+        target = at_least_float32(v) - broadcast_time(t - r, dudt) * dudt
+        return u, target.detach()
+
+    def _inputs(self, x, noise, r, t, generator):
+        check(x.dim() >= 2 and x.shape[0] > 0,
+              f"data batch must have shape (B, ...) with B > 0, got {tuple(x.shape)}")
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        check(noise.shape == x.shape,
+              f"noise shape {tuple(noise.shape)} must equal data shape {tuple(x.shape)}")
+        if (r is None) != (t is None):
+            raise MeanFlowError("pass both r and t, or neither (then they are sampled)")
+        if r is None:
+            r, t = self.time_sampler(x.shape[0], generator=generator, device=x.device)
+        b = x.shape[0]
+        check(r.shape == (b,) and t.shape == (b,),
+              f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
+        check(bool(((0 <= r) & (r <= t) & (t <= 1)).all()), "times must satisfy 0 <= r <= t <= 1")
+        return r, t, noise
+
+
+class FlowMatching(MeanFlow):
+    """Flow matching with the same interface: r = t everywhere, target ``v``, no JVP.
+
+    Times come from the same sampler with the fraction of r != t set to 0, which is exactly
+    the paper's 0% ablation (Table 1a). The adaptive weighting is kept (set ``p = 0`` for the
+    plain squared error).
+    """
+
+    uses_jvp = False
+
+    def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
+                 c: float = 1e-3) -> None:
+        sampler = time_sampler if time_sampler is not None else TimeSampler()
+        super().__init__(dataclasses.replace(sampler, ratio=0.0), p=p, c=c, jvp="subset")
+
+    def _inputs(self, x, noise, r, t, generator):
+        r, t, noise = super()._inputs(x, noise, r, t, generator)
+        check(bool((r == t).all()), "flow matching needs r == t for every sample")
+        return r, t, noise

@@ -1,0 +1,215 @@
+"""Run configuration: nested dataclasses, named presets and ``--set key=value`` overrides.
+
+A run is fully described by :class:`TrainConfig`, saved as ``config.json`` in the run directory
+and inside every checkpoint. Presets are dotted overrides on the defaults; ``--set`` applies
+more overrides after the preset (e.g. ``--set time.ratio=0.5 --set optim.lr=3e-4``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MeanFlowError, check
+from ..times import TimeSampler
+
+OBJECTIVES = ("meanflow", "flow-matching")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass
+class ModelConfig:
+    """Network settings (vector data: the MLP of meanflow.nn.mlp)."""
+
+    arch: str = "mlp"
+    hidden: int = 256
+    depth: int = 4
+    time_input: str = "t,t-r"
+    time_dim: int = 32
+
+
+@dataclass
+class LossConfig:
+    """Adaptive weighting ``1 / sg((err + c)^p)`` and where the JVP runs."""
+
+    p: float = 1.0
+    c: float = 1e-3
+    jvp: str = "subset"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping (the gradient norm is still logged)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "checkerboard"
+    preset: str = "mlp"
+    objective: str = "meanflow"
+    steps: int = 5000
+    batch_size: int = 1024
+    seed: int = 0
+    num_data: int = 100_000       # samples drawn from a built-in distribution
+    normalize: bool = True        # standardize each dimension; samples are mapped back
+    ema_decay: float = 0.999
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_num: int = 5000        # points in the scatter plot written at the end of training
+    model: ModelConfig = field(default_factory=ModelConfig)
+    time: TimeSampler = field(default_factory=TimeSampler)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        check(self.objective in OBJECTIVES,
+              f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check(self.optim.name in OPTIMIZERS,
+              f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.optim.name!r}")
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints",
+                     "num_data", "sample_num"):
+            value = getattr(self, name)
+            check(value >= 1, f"{name} must be >= 1, got {value}")
+        check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
+        check(self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}")
+        for beta in ("beta1", "beta2"):
+            value = getattr(self.optim, beta)
+            check(0.0 <= value < 1.0, f"optim.{beta} must be in [0, 1), got {value}")
+        TimeSampler(**dataclasses.asdict(self.time))  # re-run its checks after --set
+        check(self.loss.p >= 0 and self.loss.c > 0,
+              f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        cfg = cls()
+        for key, value in _flatten(data).items():
+            set_value(cfg, key, value)
+        return cfg
+
+
+# Presets: dotted overrides on the defaults. Sources and measurements are in docs/presets.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Generic MLP for vector data of any dimension.
+    "mlp": {},
+    # 2-D toy data on 2 CPU cores in under 3 minutes (tuned by benchmarks/toy_quality.py).
+    "toy-2d": {"steps": 4000, "batch_size": 1024, "model.hidden": 256, "model.depth": 4,
+               "optim.lr": 1e-3, "ema_decay": 0.999, "time.ratio": 0.25},
+    # A few-second smoke run (tests, CI).
+    "tiny": {"steps": 50, "batch_size": 128, "model.hidden": 32, "model.depth": 2,
+             "num_data": 2000, "log_every": 10, "ckpt_every": 25, "sample_num": 500},
+}
+
+
+def default_preset(dim: int) -> str:
+    """The preset chosen when none is given: ``toy-2d`` for 2-D data, ``mlp`` otherwise."""
+    return "toy-2d" if dim == 2 else "mlp"
+
+
+def apply_preset(cfg: TrainConfig, name: str) -> None:
+    if name not in PRESETS:
+        raise MeanFlowError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: "
+                            f"{', '.join(PRESETS)}")
+    for key, value in PRESETS[name].items():
+        set_value(cfg, key, value)
+    cfg.preset = name
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_keys(cfg: Any = None, prefix: str = "") -> list[str]:
+    """All dotted keys that ``--set`` accepts."""
+    cfg = TrainConfig() if cfg is None else cfg
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` (a string from the command line or a JSON value) to type ``hint``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    target = args[0] if optional and args else hint
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if target is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        name = getattr(target, "__name__", str(target))
+        raise MeanFlowError(f"{key} expects a {name} value, got {value!r}") from None
+
+
+def set_value(cfg: Any, key: str, value: Any) -> None:
+    """Set dotted ``key`` (e.g. ``time.ratio``) on ``cfg``, converting ``value`` to the field type."""
+    parts = key.split(".")
+    target = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(target)}
+        if part not in names:
+            full = ".".join(parts[:i + 1])
+            raise MeanFlowError(f"unknown config key {key!r}{_suggest(full, config_keys())}; "
+                                "run 'meanflow train --help' for the list of keys")
+        if i < len(parts) - 1:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise MeanFlowError(f"config key {'.'.join(parts[:i + 1])!r} has no sub-keys")
+    hints = typing.get_type_hints(type(target))
+    if dataclasses.is_dataclass(getattr(target, parts[-1])):
+        raise MeanFlowError(f"config key {key!r} is a group; set one of its keys, e.g. "
+                            f"{key}.{dataclasses.fields(getattr(target, parts[-1]))[0].name}")
+    setattr(target, parts[-1], _convert(key, value, hints[parts[-1]]))
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        check(bool(sep) and bool(key.strip()), f"--set expects key=value, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
