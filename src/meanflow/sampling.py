@@ -15,16 +15,17 @@ import torch
 from .errors import check
 
 
-def uniform_schedule(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def uniform_schedule(steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``steps + 1`` times evenly spaced from 1 down to 0."""
-    check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
-    return torch.linspace(1.0, 0.0, steps + 1, device=device)
+    check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+          f"steps must be an integer >= 1, got {steps!r}")
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).to(dtype)
 
 
 def validate_schedule(schedule) -> torch.Tensor:
     """Return ``schedule`` as a float tensor after checking it is a strictly decreasing 1-D
     sequence of at least two times in [0, 1]."""
-    s = torch.as_tensor(schedule, dtype=torch.float32)
+    s = torch.as_tensor(schedule, dtype=torch.float64)
     check(s.dim() == 1 and s.numel() >= 2,
           f"a schedule needs at least two times in a 1-D sequence, got shape {tuple(s.shape)}")
     check(bool(torch.isfinite(s).all()), "schedule times must be finite")
@@ -46,8 +47,8 @@ def sample(model, noise: torch.Tensor, steps: int = 1, schedule=None,
         schedule: explicit decreasing times, e.g. ``[1.0, 0.5, 0.0]``.
         y: optional labels passed to the model.
     """
-    s = uniform_schedule(steps) if schedule is None else validate_schedule(schedule)
-    s = s.to(noise.device)
+    s = uniform_schedule(steps, torch.float64) if schedule is None else validate_schedule(schedule)
+    s = s.to(device=noise.device, dtype=noise.dtype)
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()

@@ -9,6 +9,9 @@ Defaults are the paper's ImageNet values: logit-normal(-0.4, 1.0), 25% of sample
 (Table 1a). The authors' improved CIFAR-10 recipe draws t and r from different logit-normals
 (t: (-0.6, 1.6), r: (-4.0, 1.6)), hence the optional ``r_mean`` / ``r_std``.
 
+Flow matching (``FlowMatching``) uses :meth:`TimeSampler.single`, one draw ``t ~ D_t``, the
+standard flow-matching sampler, rather than the max of two draws.
+
 Choice (documented in docs/method.md): the authors' code makes a fixed share of each batch
 r != t; we draw it per sample (Bernoulli(ratio)), which has the same expectation and keeps
 each sample's time independent of its position in the batch.
@@ -49,6 +52,11 @@ class TimeSampler:
         if self.dist == "uniform":
             return torch.rand(n, generator=generator, device=device)
         return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+    def single(self, batch_size: int, *, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """One draw ``t ~ D_t`` per sample: the usual flow-matching time distribution."""
+        return self._draw(batch_size, self.mean, self.std, generator, device)
 
     def __call__(self, batch_size: int, *, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,13 +29,15 @@ def time_quantities(kind: str, r: torch.Tensor, t: torch.Tensor) -> list[torch.T
 
 
 class SinusoidalEmbedding(nn.Module):
-    """``[s, sin(2 pi f_k s), cos(2 pi f_k s)]`` with ``f_k`` log-spaced in [1, max_freq]."""
+    """``[s, sin(f_k s), cos(f_k s)]`` with angular frequencies ``f_k`` log-spaced in
+    [1, max_freq]. The MeanFlow target contains d/dt of the network, so very high frequencies
+    make targets noisy; the default tops out at 2 pi * 3 (three periods over [0, 1])."""
 
-    def __init__(self, dim: int = 32, max_freq: float = 64.0) -> None:
+    def __init__(self, dim: int = 32, max_freq: float = 6 * math.pi) -> None:
         super().__init__()
         check(dim >= 2 and dim % 2 == 0, f"embedding dim must be even and >= 2, got {dim}")
         freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2))
-        self.register_buffer("freqs", 2 * math.pi * freqs, persistent=False)
+        self.register_buffer("freqs", freqs, persistent=False)
         self.out_dim = dim + 1
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
@@ -46,12 +48,12 @@ class SinusoidalEmbedding(nn.Module):
 class TimeEmbedding(nn.Module):
     """Embeds the chosen time quantities and concatenates them: (B,) x 2 -> (B, out_dim)."""
 
-    def __init__(self, kind: str = "t,t-r", dim: int = 32) -> None:
+    def __init__(self, kind: str = "t,t-r", dim: int = 32, max_freq: float = 6 * math.pi) -> None:
         super().__init__()
         check(kind in TIME_INPUTS,
               f"time input must be one of {', '.join(TIME_INPUTS)}, got {kind!r}")
         self.kind = kind
-        self.embed = SinusoidalEmbedding(dim)
+        self.embed = SinusoidalEmbedding(dim, max_freq)
         self.out_dim = self.embed.out_dim * len(TIME_INPUTS[kind])
 
     def forward(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from ..times import TimeSampler
 
 OBJECTIVES = ("meanflow", "flow-matching")
 OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -48,6 +50,16 @@ class OptimConfig:
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping (the gradient norm is still logged)
+    schedule: str = "constant"  # or "cosine": lr decays to 0 at the last step
+    warmup: int = 0             # steps of linear warm-up from 0
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
+        factor = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.schedule == "cosine":
+            progress = min(1.0, max(0.0, (step - self.warmup) / max(1, total - self.warmup)))
+            factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * factor
 
 
 @dataclass
@@ -82,6 +94,9 @@ class TrainConfig:
         check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
+        check(self.optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of "
+              f"{', '.join(LR_SCHEDULES)}, got {self.optim.schedule!r}")
+        check(self.optim.warmup >= 0, f"optim.warmup must be >= 0, got {self.optim.warmup}")
         check(self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}")
         for beta in ("beta1", "beta2"):
             value = getattr(self.optim, beta)

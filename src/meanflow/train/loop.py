@@ -143,6 +143,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     consecutive_bad, last_loss = 0, math.nan
     try:
         while step < cfg.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr_at(step, cfg.steps)
             x = batches.next()
             out_obj = objective(model, x, generator=gen)
             optimizer.zero_grad(set_to_none=True)

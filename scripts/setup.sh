@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (or $MEANFLOW_VENV) and install meanflow with its test extras.
+# torch is pinned to the CPU build 2.13.0 first, so the package's "torch>=2.4" pulls nothing more;
+# set MEANFLOW_TORCH to another requirement (e.g. "torch" for a CUDA build) to change that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${MEANFLOW_VENV:-.venv}"
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet "${MEANFLOW_TORCH:-torch==2.13.0}"
+"$venv/bin/python" -m pip install --quiet -e ".[test]"
+echo "meanflow installed in $venv" >&2

@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+class GaussianMeanFlow(nn.Module):
+    """The exact average velocity of the linear path for data x ~ N(mu, sigma^2 I).
+
+    With a = 1 - t and s_t^2 = a^2 sigma^2 + t^2, the flow is z_t = a mu + s_t xi, so
+    u(z, r, t) = (z_t - z_r) / (t - r) = -mu + (1 - s_r / s_t) (z - (1 - t) mu) / (t - r),
+    and the marginal velocity is v(z, t) = (t - a sigma^2) / s_t^2 (z - a mu) - mu.
+    Defined for r < t (the formula divides by t - r).
+    """
+
+    def __init__(self, mu: torch.Tensor, sigma: float) -> None:
+        super().__init__()
+        self.register_buffer("mu", mu)
+        self.sigma = sigma
+
+    def s(self, t):
+        return torch.sqrt((1 - t) ** 2 * self.sigma ** 2 + t ** 2)
+
+    def forward(self, z, r, t, y=None):
+        r_, t_ = r[:, None], t[:, None]
+        centered = z - (1 - t_) * self.mu
+        return -self.mu + (1 - self.s(r_) / self.s(t_)) * centered / (t_ - r_)
+
+    def velocity(self, z, t):
+        t_ = t[:, None]
+        a = 1 - t_
+        return (t_ - a * self.sigma ** 2) / self.s(t_) ** 2 * (z - a * self.mu) - self.mu
+
+
+@pytest.fixture
+def gaussian_flow():
+    return GaussianMeanFlow(torch.tensor([1.5, -0.5, 0.25], dtype=torch.float64), sigma=0.7)
+
+
+def logit(x):
+    return torch.log(x) - torch.log1p(-x)
+
+
+SQRT_PI = math.sqrt(math.pi)

@@ -1,0 +1,184 @@
+"""End-to-end behaviour of the ``meanflow`` command on tiny runs (seconds each)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from meanflow.cli import build_parser, main
+from meanflow.train.checkpoint import latest_checkpoint
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "tiny")
+    assert main(["train", "--data", "eight-gaussians", "--out", out, "--preset", "tiny",
+                 "--quiet"]) == 0
+    return out
+
+
+def test_train_writes_a_self_describing_run(tiny_run):
+    names = set(os.listdir(tiny_run))
+    assert {"config.json", "metrics.jsonl", "checkpoints", "samples-1step.png"} <= names
+    config = json.load(open(os.path.join(tiny_run, "config.json")))
+    assert config["preset"] == "tiny" and config["time"]["ratio"] == 0.25
+    records = [json.loads(line) for line in open(os.path.join(tiny_run, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50]
+    assert all(np.isfinite(r["loss"]) and r["steps_per_s"] > 0 for r in records)
+    stem = latest_checkpoint(tiny_run)
+    assert stem.endswith("step-00000050")
+    tensors = load_file(stem + ".safetensors")
+    assert any(k.startswith("ema.") for k in tensors) and any(k.startswith("optim.") for k in tensors)
+    assert len(os.listdir(os.path.join(tiny_run, "checkpoints"))) == 4  # 2 kept x (json + st)
+
+
+def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
+    from meanflow.train import load_run
+
+    npy = str(tmp_path / "s.npy")
+    code, out, _ = run(capsys, "sample", "--run", tiny_run, "--num", "300", "--out", npy)
+    assert code == 0 and json.loads(out)["weights"] == "ema"
+    points = np.load(npy)
+    assert points.shape == (300, 2) and points.dtype == np.float32
+    # the written samples are e - u(e, 0, 1) of the EMA network, in data units
+    loaded = load_run(tiny_run)
+    e = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = e - loaded.model(e, torch.zeros(300), torch.ones(300))
+    assert np.allclose(points, loaded.normalizer.decode(x).numpy(), atol=1e-5)
+    png = str(tmp_path / "s.png")
+    assert run(capsys, "sample", "--run", tiny_run, "--num", "200", "--steps", "2", "--out", png)[0] == 0
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_prints_one_json_line(tiny_run, capsys):
+    code, out, _ = run(capsys, "eval", "--run", tiny_run, "--reference", "eight-gaussians",
+                       "--num", "500", "--steps", "2")
+    assert code == 0 and len(out.strip().splitlines()) == 1
+    result = json.loads(out)
+    assert {"swd", "energy_distance", "steps", "num"} <= set(result)
+    assert result["steps"] == 2 and result["num"] == 500 and result["swd"] > 0
+
+
+def test_resume_is_bitwise_identical(tmp_path, capsys):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    base = ["--data", "two-moons", "--preset", "tiny", "--quiet", "--set", "ckpt_every=20"]
+    assert main(["train", "--out", full, *base, "--steps", "40"]) == 0
+    assert main(["train", "--out", part, *base, "--steps", "20"]) == 0
+    assert main(["train", "--out", part, "--resume", "--steps", "40", "--quiet"]) == 0
+    a = load_file(latest_checkpoint(full) + ".safetensors")
+    b = load_file(latest_checkpoint(part) + ".safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_flow_matching_objective_and_user_array(tmp_path, capsys):
+    data = np.random.default_rng(0).normal(size=(600, 3)).astype(np.float32) * 2 + 1
+    np.save(tmp_path / "x.npy", data)
+    out = str(tmp_path / "fm")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "x.npy"), "--out", out,
+                       "--objective", "flow-matching", "--steps", "20", "--batch-size", "64",
+                       "--set", "model.hidden=16", "--quiet")
+    assert code == 0 and "using 'mlp'" in err
+    assert json.load(open(os.path.join(out, "config.json")))["objective"] == "flow-matching"
+    code, out_json, _ = run(capsys, "eval", "--run", out, "--reference", str(tmp_path / "x.npy"),
+                            "--num", "100", "--steps", "4")
+    assert code == 0 and json.loads(out_json)["reference_num"] == 600
+
+
+def test_short_training_learns(tmp_path, capsys):
+    """400 seeded steps on eight Gaussians bring one-step samples far closer to the data than
+    the untrained network's."""
+    from meanflow.train import load_run
+    out = str(tmp_path / "learn")
+    assert main(["train", "--data", "eight-gaussians", "--out", out, "--preset", "tiny",
+                 "--steps", "400", "--set", "model.hidden=64", "--set", "ckpt_every=400",
+                 "--set", "ema_decay=0.99", "--set", "optim.lr=3e-3", "--quiet"]) == 0
+    code, line, _ = run(capsys, "eval", "--run", out, "--reference", "eight-gaussians", "--num", "2000")
+    trained = json.loads(line)["swd"]
+    run_ = load_run(out)
+    for p in run_.model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    from meanflow.data import load_vectors
+    from meanflow.eval import sliced_wasserstein
+    untrained = sliced_wasserstein(run_.sample(2000), load_vectors("eight-gaussians", 2000, seed=10_000))
+    assert trained < 0.5 * untrained, (trained, untrained)
+
+
+def _bad(tmp_path, tiny_run):
+    arr = tmp_path / "nan.npy"
+    x = np.ones((100, 2))
+    x[5, 0] = np.nan
+    np.save(arr, x)
+    small = tmp_path / "small.npy"
+    np.save(small, np.ones((10, 2)))
+    existing = tmp_path / "exists.npy"
+    existing.write_bytes(b"keep me")
+    d = str(tmp_path / "new")
+    t = ["train", "--out", d, "--quiet"]
+    return {
+        "unknown data": [*t, "--data", "checkerbord"],
+        "missing file": [*t, "--data", str(tmp_path / "nope.npy")],
+        "nan data": [*t, "--data", str(arr)],
+        "batch > data": [*t, "--data", str(small), "--batch-size", "64"],
+        "unknown key": [*t, "--data", "rings", "--set", "time.rato=0.5"],
+        "bad value": [*t, "--data", "rings", "--set", "optim.lr=fast"],
+        "ratio > 1": [*t, "--data", "rings", "--set", "time.ratio=1.5"],
+        "negative steps": [*t, "--data", "rings", "--steps", "-5"],
+        "no equals": [*t, "--data", "rings", "--set", "steps"],
+        "group key": [*t, "--data", "rings", "--set", "time=3"],
+        "unknown preset": [*t, "--data", "rings", "--preset", "toy2d"],
+        "existing run": ["train", "--out", tiny_run, "--data", "rings", "--quiet"],
+        "resume nothing": [*t, "--resume"],
+        "resume changes": ["train", "--out", tiny_run, "--resume", "--data", "rings"],
+        "resume finished": ["train", "--out", tiny_run, "--resume", "--quiet"],
+        "sample exists": ["sample", "--run", tiny_run, "--num", "5", "--out", str(existing)],
+        "sample ext": ["sample", "--run", tiny_run, "--num", "5", "--out", str(tmp_path / "a.txt")],
+        "sample schedule": ["sample", "--run", tiny_run, "--num", "5", "--schedule", "0,1",
+                            "--out", str(tmp_path / "b.npy")],
+        "sample no run": ["sample", "--run", str(tmp_path / "none"), "--num", "5",
+                          "--out", str(tmp_path / "c.npy")],
+        "eval dims": ["eval", "--run", tiny_run, "--reference", str(small.with_name("x3.npy")),
+                      "--num", "10"],
+    }
+
+
+BAD_CASES = ["unknown data", "missing file", "nan data", "batch > data", "unknown key",
+             "bad value", "ratio > 1", "negative steps", "no equals", "group key",
+             "unknown preset", "existing run", "resume nothing", "resume changes",
+             "resume finished", "sample exists", "sample ext", "sample schedule",
+             "sample no run", "eval dims"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, tmp_path, tiny_run, capsys):
+    np.save(tmp_path / "x3.npy", np.ones((50, 3)))
+    argv = _bad(tmp_path, tiny_run)[case]
+    before = {n: os.path.getmtime(os.path.join(tiny_run, n)) for n in os.listdir(tiny_run)}
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("meanflow: error")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert {n: os.path.getmtime(os.path.join(tiny_run, n)) for n in os.listdir(tiny_run)} == before
+    assert (tmp_path / "exists.npy").read_bytes() == b"keep me"
+    if case == "unknown key":
+        assert "time.ratio" in lines[0]
+
+
+def test_help_documents_every_option():
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for name in ("train", "sample", "eval"):
+        for action in sub[name]._actions:
+            assert action.help, (name, action.dest)
+    assert {"train", "sample", "eval"} == set(sub)

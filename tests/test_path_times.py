@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from meanflow import MeanFlowError, TimeSampler, linear_path
+from conftest import SQRT_PI, logit
+
+
+def test_linear_path_endpoints_and_velocity():
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    assert torch.equal(linear_path(x, e, torch.zeros(5, dtype=torch.float64)).z, x)
+    assert torch.equal(linear_path(x, e, torch.ones(5, dtype=torch.float64)).z, e)
+    t, h = torch.rand(5, generator=g, dtype=torch.float64) * 0.8 + 0.1, 1e-6
+    fd = (linear_path(x, e, t + h).z - linear_path(x, e, t - h).z) / (2 * h)
+    assert torch.allclose(fd, linear_path(x, e, t).v, atol=1e-8)
+    assert torch.equal(linear_path(x, e, t).v, e - x)
+
+
+def test_linear_path_broadcasts_over_image_dims():
+    x, e = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    z = linear_path(x, e, torch.tensor([0.25, 0.75])).z
+    assert torch.allclose(z[0], torch.full((1, 4, 4), 0.25))
+    assert torch.allclose(z[1], torch.full((1, 4, 4), 0.75))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75, 1.0])
+def test_time_sampler_ordering_and_fraction(ratio):
+    n = 200_000
+    r, t = TimeSampler(ratio=ratio)(n, generator=torch.Generator().manual_seed(1))
+    assert r.shape == t.shape == (n,)
+    assert bool(((0 <= r) & (r <= t) & (t <= 1)).all())
+    frac = (r < t).double().mean().item()
+    assert abs(frac - ratio) <= 4 * math.sqrt(ratio * (1 - ratio) / n) + 1e-12
+
+
+def test_logit_normal_moments_are_order_statistics():
+    """t = max, r = min of two N(m, s) draws in logit space: E = m +- s / sqrt(pi),
+    Var = s^2 (1 - 1 / pi)."""
+    m, s, n = -0.4, 1.0, 400_000
+    r, t = TimeSampler(mean=m, std=s, ratio=1.0)(n, generator=torch.Generator().manual_seed(2))
+    lt, lr = logit(t.double()), logit(r.double())
+    tol = 4 * s / math.sqrt(n)
+    assert abs(lt.mean().item() - (m + s / SQRT_PI)) < tol
+    assert abs(lr.mean().item() - (m - s / SQRT_PI)) < tol
+    assert abs(lt.var().item() - s ** 2 * (1 - 1 / math.pi)) < 0.01
+    # the average of min and max is the average of the two draws: N(m, s^2 / 2)
+    mid = (lt + lr) / 2
+    assert abs(mid.mean().item() - m) < tol and abs(mid.var().item() - s ** 2 / 2) < 0.01
+
+
+def test_separate_r_distribution_shifts_r_down():
+    r, t = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0)(
+        100_000, generator=torch.Generator().manual_seed(3))
+    base_r, _ = TimeSampler(mean=-0.6, std=1.6, ratio=1.0)(100_000, generator=torch.Generator().manual_seed(3))
+    assert bool((r <= t).all())
+    assert r.mean() < base_r.mean() - 0.1
+
+
+def test_uniform_order_statistics():
+    r, t = TimeSampler(dist="uniform", ratio=1.0)(200_000, generator=torch.Generator().manual_seed(4))
+    assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(r.mean().item() - 1 / 3) < 0.005
+
+
+def test_time_sampler_seeded_and_device():
+    a = TimeSampler()(64, generator=torch.Generator().manual_seed(5))
+    b = TimeSampler()(64, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(std=0.0),
+                                    dict(r_std=-1.0), dict(dist="beta")])
+def test_time_sampler_rejects_bad_settings(kwargs):
+    with pytest.raises(MeanFlowError):
+        TimeSampler(**kwargs)
