@@ -189,3 +189,16 @@ def test_help_documents_every_option():
         for action in sub[name]._actions:
             assert action.help, (name, action.dest)
     assert {"train", "sample", "eval"} == set(sub)
+
+
+def test_configuration_doc_is_current_and_complete():
+    import subprocess
+    import sys
+
+    from meanflow.train.config import KEY_HELP, PRESET_HELP, PRESETS, config_keys
+    assert set(KEY_HELP) == set(config_keys()) and set(PRESET_HELP) == set(PRESETS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rendered = subprocess.run([sys.executable, os.path.join(root, "scripts", "config_doc.py")],
+                              capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(root, "docs", "configuration.md")) as f:
+        assert f.read() == rendered, "run: python scripts/config_doc.py > docs/configuration.md"

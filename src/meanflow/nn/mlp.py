@@ -1,7 +1,8 @@
 """An MLP for vector data, obeying ``model(z, r, t, y=None) -> u`` with ``z`` of shape (B, D).
 
-Input: ``[z, embed(time quantities), embed(label)]`` -> ``depth`` Linear+SiLU layers of width
-``hidden`` -> Linear to D. Time quantities default to ``(t, t - r)`` (see embeddings.py).
+Input: ``[z, c]`` with ``c = [embed(time quantities), embed(label)]`` -> ``depth`` layers
+``h <- SiLU(W h + U c)`` of width ``hidden`` (the condition enters every layer, which helps the
+network represent how ``u`` changes with ``t`` and ``t - r``) -> Linear to D. Time quantities default to ``(t, t - r)`` (see embeddings.py).
 Labels, when ``num_classes > 0``, use a learned table with one extra row for the null label
 (index ``num_classes``) that classifier-free guidance drops to.
 """
@@ -9,6 +10,7 @@ Labels, when ``num_classes > 0``, use a learned table with one extra row for the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
@@ -24,18 +26,21 @@ class MLP(nn.Module):
         self.dim, self.num_classes = dim, num_classes
         self.time = TimeEmbedding(time_input, time_dim)
         self.label = nn.Embedding(num_classes + 1, label_dim) if num_classes > 0 else None
-        width_in = dim + self.time.out_dim + (label_dim if num_classes > 0 else 0)
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), nn.SiLU()]
-        layers.append(nn.Linear(hidden, dim))
-        self.net = nn.Sequential(*layers)
+        cond_dim = self.time.out_dim + (label_dim if num_classes > 0 else 0)
+        self.inp = nn.Linear(dim + cond_dim, hidden)
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.cond = nn.ModuleList(nn.Linear(cond_dim, hidden, bias=False) for _ in range(depth - 1))
+        self.out = nn.Linear(hidden, dim)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        parts = [z, self.time(r.to(z.dtype), t.to(z.dtype))]
+        parts = [self.time(r.to(z.dtype), t.to(z.dtype))]
         if self.label is not None:
             if y is None:
                 y = torch.full((z.shape[0],), self.num_classes, device=z.device, dtype=torch.long)
             parts.append(self.label(y))
-        return self.net(torch.cat(parts, dim=1))
+        c = torch.cat(parts, dim=1)
+        h = F.silu(self.inp(torch.cat([z, c], dim=1)))
+        for layer, cond in zip(self.layers, self.cond):
+            h = F.silu(layer(h) + cond(c))
+        return self.out(h)

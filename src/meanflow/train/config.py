@@ -129,6 +129,56 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PRESET_HELP = {
+    "mlp": "vector data of any dimension (default when D != 2)",
+    "toy-2d": "2-D data, about 3 minutes on 2 CPU cores (default when D = 2); chosen with "
+              "benchmarks/toy_quality.py, see docs/benchmarks.md",
+    "tiny": "a few-second smoke run (tests)",
+}
+
+KEY_HELP = {
+    "data": "built-in distribution name or .npy/.npz path (`--data`)",
+    "preset": "name of the preset applied (`--preset`)",
+    "objective": "`meanflow` or `flow-matching` (`--objective`)",
+    "steps": "optimizer steps in total (`--steps`)",
+    "batch_size": "samples per step (`--batch-size`)",
+    "seed": "seed of initialization, data order, noise and times (`--seed`)",
+    "num_data": "points drawn from a built-in distribution as the training set",
+    "normalize": "standardize each dimension with the training set's mean and std; samples "
+                 "are mapped back",
+    "ema_decay": "EMA decay, warmed up as min(decay, (1+n)/(10+n)); sampling uses the EMA",
+    "log_every": "steps between metrics.jsonl records",
+    "ckpt_every": "steps between checkpoints (one is always written at the end)",
+    "keep_checkpoints": "newest checkpoints kept in checkpoints/",
+    "sample_num": "points in samples-1step.png, written at the end of training",
+    "model.arch": "network: `mlp`",
+    "model.hidden": "MLP width",
+    "model.depth": "MLP hidden layers",
+    "model.time_input": "time quantities the network sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
+                        "(paper Table 1c)",
+    "model.time_dim": "sinusoidal features per time quantity",
+    "time.dist": "`logit-normal` or `uniform`",
+    "time.mean": "logit-normal mean of t (and of r unless time.r_mean is set)",
+    "time.std": "logit-normal std of t (and of r unless time.r_std is set)",
+    "time.r_mean": "logit-normal mean of r's draw (None: same as t)",
+    "time.r_std": "logit-normal std of r's draw (None: same as t)",
+    "time.ratio": "fraction of samples with r != t (0: flow-matching targets only)",
+    "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",
+    "loss.c": "adaptive weight constant c",
+    "loss.jvp": "`subset` (JVP only on r != t samples) or `full` (whole batch, as the "
+                "authors' code); same loss and gradients",
+    "optim.name": "`adam` or `adamw`",
+    "optim.lr": "peak learning rate",
+    "optim.beta1": "Adam beta1",
+    "optim.beta2": "Adam beta2",
+    "optim.weight_decay": "weight decay (decoupled for adamw)",
+    "optim.grad_clip": "clip the gradient norm to this value (0: off; the norm is logged)",
+    "optim.schedule": "`constant`, or `cosine` decay to 0 at the last step (resuming with a "
+                      "larger --steps stretches the cosine)",
+    "optim.warmup": "linear warm-up steps",
+}
+
+
 def default_preset(dim: int) -> str:
     """The preset chosen when none is given: ``toy-2d`` for 2-D data, ``mlp`` otherwise."""
     return "toy-2d" if dim == 2 else "mlp"
