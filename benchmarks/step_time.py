@@ -47,8 +47,9 @@ def main() -> None:
     x = torch.randn(args.batch, args.dim, device=device)
     variants = {"flow-matching": FlowMatching(TimeSampler())}
     for ratio in args.ratio:
-        variants[f"meanflow r!=t {ratio:.0%} (jvp subset)"] = MeanFlow(TimeSampler(ratio=ratio))
-        variants[f"meanflow r!=t {ratio:.0%} (jvp full batch)"] = MeanFlow(TimeSampler(ratio=ratio), jvp="full")
+        for mode in ("subset", "detached", "full"):
+            variants[f"meanflow r!=t {ratio:.0%} (loss.jvp={mode})"] = MeanFlow(
+                TimeSampler(ratio=ratio), jvp=mode)
     steps = {}
     for name, objective in variants.items():
         torch.manual_seed(0)

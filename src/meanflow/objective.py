@@ -27,7 +27,7 @@ from .jvp import at_least_float32, total_derivative
 from .path import PathSample, broadcast_time, linear_path
 from .times import TimeSampler
 
-JVP_MODES = ("subset", "full")
+JVP_MODES = ("subset", "full", "detached")
 
 
 @dataclass
@@ -53,7 +53,10 @@ class MeanFlow:
             forward on the rest, whose target is exactly ``v``; ``"full"`` runs the JVP on the
             whole batch like the authors' code. Both give the same loss and gradients for
             networks that treat samples independently (no batch norm); each sample passes
-            through the network once either way.
+            through the network once either way. ``"detached"`` runs the JVP without an
+            autograd graph on the ``r < t`` samples and then one ordinary forward on the whole
+            batch for the loss: cheaper, but those samples go through the network twice, so
+            stochastic layers (dropout) see different masks in the two passes.
     """
 
     uses_jvp = True
@@ -92,6 +95,8 @@ class MeanFlow:
         if self.jvp == "full":
             return self._with_jvp(model, z, r, t, v, y)
         distinct = r < t
+        if self.jvp == "detached":
+            return self._detached(model, z, r, t, v, y, distinct)
         if bool(distinct.all()):
             return self._with_jvp(model, z, r, t, v, y)
         if not bool(distinct.any()):
@@ -106,6 +111,16 @@ class MeanFlow:
         u = torch.cat([at_least_float32(u_mf), at_least_float32(u_fm)])[inverse]
         target = torch.cat([tgt_mf, at_least_float32(v[idx_fm])])[inverse]
         return u, target
+
+    def _detached(self, model, z, r, t, v, y, distinct):
+        target = at_least_float32(v).clone()
+        if bool(distinct.any()):
+            idx = distinct.nonzero().squeeze(1)
+            with torch.no_grad():
+                _, tgt = self._with_jvp(model, z[idx], r[idx], t[idx], v[idx],
+                                        None if y is None else y[idx])
+            target[idx] = tgt.to(target.dtype)
+        return model(z, r, t, y=y), target
 
     @staticmethod
     def _with_jvp(model, z, r, t, v, y):

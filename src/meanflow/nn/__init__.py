@@ -1,6 +1,7 @@
 """Networks obeying ``model(z, r, t, y=None) -> u``; none of them imports an objective."""
 
+from .dit import DIT_CONFIGS, DiT, dit
 from .embeddings import TIME_INPUTS, TimeEmbedding
 from .mlp import MLP
 
-__all__ = ["MLP", "TimeEmbedding", "TIME_INPUTS"]
+__all__ = ["MLP", "DiT", "dit", "DIT_CONFIGS", "TimeEmbedding", "TIME_INPUTS"]

@@ -168,8 +168,9 @@ KEY_HELP = {
     "time.ratio": "fraction of samples with r != t (0: flow-matching targets only)",
     "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",
     "loss.c": "adaptive weight constant c",
-    "loss.jvp": "`subset` (JVP only on r != t samples) or `full` (whole batch, as the "
-                "authors' code); same loss and gradients",
+    "loss.jvp": "`subset` (JVP only on r != t samples, its output reused for the loss), "
+                "`full` (whole batch, as the authors' code) or `detached` (JVP without graph, "
+                "then one plain forward; fastest, see docs/method.md); same loss and gradients",
     "optim.name": "`adam` or `adamw`",
     "optim.lr": "peak learning rate",
     "optim.beta1": "Adam beta1",

@@ -1,0 +1,208 @@
+"""A DiT (Peebles & Xie 2023) obeying ``model(z, r, t, y=None) -> u``, ``z`` of shape (B, C, H, W).
+
+``z`` -> Conv2d patchify (patch ``p``) + fixed 2-D sin-cos positional embedding -> ``depth``
+transformer blocks with adaLN-Zero modulation -> final adaLN layer + Linear -> unpatchify.
+The conditioning vector is, as in the MeanFlow paper (two time embedders, Table 1c),
+
+    c = TimestepEmbedder_t(t) + TimestepEmbedder_h(t - r) + LabelEmbedding(y),
+
+with times in [0, 1] fed to the sinusoidal features as they are (no x1000 scaling). Labels,
+when ``num_classes > 0``, use a table with one extra row for the learned null label (index
+``num_classes``), used when ``y`` is None; dropping labels for guidance is the caller's job.
+All modulation layers and the final Linear start at zero, so the network outputs exactly 0.
+Attention calls ``scaled_dot_product_attention`` without choosing a backend (the JVP helper
+selects the math one). With ``input_size=32, in_channels=4, num_classes=1000`` the sizes in
+:data:`DIT_CONFIGS` give about 131M (B/2), 308M (M/2), 459M (L/2) and 676M (XL/2) parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import check
+
+#: depth, hidden width and attention heads; "T" is a tiny size for tests and toy runs.
+DIT_CONFIGS = {
+    "T": dict(depth=2, hidden=64, heads=4),
+    "S": dict(depth=12, hidden=384, heads=6),
+    "B": dict(depth=12, hidden=768, heads=12),
+    "M": dict(depth=16, hidden=1024, heads=16),
+    "L": dict(depth=24, hidden=1024, heads=16),
+    "XL": dict(depth=28, hidden=1152, heads=16),
+}
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding of a ``grid x grid`` token layout (row-major): (grid^2, dim).
+    Half of the channels encode the row, half the column, each as ``[sin(w_k x), cos(w_k x)]``
+    with ``w_k = 10000^(-k / (dim / 4))``."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([embed(rows), embed(cols)], dim=1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features ``[cos(f_k s), sin(f_k s)]`` (``f_k`` from 1 down to 1/max_period,
+    ``freq_dim`` features) followed by Linear-SiLU-Linear: (B,) -> (B, hidden)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        half = freq_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        angles = s[:, None] * self.freqs.to(s.dtype)
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm attention and MLP, each wrapped as ``x + gate * f(modulate(norm(x), shift, scale))``
+    with shift/scale/gate regressed from ``c`` (adaLN-Zero)."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        width = int(hidden * mlp_ratio)
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(width, hidden))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, input_size: int = 32, in_channels: int = 4, patch: int = 2,
+                 hidden: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0,
+                 num_classes: int = 1000) -> None:
+        super().__init__()
+        check(input_size >= 1 and in_channels >= 1 and patch >= 1,
+              "input_size, in_channels and patch must be >= 1, "
+              f"got {input_size}, {in_channels}, {patch}")
+        check(input_size % patch == 0,
+              f"input_size {input_size} is not divisible by the patch size {patch}")
+        check(depth >= 1 and heads >= 1, f"depth and heads must be >= 1, got {depth}, {heads}")
+        check(hidden % heads == 0, f"hidden {hidden} is not divisible by heads {heads}")
+        check(hidden % 4 == 0, f"hidden must be a multiple of 4 (2-D sin-cos), got {hidden}")
+        check(num_classes >= 0, f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        self.input_size, self.in_channels, self.patch = input_size, in_channels, patch
+        self.num_classes, self.grid = num_classes, input_size // patch
+        self.patchify = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+        self.register_buffer("pos_embed", sincos_2d(hidden, self.grid), persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.h_embedder = TimestepEmbedder(hidden)
+        self.label = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))
+        self.final = FinalLayer(hidden, patch * patch * in_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT's initialization: Xavier-uniform Linears with zero biases, N(0, 0.02) for the
+        time MLPs and the label table, and zeros for every modulation and the final Linear."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patchify.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patchify.bias)
+        for emb in (self.t_embedder, self.h_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        if self.label is not None:
+            nn.init.normal_(self.label.weight, std=0.02)
+        for layer in [blk.ada[1] for blk in self.blocks] + [self.final.ada[1], self.final.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        c = self.t_embedder(t) + self.h_embedder(t - r)
+        if self.label is not None:
+            if y is None:
+                y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+            c = c + self.label(y)
+        return c
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        want = (self.in_channels, self.input_size, self.input_size)
+        check(z.dim() == 4 and tuple(z.shape[1:]) == want,
+              f"DiT expects z of shape (B, {', '.join(map(str, want))}), got {tuple(z.shape)}")
+        b = z.shape[0]
+        check(r.shape == (b,) and t.shape == (b,),
+              f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
+        if y is not None:
+            check(y.shape == (b,), f"y must have shape ({b},), got {tuple(y.shape)}")
+        c = self.condition(r.to(z.dtype), t.to(z.dtype), y)
+        x = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final(x, c)                                          # (B, g*g, p*p*C)
+        g, p, ch = self.grid, self.patch, self.in_channels
+        x = x.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)   # (B, C, g, p, g, p)
+        return x.reshape(b, ch, g * p, g * p)
+
+
+def dit(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+        patch: int | None = None, **kwargs) -> DiT:
+    """Build a DiT by name: ``"B/2"`` is size B with patch 2 (sizes: see :data:`DIT_CONFIGS`).
+    A bare size (``"B"``) takes ``patch`` (default 2); extra keywords go to :class:`DiT`."""
+    size, _, patch_text = str(name).partition("/")
+    check(size in DIT_CONFIGS,
+          f"unknown DiT config {name!r}; use SIZE/PATCH with SIZE one of {', '.join(DIT_CONFIGS)}")
+    if patch_text:
+        check(patch_text.isdigit() and int(patch_text) >= 1,
+              f"bad patch size in DiT config {name!r}; use e.g. 'B/2'")
+        check(patch is None or patch == int(patch_text),
+              f"DiT config {name!r} says patch {patch_text} but patch={patch} was passed")
+        patch = int(patch_text)
+    return DiT(input_size=input_size, in_channels=in_channels,
+               patch=2 if patch is None else patch, num_classes=num_classes,
+               **{**DIT_CONFIGS[size], **kwargs})
