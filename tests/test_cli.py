@@ -202,3 +202,14 @@ def test_configuration_doc_is_current_and_complete():
                               capture_output=True, text=True, check=True).stdout
     with open(os.path.join(root, "docs", "configuration.md")) as f:
         assert f.read() == rendered, "run: python scripts/config_doc.py > docs/configuration.md"
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capsys):
+    """Data of magnitude 1e30 overflows the float32 squared error: every step is non-finite, is
+    skipped (no optimizer step, no checkpoint), and the run stops with one clear line."""
+    np.save(tmp_path / "huge.npy", np.full((256, 2), 1e30, dtype=np.float32))
+    out = str(tmp_path / "nan")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "huge.npy"), "--out", out,
+                       "--preset", "tiny", "--set", "normalize=false", "--quiet")
+    assert code == 2 and "consecutive non-finite steps at step 0" in err
+    assert not os.path.exists(os.path.join(out, "checkpoints"))

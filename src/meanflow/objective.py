@@ -59,8 +59,6 @@ class MeanFlow:
             stochastic layers (dropout) see different masks in the two passes.
     """
 
-    uses_jvp = True
-
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
                  c: float = 1e-3, jvp: str = "subset") -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
@@ -154,8 +152,6 @@ class FlowMatching(MeanFlow):
     two draws, as in the authors' code. The adaptive weighting is kept (set ``p = 0`` for the
     plain squared error).
     """
-
-    uses_jvp = False
 
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
                  c: float = 1e-3) -> None:
