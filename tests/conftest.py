@@ -64,3 +64,17 @@ def assert_jvp_modes_agree(make_objective, model, *args, **kwargs):
     for other in (1, 2):
         assert torch.allclose(losses[0], losses[other], rtol=1e-12)
         assert torch.allclose(grads[0], grads[other], rtol=1e-9, atol=1e-12)
+
+
+def assert_total_derivative_matches_fd(model, z, r, t, v, y=None, h=1e-5):
+    """``total_derivative`` equals a float64 central difference along (v, 0, 1), and differs
+    from the derivative along the wrong tangent (v, 1, 1), so the check can fail."""
+    from meanflow.jvp import total_derivative
+
+    u, dudt = total_derivative(model, z, r, t, v, y)
+    assert u.abs().mean() > 1e-2  # the network is not at its zero initialization
+    fd = (model(z + h * v, r, t + h, y) - model(z - h * v, r, t - h, y)) / (2 * h)
+    assert torch.allclose(dudt, fd, atol=1e-7, rtol=1e-6)
+    assert torch.allclose(u, model(z, r, t, y))
+    wrong = (model(z + h * v, r + h, t + h, y) - model(z - h * v, r - h, t - h, y)) / (2 * h)
+    assert not torch.allclose(dudt, wrong, atol=1e-4)

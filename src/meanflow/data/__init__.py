@@ -8,6 +8,8 @@ import numpy as np
 
 from ..errors import MeanFlowError
 from .arrays import load_array, validate_array
+from .images import (ImageDataset, load_cifar10_binary, load_digits, load_fashion_mnist,
+                     load_idx, load_image_folder)
 from .toy import TOY_DATASETS
 
 
@@ -25,4 +27,6 @@ def load_vectors(name_or_path: str, num: int = 100_000, seed: int = 0) -> np.nda
                         f"{', '.join(TOY_DATASETS)} or a path to a .npy/.npz file")
 
 
-__all__ = ["TOY_DATASETS", "load_vectors", "load_array", "validate_array"]
+__all__ = ["TOY_DATASETS", "load_vectors", "load_array", "validate_array", "ImageDataset",
+           "load_idx", "load_fashion_mnist", "load_digits", "load_cifar10_binary",
+           "load_image_folder"]

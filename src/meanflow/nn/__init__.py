@@ -3,5 +3,7 @@
 from .dit import DIT_CONFIGS, DiT, dit
 from .embeddings import TIME_INPUTS, TimeEmbedding
 from .mlp import MLP
+from .unet import UNET_CONFIGS, UNet, unet
 
-__all__ = ["MLP", "DiT", "dit", "DIT_CONFIGS", "TimeEmbedding", "TIME_INPUTS"]
+__all__ = ["MLP", "DiT", "dit", "DIT_CONFIGS", "TimeEmbedding", "TIME_INPUTS", "UNet", "unet",
+           "UNET_CONFIGS"]

@@ -4,7 +4,7 @@
 transformer blocks with adaLN-Zero modulation -> final adaLN layer + Linear -> unpatchify.
 The conditioning vector is, as in the MeanFlow paper (two time embedders, Table 1c),
 
-    c = TimestepEmbedder_t(t) + TimestepEmbedder_h(t - r) + LabelEmbedding(y),
+    c = Emb_t(t) + Emb_h(t - r) + Emb_y(y)       (embeddings.Conditioning),
 
 with times in [0, 1] fed to the sinusoidal features as they are (no x1000 scaling). Labels,
 when ``num_classes > 0``, use a table with one extra row for the learned null label (index
@@ -17,13 +17,12 @@ selects the math one). With ``input_size=32, in_channels=4, num_classes=1000`` t
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
+from .embeddings import Conditioning, check_image_call
 
 #: depth, hidden width and attention heads; "T" is a tiny size for tests and toy runs.
 DIT_CONFIGS = {
@@ -54,22 +53,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal features ``[cos(f_k s), sin(f_k s)]`` (``f_k`` from 1 down to 1/max_period,
-    ``freq_dim`` features) followed by Linear-SiLU-Linear: (B,) -> (B, hidden)."""
-
-    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
-        super().__init__()
-        half = freq_dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
-        self.register_buffer("freqs", freqs.float(), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        angles = s[:, None] * self.freqs.to(s.dtype)
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
 
 
 class Attention(nn.Module):
@@ -136,9 +119,7 @@ class DiT(nn.Module):
         self.num_classes, self.grid = num_classes, input_size // patch
         self.patchify = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", sincos_2d(hidden, self.grid), persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden)
-        self.h_embedder = TimestepEmbedder(hidden)
-        self.label = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        self.cond = Conditioning(hidden, num_classes)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(hidden, patch * patch * in_channels)
         self.reset_parameters()
@@ -153,34 +134,20 @@ class DiT(nn.Module):
         w = self.patchify.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patchify.bias)
-        for emb in (self.t_embedder, self.h_embedder):
+        for emb in (self.cond.t_embedder, self.cond.h_embedder):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        if self.label is not None:
-            nn.init.normal_(self.label.weight, std=0.02)
+        if self.cond.label is not None:
+            nn.init.normal_(self.cond.label.weight, std=0.02)
         for layer in [blk.ada[1] for blk in self.blocks] + [self.final.ada[1], self.final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def condition(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        c = self.t_embedder(t) + self.h_embedder(t - r)
-        if self.label is not None:
-            if y is None:
-                y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
-            c = c + self.label(y)
-        return c
-
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        want = (self.in_channels, self.input_size, self.input_size)
-        check(z.dim() == 4 and tuple(z.shape[1:]) == want,
-              f"DiT expects z of shape (B, {', '.join(map(str, want))}), got {tuple(z.shape)}")
+        check_image_call("DiT", z, r, t, y, self.in_channels, self.input_size)
         b = z.shape[0]
-        check(r.shape == (b,) and t.shape == (b,),
-              f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
-        if y is not None:
-            check(y.shape == (b,), f"y must have shape ({b},), got {tuple(y.shape)}")
-        c = self.condition(r.to(z.dtype), t.to(z.dtype), y)
+        c = self.cond(r.to(z.dtype), t.to(z.dtype), y)
         x = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
         for block in self.blocks:
             x = block(x, c)

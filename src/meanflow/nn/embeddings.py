@@ -58,3 +58,54 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.embed(s) for s in time_quantities(self.kind, r, t)], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features ``[cos(f_k s), sin(f_k s)]`` (``f_k`` from 1 down to 1/max_period,
+    ``freq_dim`` features) followed by Linear-SiLU-Linear: (B,) -> (B, hidden). Times in [0, 1]
+    are used as they are (no x1000 scaling)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        half = freq_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        angles = s[:, None] * self.freqs.to(s.dtype)
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+
+
+class Conditioning(nn.Module):
+    """The image networks' condition ``c = Emb_t(t) + Emb_h(t - r) (+ Emb_y(y))`` (paper Table 1c:
+    separate embedders for t and t - r). Labels use a table with ``num_classes + 1`` rows; the
+    last (index ``num_classes``) is the learned null label, used when ``y`` is None."""
+
+    def __init__(self, hidden: int, num_classes: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.h_embedder = TimestepEmbedder(hidden)
+        self.label = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+
+    def forward(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        c = self.t_embedder(t) + self.h_embedder(t - r)
+        if self.label is not None:
+            if y is None:
+                y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+            c = c + self.label(y)
+        return c
+
+
+def check_image_call(name: str, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor | None, channels: int, size: int) -> None:
+    """One clear error for a call ``model(z, r, t, y)`` of an image network with the wrong shapes."""
+    want = (channels, size, size)
+    check(z.dim() == 4 and tuple(z.shape[1:]) == want,
+          f"{name} expects z of shape (B, {', '.join(map(str, want))}), got {tuple(z.shape)}")
+    b = z.shape[0]
+    check(r.shape == (b,) and t.shape == (b,),
+          f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
+    if y is not None:
+        check(y.shape == (b,), f"y must have shape ({b},), got {tuple(y.shape)}")

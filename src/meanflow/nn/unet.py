@@ -1,0 +1,218 @@
+"""A pixel-space U-Net (DDPM / ADM / NCSN++ family) obeying ``model(z, r, t, y=None) -> u``.
+
+``z`` of shape (B, C, H, W) with H = W = ``input_size``. Layout: Conv3x3 in -> one level per
+channel multiplier, each with ``num_res_blocks`` ResNet blocks (plus self-attention where the
+level's resolution is in ``attention_resolutions``) and a stride-2 Conv3x3 between levels ->
+middle ResBlock-Attention-ResBlock -> mirrored up path with ``num_res_blocks + 1`` blocks per
+level, each fed the matching down-path activation concatenated on channels, nearest x2 + Conv3x3
+between levels -> GroupNorm-SiLU-Conv3x3 out. ``len(channel_mult)`` levels need ``input_size``
+divisible by ``2 ** (levels - 1)``: 28 -> 14 -> 7 with three levels, 32 -> 16 -> 8 likewise.
+
+The conditioning vector is :class:`meanflow.nn.embeddings.Conditioning` (two time embedders, times in
+[0, 1] as they are, a label table with one extra null row at index ``num_classes`` used when
+``y`` is None): ``c = Emb_t(t) + Emb_h(t - r) (+ Emb_y(y))``. Each ResBlock maps ``SiLU(c)`` to a
+per-channel scale and shift applied after its second GroupNorm (ADM's scale-shift norm). The
+second conv of every ResBlock, the attention output projections and the output conv start at
+zero, so the network outputs exactly 0 at init. Attention calls ``scaled_dot_product_attention``
+without choosing a backend (the JVP helper selects the math one).
+
+Sizes (:data:`UNET_CONFIGS`, attention given there as a downsampling factor of the input):
+"small" has 1.8M parameters at 28x28x1; "cifar10-paper" has 58.5M at 32x32x3 (unconditional),
+close to the size of the DDPM++/NCSN++ networks (EDM, 56M) the paper uses on CIFAR-10; it is not
+a replication of NCSN++ (no FIR resampling, no progressive input/output branches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import check
+from .embeddings import Conditioning, check_image_call
+
+#: base channels, channel multipliers (one level each), ResBlocks per level, attention at
+#: ``input_size // d`` for each ``d`` in ``attention_downsample``, dropout, GroupNorm groups.
+UNET_CONFIGS = {
+    "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_downsample=(2,), dropout=0.1, groups=4),
+    "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+                  attention_downsample=(4,), dropout=0.1, groups=8),
+    "cifar10-paper": dict(base_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
+                          attention_downsample=(2,), dropout=0.2, groups=32),
+}
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1, zero: bool = False) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+    if zero:
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv3x3, then GroupNorm * (1 + scale) + shift from the conditioning,
+    SiLU, dropout, Conv3x3 (zero-init); a 1x1 conv on the skip when channels change."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = conv3x3(cin, cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(cout, cout, zero=True)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class AttentionBlock(nn.Module):
+    """Residual multi-head self-attention over the H*W positions; output projection at zero."""
+
+    def __init__(self, ch: int, heads: int, groups: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        b, ch, hgt, wid = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, ch // self.heads, hgt * wid)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                  # (B, heads, HW, ch/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, ch, hgt, wid))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(ch, ch, stride=2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = conv3x3(ch, ch)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.ModuleList):
+    """A sequence of blocks that all take ``(x, emb)``."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = block(x, emb)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels: int = 3, input_size: int = 32, base_channels: int = 128,
+                 channel_mult: tuple[int, ...] = (2, 2, 2), num_res_blocks: int = 4,
+                 attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0,
+                 num_classes: int = 0, groups: int = 32, heads: int = 1) -> None:
+        super().__init__()
+        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
+        check(in_channels >= 1 and input_size >= 1 and base_channels >= 1,
+              "in_channels, input_size and base_channels must be >= 1, "
+              f"got {in_channels}, {input_size}, {base_channels}")
+        check(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult),
+              f"channel_mult must be a non-empty tuple of ints >= 1, got {channel_mult}")
+        check(num_res_blocks >= 1, f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+        check(num_classes >= 0, f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        levels = len(channel_mult)
+        check(input_size % 2 ** (levels - 1) == 0,
+              f"input_size {input_size} is not divisible by 2^{levels - 1} = {2 ** (levels - 1)}"
+              f" ({levels} levels from channel_mult {channel_mult}); use fewer levels")
+        widths = [base_channels * m for m in channel_mult]
+        check(groups >= 1 and all(w % groups == 0 for w in widths),
+              f"every level width {widths} must be divisible by groups={groups}")
+        check(heads >= 1 and all(w % heads == 0 for w in widths),
+              f"every level width {widths} must be divisible by heads={heads}")
+        sizes = [input_size // 2 ** i for i in range(levels)]
+        missing = [a for a in attention_resolutions if a not in sizes]
+        check(not missing, f"attention resolutions {missing} are not among the level "
+              f"resolutions {sizes} of a {input_size}x{input_size} input")
+        self.in_channels, self.input_size, self.num_classes = in_channels, input_size, num_classes
+        emb_dim = 4 * base_channels
+        self.cond = Conditioning(emb_dim, num_classes)
+        if self.cond.label is not None:
+            nn.init.normal_(self.cond.label.weight, std=0.02)
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dropout, groups)
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, heads, groups)
+
+        ch = widths[0]
+        self.conv_in = conv3x3(in_channels, ch)
+        skips, self.down = [ch], nn.ModuleList()
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                stage = Stage([res(ch, width)])
+                ch = width
+                if sizes[level] in attention_resolutions:
+                    stage.append(attn(ch))
+                self.down.append(stage)
+                skips.append(ch)
+            if level < levels - 1:
+                self.down.append(Stage([Downsample(ch)]))
+                skips.append(ch)
+        self.mid = Stage([res(ch, ch), attn(ch), res(ch, ch)])
+        self.up = nn.ModuleList()
+        for level in reversed(range(levels)):
+            for i in range(num_res_blocks + 1):
+                stage = Stage([res(ch + skips.pop(), widths[level])])
+                ch = widths[level]
+                if sizes[level] in attention_resolutions:
+                    stage.append(attn(ch))
+                if level > 0 and i == num_res_blocks:
+                    stage.append(Upsample(ch))
+                self.up.append(stage)
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(),
+                                 conv3x3(ch, in_channels, zero=True))
+
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        check_image_call("UNet", z, r, t, y, self.in_channels, self.input_size)
+        emb = F.silu(self.cond(r.to(z.dtype), t.to(z.dtype), y))
+        h = self.conv_in(z)
+        hs = [h]
+        for stage in self.down:
+            h = stage(h, emb)
+            hs.append(h)
+        h = self.mid(h, emb)
+        for stage in self.up:
+            h = stage(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def unet(name: str, in_channels: int = 3, input_size: int = 32, num_classes: int = 0,
+         **overrides) -> UNet:
+    """Build a U-Net by name (see :data:`UNET_CONFIGS`); keywords override the config. Pass
+    ``attention_resolutions`` (absolute sizes) or ``attention_downsample`` (factors)."""
+    check(name in UNET_CONFIGS,
+          f"unknown U-Net config {name!r}; use one of {', '.join(UNET_CONFIGS)}")
+    cfg = {**UNET_CONFIGS[name], **overrides}
+    factors = tuple(cfg.pop("attention_downsample", ()))
+    if "attention_resolutions" not in overrides:
+        check(all(d >= 1 and input_size % d == 0 for d in factors),
+              f"input_size {input_size} is not divisible by the attention downsampling "
+              f"factors {factors} of U-Net config {name!r}")
+        cfg["attention_resolutions"] = tuple(input_size // d for d in factors)
+    return UNet(in_channels=in_channels, input_size=input_size, num_classes=num_classes, **cfg)
