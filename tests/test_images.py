@@ -180,3 +180,16 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, monkeypatch, case):
                 "folder_corrupt": "broken.png",
                 "folder_mixed": "8x8"}
     assert expected.get(case, "") in message
+
+
+def test_real_fashion_mnist_from_the_debian_package():
+    """The files of Debian's dataset-fashion-mnist (installed by scripts/setup.sh as root)."""
+    import os
+    if not any(os.path.isdir(d) for d in images_module.FASHION_MNIST_DIRS):
+        pytest.skip("dataset-fashion-mnist is not installed")
+    train = load_fashion_mnist()
+    assert tuple(train.images.shape) == (60000, 1, 28, 28)
+    assert train.labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert float(train.images.min()) == -1.0 and float(train.images.max()) == 1.0
+    test = load_fashion_mnist(split="test")
+    assert test.labels.bincount().tolist() == [1000] * 10
