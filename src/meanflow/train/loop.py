@@ -150,8 +150,10 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
             optimizer.zero_grad(set_to_none=True)
             out_obj.loss.backward()
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            loss = float(out_obj.loss.detach())
+            grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            # one device-to-host transfer per step for everything the loop reads
+            loss, mse, grad_norm = torch.stack(
+                [out_obj.loss.detach(), out_obj.err.mean(), grad_norm_t]).tolist()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 skipped += 1
                 consecutive_bad += 1
@@ -166,7 +168,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
             ema.update(model)
             step += 1
             last_loss = loss
-            window.append((loss, float(out_obj.err.mean()), grad_norm))
+            window.append((loss, mse, grad_norm))
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -185,5 +187,5 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         bar.close()
         log.close()
     seconds = time.perf_counter() - start
-    write_sample_plot(out, ema.model, normalizer, cfg, device)
+    write_sample_plot(out, ema.model, normalizer, cfg, device, data[:cfg.sample_num])
     return TrainResult(out, step, last_loss, seconds, skipped)

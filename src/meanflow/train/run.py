@@ -85,12 +85,10 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
 
 
 def write_sample_plot(run_dir: str, model: nn.Module, normalizer: Normalizer, cfg: TrainConfig,
-                      device) -> str:
-    """Write ``samples-1step.png``: one-step samples from ``model`` beside the training data."""
+                      device, data: np.ndarray) -> str:
+    """Write ``samples-1step.png``: one-step samples from ``model`` beside ``data``."""
     run = TrainedRun(model, cfg, normalizer, 0, "ema")
     samples = run.sample(cfg.sample_num, steps=1, seed=cfg.seed, device=device)
-    from ..data import load_vectors
-    data = load_vectors(cfg.data, num=cfg.num_data, seed=cfg.seed)[:cfg.sample_num]
     path = os.path.join(run_dir, "samples-1step.png")
     scatter_png(path, [("training data", data), (f"{cfg.objective}, 1 step (EMA)", samples)])
     return path
