@@ -63,7 +63,7 @@ def test_uniform_order_statistics():
     assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(r.mean().item() - 1 / 3) < 0.005
 
 
-def test_time_sampler_seeded_and_device():
+def test_time_sampler_is_reproducible_with_a_seed():
     a = TimeSampler()(64, generator=torch.Generator().manual_seed(5))
     b = TimeSampler()(64, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(u, v) for u, v in zip(a, b))
