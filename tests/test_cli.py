@@ -213,3 +213,31 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, capsys):
                        "--preset", "tiny", "--set", "normalize=false", "--quiet")
     assert code == 2 and "consecutive non-finite steps at step 0" in err
     assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle", "json"])
+def test_damaged_checkpoint_is_named_in_one_line(damage, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    run_dir = str(tmp_path / "run")
+    assert run(capsys, "train", "--data", "rings", "--out", run_dir, "--preset", "tiny",
+               "--steps", "10", "--quiet")[0] == 0
+    stem = latest_checkpoint(run_dir)
+    if damage == "truncated":
+        data = open(stem + ".safetensors", "rb").read()
+        open(stem + ".safetensors", "wb").write(data[: len(data) // 2])
+    elif damage == "pickle":
+        with open(stem + ".safetensors", "wb") as f:
+            pickle.dump({"model": torch.zeros(3)}, f)
+    else:
+        open(stem + ".json", "w").write('{"format": "something-else"}')
+    backup = str(tmp_path / "backup")
+    shutil.copytree(run_dir, backup)
+    code, _, err = run(capsys, "sample", "--run", run_dir, "--num", "5",
+                       "--out", str(tmp_path / "s.npy"))
+    assert code == 2 and os.path.basename(stem) in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "s.npy")
+    for name in os.listdir(os.path.join(backup, "checkpoints")):  # nothing was rewritten
+        a = open(os.path.join(backup, "checkpoints", name), "rb").read()
+        assert a == open(os.path.join(run_dir, "checkpoints", name), "rb").read()
