@@ -3,7 +3,7 @@
 # is turned into a failure, so an empty or mis-collected suite never passes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh || exit 1
+./scripts/setup.sh --with-datasets || exit 1
 .venv/bin/python -m pytest tests "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
