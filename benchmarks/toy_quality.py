@@ -21,8 +21,8 @@ import torch
 
 from meanflow.data import TOY_DATASETS, load_vectors
 from meanflow.eval import energy_distance, sliced_wasserstein
-from meanflow.train import TrainConfig, apply_preset, load_run, train
-from meanflow.train.config import parse_overrides, set_value
+from meanflow.train import TrainConfig, load_run, train
+from meanflow.train.config import configure, parse_overrides
 
 COLUMNS = [("meanflow", 1), ("meanflow", 2), ("flow-matching", 1), ("flow-matching", 2),
            ("flow-matching", 100)]
@@ -51,14 +51,10 @@ def main() -> None:
                                           "energy": energy_distance(floor_ref, reference)}}
         row_panels = [("data", reference)]
         for objective in ("meanflow", "flow-matching"):
-            cfg = TrainConfig()
-            cfg.data = name
-            apply_preset(cfg, args.preset)
-            cfg.objective, cfg.seed = objective, args.seed
+            settings = [("data", name), ("objective", objective), ("seed", args.seed)]
             if args.steps:
-                cfg.steps = args.steps
-            for key, value in parse_overrides(args.set):
-                set_value(cfg, key, value)
+                settings.append(("steps", args.steps))
+            cfg = configure(TrainConfig(), args.preset, settings + parse_overrides(args.set))
             run_dir = os.path.join(args.out, "runs", f"{name}-{objective}")
             result = train(cfg, run_dir, overwrite=True, progress=False)
             row[f"{objective}_train_s"] = result.seconds

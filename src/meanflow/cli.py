@@ -109,41 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args):
     from .data import load_vectors
-    from .train.config import (TrainConfig, apply_preset, default_preset, parse_overrides,
-                               set_value)
     from .train.checkpoint import latest_checkpoint, load_checkpoint
+    from .train.config import TrainConfig, configure, default_preset, parse_overrides
 
-    overrides = parse_overrides(args.set)
-    flags = {"data": args.data, "objective": args.objective, "batch_size": args.batch_size,
-             "seed": args.seed}
+    flags = [(k, v) for k, v in (("data", args.data), ("objective", args.objective),
+                                 ("batch_size", args.batch_size), ("seed", args.seed))
+             if v is not None]
+    settings = flags + parse_overrides(args.set)
     if args.resume:
         check(not args.overwrite, "--resume and --overwrite contradict each other; pick one")
         _, meta = load_checkpoint(latest_checkpoint(args.out))
         cfg = TrainConfig.from_dict(meta["config"])
         saved = cfg.to_dict()
-        requested = TrainConfig.from_dict(saved)
-        if args.preset:
-            apply_preset(requested, args.preset)
-        for key, value in [*((k, v) for k, v in flags.items() if v is not None), *overrides]:
-            set_value(requested, key, value)
-        requested.steps = saved["steps"]
-        changed = [k for k, v in requested.to_dict().items() if saved[k] != v]
+        requested = configure(cfg, args.preset, settings).to_dict()
+        changed = [k for k, v in requested.items() if k != "steps" and saved[k] != v]
         check(not changed, f"--resume continues the saved configuration; these settings differ: "
               f"{', '.join(changed)} (only --steps may change)")
     else:
         check(args.data is not None, "--data is required (a built-in name or a .npy/.npz path)")
-        cfg = TrainConfig()
-        cfg.data = args.data
         preset = args.preset
         if preset is None:
             preset = default_preset(load_vectors(args.data, num=2, seed=0).shape[1])
             print(f"meanflow: no --preset given; using {preset!r}", file=sys.stderr)
-        apply_preset(cfg, preset)
-        for key, value in flags.items():
-            if value is not None:
-                set_value(cfg, key, value)
-        for key, value in overrides:
-            set_value(cfg, key, value)
+        cfg = configure(TrainConfig(), preset, settings)
     if args.steps is not None:
         cfg.steps = args.steps
     cfg.validate()

@@ -30,6 +30,11 @@ from .times import TimeSampler
 JVP_MODES = ("subset", "full", "detached")
 
 
+def _rows(a: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """``a[idx]``, or None for absent (optional) labels."""
+    return None if a is None else a[idx]
+
+
 @dataclass
 class ObjectiveOutput:
     """What one objective evaluation produced (all per-sample tensors have leading dim B)."""
@@ -101,10 +106,9 @@ class MeanFlow:
             return model(z, r, t, y=y), at_least_float32(v)
         idx_mf = distinct.nonzero().squeeze(1)
         idx_fm = (~distinct).nonzero().squeeze(1)
-        sub = lambda a, i: None if a is None else a[i]  # noqa: E731
         u_mf, tgt_mf = self._with_jvp(model, z[idx_mf], r[idx_mf], t[idx_mf], v[idx_mf],
-                                      sub(y, idx_mf))
-        u_fm = model(z[idx_fm], r[idx_fm], t[idx_fm], y=sub(y, idx_fm))
+                                      _rows(y, idx_mf))
+        u_fm = model(z[idx_fm], r[idx_fm], t[idx_fm], y=_rows(y, idx_fm))
         inverse = torch.argsort(torch.cat([idx_mf, idx_fm]))
         u = torch.cat([at_least_float32(u_mf), at_least_float32(u_fm)])[inverse]
         target = torch.cat([tgt_mf, at_least_float32(v[idx_fm])])[inverse]
@@ -115,8 +119,7 @@ class MeanFlow:
         if bool(distinct.any()):
             idx = distinct.nonzero().squeeze(1)
             with torch.no_grad():
-                _, tgt = self._with_jvp(model, z[idx], r[idx], t[idx], v[idx],
-                                        None if y is None else y[idx])
+                _, tgt = self._with_jvp(model, z[idx], r[idx], t[idx], v[idx], _rows(y, idx))
             target[idx] = tgt.to(target.dtype)
         return model(z, r, t, y=y), target
 

@@ -199,6 +199,18 @@ def apply_preset(cfg: TrainConfig, name: str) -> None:
     cfg.preset = name
 
 
+def configure(base: TrainConfig, preset: str | None = None,
+              settings: list[tuple[str, Any]] = ()) -> TrainConfig:
+    """A copy of ``base`` with ``preset`` applied (if given), then each dotted ``(key, value)``
+    of ``settings`` in order: the precedence of the command line."""
+    cfg = TrainConfig.from_dict(base.to_dict())
+    if preset is not None:
+        apply_preset(cfg, preset)
+    for key, value in settings:
+        set_value(cfg, key, value)
+    return cfg
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
@@ -245,15 +257,18 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
                 return False
             raise ValueError
         if target is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            number = float(value)  # accepts "1e4"; "2.5" and "1.5e0" are refused below
+            if not number.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return int(number)
         if target is float:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        name = getattr(target, "__name__", str(target))
-        raise MeanFlowError(f"{key} expects a {name} value, got {value!r}") from None
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(target, "a text")
+        raise MeanFlowError(f"{key} expects {kind}, got {value!r}") from None
 
 
 def set_value(cfg: Any, key: str, value: Any) -> None:

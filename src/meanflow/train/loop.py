@@ -141,6 +141,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                desc=f"{cfg.objective} {cfg.data}", unit="step")
     start, window_start, window = time.perf_counter(), time.perf_counter(), []
     consecutive_bad, last_loss = 0, math.nan
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     try:
         while step < cfg.steps:
             for group in optimizer.param_groups:
@@ -149,7 +150,6 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
             out_obj = objective(model, x, generator=gen)
             optimizer.zero_grad(set_to_none=True)
             out_obj.loss.backward()
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             # one device-to-host transfer per step for everything the loop reads
             loss, mse, grad_norm = torch.stack(
