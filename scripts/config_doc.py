@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from meanflow.train.config import KEY_HELP, PRESET_HELP, PRESETS, TrainConfig, config_keys
+from meanflow.train.config import KEY_HELP, TrainConfig, config_keys
+from meanflow.train.presets import PRESET_HELP, PRESETS
 
 
 def render() -> str:

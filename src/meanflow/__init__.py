@@ -5,7 +5,7 @@ Conventions: t = 0 is data, t = 1 is noise, ``z_t = (1 - t) x + t e``, ``v = e -
 """
 
 from .errors import MeanFlowError
-from .guidance import GuidedMeanFlow
+from .guidance import GuidedFlowMatching, GuidedMeanFlow
 from .objective import FlowMatching, MeanFlow, ObjectiveOutput
 from .path import linear_path
 from .sampling import sample, uniform_schedule
@@ -13,5 +13,5 @@ from .times import TimeSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["MeanFlow", "GuidedMeanFlow", "FlowMatching", "ObjectiveOutput", "TimeSampler",
+__all__ = ["MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput", "TimeSampler",
            "sample", "uniform_schedule", "linear_path", "MeanFlowError", "__version__"]

@@ -120,3 +120,20 @@ class GuidedMeanFlow(MeanFlow):
                 guide = (1 - self.omega) * model(z, ti, ti, y=null).to(out.dtype)
         out[idx] = self.omega * out[idx] + guide
         return out
+
+
+class GuidedFlowMatching(GuidedMeanFlow):
+    """Class-conditional flow matching (r = t, one time draw) with the same label dropout and
+    guided velocity ``v~`` as :class:`GuidedMeanFlow`: the baseline to compare it with."""
+
+    def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None,
+                 **kwargs) -> None:
+        kwargs.pop("jvp", None)
+        super().__init__(num_classes, time_sampler, **kwargs)
+
+    def _inputs(self, x, noise, r, t, generator):
+        if r is None and t is None:
+            t = self.time_sampler.single(x.shape[0], generator=generator, device=x.device)
+            r = t
+        check(r is None or bool((r == t).all()), "flow matching needs r == t for every sample")
+        return MeanFlow._inputs(self, x, noise, r, t, generator)

@@ -1,4 +1,5 @@
-"""Data sources: built-in 2-D distributions and user arrays, resolved from one string."""
+"""Data sources: built-in 2-D distributions, image datasets, folders and user arrays, resolved
+from one string by :func:`open_data` (see sources.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ..errors import MeanFlowError
 from .arrays import load_array, validate_array
 from .images import (ImageDataset, load_cifar10_binary, load_digits, load_fashion_mnist,
                      load_idx, load_image_folder)
+from .sources import IMAGE_DATASETS, TrainingSet, check_same_classes, open_data
 from .toy import TOY_DATASETS
 
 
@@ -27,6 +29,6 @@ def load_vectors(name_or_path: str, num: int = 100_000, seed: int = 0) -> np.nda
                         f"{', '.join(TOY_DATASETS)} or a path to a .npy/.npz file")
 
 
-__all__ = ["TOY_DATASETS", "load_vectors", "load_array", "validate_array", "ImageDataset",
-           "load_idx", "load_fashion_mnist", "load_digits", "load_cifar10_binary",
-           "load_image_folder"]
+__all__ = ["TOY_DATASETS", "IMAGE_DATASETS", "TrainingSet", "open_data", "check_same_classes",
+           "load_vectors", "load_array", "validate_array", "ImageDataset", "load_idx",
+           "load_fashion_mnist", "load_digits", "load_cifar10_binary", "load_image_folder"]

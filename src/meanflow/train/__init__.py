@@ -1,8 +1,9 @@
 """Training: configuration and presets, the loop, EMA, checkpoints, run directories."""
 
-from .config import PRESETS, TrainConfig, apply_preset, default_preset
+from .config import TrainConfig
+from .presets import PRESETS, apply_preset, configure, default_preset
 from .loop import TrainResult, train
 from .run import TrainedRun, load_run
 
-__all__ = ["TrainConfig", "PRESETS", "apply_preset", "default_preset", "train", "TrainResult",
+__all__ = ["TrainConfig", "PRESETS", "apply_preset", "default_preset", "configure", "train", "TrainResult",
            "load_run", "TrainedRun"]

@@ -22,15 +22,33 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+ARCHS = ("mlp", "unet", "dit")
+
+
 @dataclass
 class ModelConfig:
-    """Network settings (vector data: the MLP of meanflow.nn.mlp)."""
+    """Network settings: the MLP (vectors), the U-Net or the DiT (images, latents)."""
 
     arch: str = "mlp"
     hidden: int = 256
     depth: int = 4
     time_input: str = "t,t-r"
     time_dim: int = 32
+    size: str = ""          # U-Net config name or DiT "SIZE/PATCH"
+    channels: int = 0       # U-Net base channels (0: the size's default)
+    blocks: int = 0         # U-Net ResBlocks per level (0: the size's default)
+    dropout: float = -1.0   # U-Net dropout (-1: the size's default)
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance in the target (meanflow.guidance); class-conditional runs only."""
+
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    label_dropout: float = 0.1
 
 
 @dataclass
@@ -77,10 +95,25 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     sample_num: int = 5000        # points in the scatter plot written at the end of training
+    data_dir: str = ""            # folder of fashion-mnist / cifar10 files
+    image_size: int = 0           # resize folder images (digits: 8, 16 or 32); 0: native
+    hflip: bool = False           # random horizontal flips of images
+    conditional: bool = True      # use the data's labels when it has them
+    data_shape: str = ""          # one sample's shape, e.g. 1x28x28 (set from the data)
+    num_classes: int = 0          # classes the network is conditioned on (set from the data)
+    grid_every: int = 1000        # steps between sample grids of image runs (0: end only)
+    grid_num: int = 64            # images in each grid
+    tensorboard: bool = False     # also log to RUN/tensorboard (needs the tensorboard package)
     model: ModelConfig = field(default_factory=ModelConfig)
     time: TimeSampler = field(default_factory=TimeSampler)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``data_shape`` as a tuple ((D,) or (C, H, W)); () when not known yet."""
+        return parse_shape(self.data_shape)
 
     def validate(self) -> None:
         check(self.objective in OBJECTIVES,
@@ -88,7 +121,7 @@ class TrainConfig:
         check(self.optim.name in OPTIMIZERS,
               f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.optim.name!r}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints",
-                     "num_data", "sample_num"):
+                     "num_data", "sample_num", "grid_num"):
             value = getattr(self, name)
             check(value >= 1, f"{name} must be >= 1, got {value}")
         check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
@@ -104,6 +137,21 @@ class TrainConfig:
         TimeSampler(**dataclasses.asdict(self.time))  # re-run its checks after --set
         check(self.loss.p >= 0 and self.loss.c > 0,
               f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}")
+        check(self.model.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got "
+              f"{self.model.arch!r}")
+        check(self.grid_every >= 0, f"grid_every must be >= 0, got {self.grid_every}")
+        check(self.image_size >= 0, f"image_size must be >= 0, got {self.image_size}")
+        check(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        check(self.model.dropout == -1.0 or 0 <= self.model.dropout < 1,
+              f"model.dropout must be in [0, 1) (or -1: default), got {self.model.dropout}")
+        g = self.guidance
+        check(g.omega > 0 and g.kappa < 1, f"guidance needs omega > 0 and kappa < 1, got "
+              f"omega={g.omega}, kappa={g.kappa}")
+        check(0 <= g.t_min <= g.t_max <= 1, f"guidance needs 0 <= t_min <= t_max <= 1, got "
+              f"[{g.t_min}, {g.t_max}]")
+        check(0 <= g.label_dropout <= 1, f"guidance.label_dropout must be in [0, 1], got "
+              f"{g.label_dropout}")
+        parse_shape(self.data_shape)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,33 +164,9 @@ class TrainConfig:
         return cfg
 
 
-# Presets: dotted overrides on the defaults. Sources and measurements are in docs/presets.md.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Generic MLP for vector data of any dimension.
-    "mlp": {},
-    # 2-D toy data on 2 CPU cores in under 3 minutes (tuned by benchmarks/toy_quality.py).
-    # The authors' improved CIFAR-10 time recipe (t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6), 75%
-    # r != t) with the plain squared error (p = 0) and a cosine lr; chosen by the sweep in
-    # docs/benchmarks.md.
-    "toy-2d": {"steps": 8000, "batch_size": 1024, "model.hidden": 256, "model.depth": 4,
-               "optim.lr": 1e-3, "optim.schedule": "cosine", "ema_decay": 0.999,
-               "time.mean": -0.6, "time.std": 1.6, "time.r_mean": -4.0, "time.r_std": 1.6,
-               "time.ratio": 0.75, "loss.p": 0.0},
-    # A few-second smoke run (tests, CI).
-    "tiny": {"steps": 50, "batch_size": 128, "model.hidden": 32, "model.depth": 2,
-             "num_data": 2000, "log_every": 10, "ckpt_every": 25, "sample_num": 500},
-}
-
-
-PRESET_HELP = {
-    "mlp": "vector data of any dimension (default when D != 2)",
-    "toy-2d": "2-D data, about 3 minutes on 2 CPU cores (default when D = 2); chosen with "
-              "benchmarks/toy_quality.py, see docs/benchmarks.md",
-    "tiny": "a few-second smoke run (tests)",
-}
-
 KEY_HELP = {
-    "data": "built-in distribution name or .npy/.npz path (`--data`)",
+    "data": "built-in distribution, image dataset (fashion-mnist, digits, cifar10), folder or "
+            ".npy/.npz path (`--data`); see docs/data.md",
     "preset": "name of the preset applied (`--preset`)",
     "objective": "`meanflow` or `flow-matching` (`--objective`)",
     "steps": "optimizer steps in total (`--steps`)",
@@ -155,10 +179,29 @@ KEY_HELP = {
     "log_every": "steps between metrics.jsonl records",
     "ckpt_every": "steps between checkpoints (one is always written at the end)",
     "keep_checkpoints": "newest checkpoints kept in checkpoints/",
-    "sample_num": "points in samples-1step.png, written at the end of training",
-    "model.arch": "network: `mlp`",
+    "sample_num": "points in samples-1step.png of vector runs, written at the end of training",
+    "data_dir": "folder holding the fashion-mnist IDX or cifar10 binary files (`--data-dir`)",
+    "image_size": "resize folder images to this square size; digits size 8, 16 or 32 "
+                  "(0: native; digits 16)",
+    "hflip": "flip each training image horizontally with probability 1/2",
+    "conditional": "train class-conditional when the data has labels (`--unconditional` sets "
+                   "false)",
+    "data_shape": "one sample's shape, D or CxHxW; set from the data (presets give it for "
+                  "`--dry-run` without data)",
+    "num_classes": "classes of a conditional run; set from the data (0: unconditional)",
+    "grid_every": "steps between sample grids samples/step-N.png of image runs, from fixed "
+                  "noise (0: only at the end)",
+    "grid_num": "images in each sample grid (one row per class when conditional)",
+    "tensorboard": "also log losses, gradient norm and grids to RUN/tensorboard (`pip install "
+                   "tensorboard`)",
+    "model.arch": "network: `mlp` (vectors), `unet` or `dit` (images, latents)",
     "model.hidden": "MLP width",
     "model.depth": "MLP hidden layers",
+    "model.size": "U-Net config (tiny, small, cifar10-paper) or DiT SIZE/PATCH (T, S, B, M, L, "
+                  "XL; e.g. B/2); see docs/networks.md",
+    "model.channels": "U-Net base channels (0: the config's)",
+    "model.blocks": "U-Net ResBlocks per level (0: the config's)",
+    "model.dropout": "U-Net dropout (-1: the config's)",
     "model.time_input": "time quantities the network sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
                         "(paper Table 1c)",
     "model.time_dim": "sinusoidal features per time quantity",
@@ -182,33 +225,30 @@ KEY_HELP = {
     "optim.schedule": "`constant`, or `cosine` decay to 0 at the last step (resuming with a "
                       "larger --steps stretches the cosine)",
     "optim.warmup": "linear warm-up steps",
+    "guidance.omega": "guidance weight omega on the conditional velocity; effective CFG scale "
+                      "omega / (1 - kappa) (conditional runs)",
+    "guidance.kappa": "guidance mixing kappa on u(z, t, t | y) (0: the plain form)",
+    "guidance.t_min": "guidance applies for t_min <= t <= t_max",
+    "guidance.t_max": "guidance applies for t_min <= t <= t_max",
+    "guidance.label_dropout": "probability of replacing a label by the null label",
 }
 
 
-def default_preset(dim: int) -> str:
-    """The preset chosen when none is given: ``toy-2d`` for 2-D data, ``mlp`` otherwise."""
-    return "toy-2d" if dim == 2 else "mlp"
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x28x28"`` -> (1, 28, 28); ``""`` -> ()."""
+    if not text:
+        return ()
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    check(len(shape) in (1, 3) and all(v > 0 for v in shape),
+          f"data_shape must look like D or CxHxW (e.g. 4x32x32), got {text!r}")
+    return shape
 
 
-def apply_preset(cfg: TrainConfig, name: str) -> None:
-    if name not in PRESETS:
-        raise MeanFlowError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: "
-                            f"{', '.join(PRESETS)}")
-    for key, value in PRESETS[name].items():
-        set_value(cfg, key, value)
-    cfg.preset = name
-
-
-def configure(base: TrainConfig, preset: str | None = None,
-              settings: list[tuple[str, Any]] = ()) -> TrainConfig:
-    """A copy of ``base`` with ``preset`` applied (if given), then each dotted ``(key, value)``
-    of ``settings`` in order: the precedence of the command line."""
-    cfg = TrainConfig.from_dict(base.to_dict())
-    if preset is not None:
-        apply_preset(cfg, preset)
-    for key, value in settings:
-        set_value(cfg, key, value)
-    return cfg
+def format_shape(shape) -> str:
+    return "x".join(str(int(v)) for v in shape)
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,21 +5,65 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import MeanFlowError
-from ..nn import MLP
+from ..errors import MeanFlowError, check
+from ..guidance import GuidedFlowMatching, GuidedMeanFlow
+from ..nn import MLP, UNET_CONFIGS, dit, unet
 from ..objective import FlowMatching, MeanFlow
 from .config import TrainConfig
 
 
-def build_model(cfg: TrainConfig, dim: int) -> nn.Module:
+def _unet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    m = cfg.model
+    name = m.size or "small"
+    check(name in UNET_CONFIGS, f"unknown U-Net model.size {name!r}; use one of "
+          f"{', '.join(UNET_CONFIGS)}")
+    channels, size = shape[0], shape[1]
+    overrides = {}
+    if m.channels:
+        overrides["base_channels"] = m.channels
+    if m.blocks:
+        overrides["num_res_blocks"] = m.blocks
+    if m.dropout >= 0:
+        overrides["dropout"] = m.dropout
+    # fewer levels for sizes that the config's levels do not divide (e.g. 30 = 2 x 15)
+    mult = tuple(UNET_CONFIGS[name]["channel_mult"])
+    while len(mult) > 1 and size % 2 ** (len(mult) - 1):
+        mult = mult[:-1]
+    overrides["channel_mult"] = mult
+    factors = [d for d in UNET_CONFIGS[name].get("attention_downsample", ())
+               if size % d == 0 and d <= 2 ** (len(mult) - 1)]
+    overrides["attention_resolutions"] = tuple(size // d for d in factors)
+    return unet(name, in_channels=channels, input_size=size, num_classes=num_classes,
+                **overrides)
+
+
+def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
+    """The network for samples of ``shape`` ((D,) or (C, H, W)) and ``num_classes`` labels."""
     m = cfg.model
     if m.arch == "mlp":
-        return MLP(dim, hidden=m.hidden, depth=m.depth, time_input=m.time_input,
-                   time_dim=m.time_dim)
-    raise MeanFlowError(f"unknown model.arch {m.arch!r}; available: mlp")
+        check(len(shape) == 1, f"model.arch mlp needs vector data (N, D), got samples of shape "
+              f"{shape}; use --set model.arch=unet (or a preset such as unet-small)")
+        return MLP(shape[0], hidden=m.hidden, depth=m.depth, time_input=m.time_input,
+                   time_dim=m.time_dim, num_classes=num_classes)
+    check(len(shape) == 3 and shape[1] == shape[2], f"model.arch {m.arch} needs square images "
+          f"(C, H, W), got samples of shape {shape}; vectors use model.arch=mlp")
+    if m.arch == "unet":
+        return _unet(cfg, shape, num_classes)
+    if m.arch == "dit":
+        return dit(m.size or "B/2", input_size=shape[1], in_channels=shape[0],
+                   num_classes=num_classes)
+    raise MeanFlowError(f"unknown model.arch {m.arch!r}; available: mlp, unet, dit")
 
 
-def build_objective(cfg: TrainConfig) -> MeanFlow:
+def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
+    """MeanFlow or flow matching; with classes, guidance folded into the target."""
+    if num_classes > 0:
+        g = cfg.guidance
+        kwargs = dict(omega=g.omega, kappa=g.kappa, t_min=g.t_min, t_max=g.t_max,
+                      label_dropout=g.label_dropout, p=cfg.loss.p, c=cfg.loss.c)
+        if cfg.objective == "flow-matching":
+            return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
+        return GuidedMeanFlow(num_classes, cfg.time, jvp=cfg.loss.jvp, **kwargs)
     if cfg.objective == "flow-matching":
         return FlowMatching(cfg.time, p=cfg.loss.p, c=cfg.loss.c)
     return MeanFlow(cfg.time, p=cfg.loss.p, c=cfg.loss.c, jvp=cfg.loss.jvp)
@@ -29,6 +73,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     o = cfg.optim
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,9 +1,11 @@
 """The training loop: batches, objective, optimizer, EMA, logging and checkpoints.
 
-One step: draw a batch, evaluate the objective (it draws noise and (r, t) from the run's own
-generator), backpropagate, optionally clip, step the optimizer, update the EMA. A step whose
-loss or gradient is not finite is skipped and counted. Metrics go to ``metrics.jsonl``,
-checkpoints to ``checkpoints/``; see checkpoint.py for their layout.
+One step: draw a batch (and its labels; images optionally flipped), evaluate the objective
+(it draws noise, (r, t) and label dropout from the run's own generator), backpropagate,
+optionally clip, step the optimizer, update the EMA. A step whose loss or gradient is not
+finite is skipped and counted. Metrics go to ``metrics.jsonl``, checkpoints to
+``checkpoints/`` (see checkpoint.py), and image runs write a sample grid from fixed noise to
+``samples/`` every ``grid_every`` steps, with the loss curve ``loss.png``.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..data import load_vectors
+from ..data import TrainingSet, open_data
 from ..errors import MeanFlowError, check
 from .checkpoint import (latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors,
                          prefixed, save_checkpoint)
-from .config import TrainConfig
+from .config import TrainConfig, format_shape
 from .ema import EMA
 from .factory import build_model, build_objective, build_optimizer
-from .run import RUN_FILES, Normalizer, write_sample_plot
+from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
 
 MAX_CONSECUTIVE_BAD_STEPS = 20
 
@@ -34,8 +36,9 @@ class Batches:
     """Shuffled mini-batches without replacement; one permutation per epoch, seeded by
     ``(seed, epoch)`` so the position ``(epoch, index)`` is all a checkpoint needs."""
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int,
+                 labels: torch.Tensor | None = None) -> None:
+        self.data, self.labels, self.batch_size, self.seed = data, labels, batch_size, seed
         self.epoch, self.index = 0, 0
         self._perm = self._permutation()
 
@@ -43,13 +46,14 @@ class Batches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.data.shape[0], generator=g).to(self.data.device)
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next ``(x, y)``; ``y`` is None for unlabelled data."""
         if self.index + self.batch_size > self.data.shape[0]:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation()
         idx = self._perm[self.index:self.index + self.batch_size]
         self.index += self.batch_size
-        return self.data[idx]
+        return self.data[idx], None if self.labels is None else self.labels[idx]
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -85,29 +89,57 @@ def prepare_run_dir(out: str, overwrite: bool) -> None:
     os.makedirs(out, exist_ok=True)
 
 
+def open_training_data(cfg: TrainConfig) -> TrainingSet:
+    """Open ``cfg.data`` and record its shape and classes in ``cfg`` (labels are dropped when
+    ``cfg.conditional`` is false)."""
+    data = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size, num=cfg.num_data,
+                     seed=cfg.seed)
+    if not cfg.conditional:
+        data.labels, data.class_names = None, None
+    cfg.data_shape, cfg.num_classes = format_shape(data.shape), data.num_classes
+    return data
+
+
+def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror each image (B, C, H, W) left-right with probability 1/2."""
+    mask = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
 def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False,
           device: torch.device | str = "cpu", progress: bool = True) -> TrainResult:
     """Train per ``cfg`` into run directory ``out`` (or continue it with ``resume``)."""
     cfg.validate()
     device = torch.device(device)
-    data = load_vectors(cfg.data, num=cfg.num_data, seed=cfg.seed)
-    check(data.shape[0] >= cfg.batch_size, f"the dataset has {data.shape[0]} samples, fewer than "
+    data = open_training_data(cfg)
+    check(len(data) >= cfg.batch_size, f"the dataset has {len(data)} samples, fewer than "
           f"the batch size {cfg.batch_size}; lower --batch-size")
-    normalizer = Normalizer.fit(data) if cfg.normalize else Normalizer.identity(data.shape[1])
-    x_all = normalizer.encode(torch.from_numpy(data)).to(device)
+    check(not cfg.hflip or data.kind != "vectors", "hflip needs image data, not vectors")
+    fit = cfg.normalize and data.kind != "images"
+    normalizer = Normalizer.fit(data.x) if fit else Normalizer.identity(data.shape)
+    x_all = normalizer.encode(data.x).to(device)
+    labels = None if data.labels is None else data.labels.to(device)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.shape[1]).to(device)
-    objective = build_objective(cfg)
+    model = build_model(cfg, data.shape, cfg.num_classes).to(device)
+    check(cfg.loss.jvp != "detached" or not any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()),
+        "loss.jvp=detached runs the network twice, so dropout masks would differ between the "
+        "JVP and the loss; use loss.jvp=subset or set model.dropout=0")
+    objective = build_objective(cfg, cfg.num_classes)
     optimizer = build_optimizer(cfg, model)
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    batches = Batches(x_all, cfg.batch_size, cfg.seed)
+    batches = Batches(x_all, cfg.batch_size, cfg.seed, labels)
     step, skipped = 0, 0
+    writer_cls = _tensorboard() if cfg.tensorboard else None
 
     if resume:
         stem = latest_checkpoint(out)
         tensors, meta = load_checkpoint(stem)
+        saved = tuple(meta.get("shape", [meta.get("dim")]))
+        check(saved == data.shape, f"the data now has samples of shape {data.shape} but run "
+              f"{out!r} was trained on {saved}; resume with the same data")
         model.load_state_dict(prefixed(tensors, "model"))
         ema.model.load_state_dict(prefixed(tensors, "ema"))
         load_optimizer(optimizer, tensors, meta["optimizer"])
@@ -121,6 +153,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         prepare_run_dir(out, overwrite)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
+    writer = writer_cls(os.path.join(out, "tensorboard")) if writer_cls else None
 
     def checkpoint() -> None:
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
@@ -132,10 +165,12 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         save_checkpoint(os.path.join(out, "checkpoints"), step, tensors,
                         {"config": cfg.to_dict(), "optimizer": optim_meta,
                          "batches": batches.state(), "ema_updates": ema.updates,
-                         "skipped_steps": skipped, "dim": data.shape[1]},
+                         "skipped_steps": skipped, "shape": list(data.shape),
+                         "class_names": data.class_names},
                         keep=cfg.keep_checkpoints)
 
     model.train()
+    run = TrainedRun(ema.model, cfg, normalizer, step, "ema", data.shape, data.class_names)
     log = open(os.path.join(out, "metrics.jsonl"), "a")
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True,
                desc=f"{cfg.objective} {cfg.data}", unit="step")
@@ -146,8 +181,10 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         while step < cfg.steps:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr_at(step, cfg.steps)
-            x = batches.next()
-            out_obj = objective(model, x, generator=gen)
+            x, y = batches.next()
+            if cfg.hflip:
+                x = flip(x, gen)
+            out_obj = objective(model, x, y, generator=gen)
             optimizer.zero_grad(set_to_none=True)
             out_obj.loss.backward()
             grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -180,12 +217,45 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
+                if writer is not None:
+                    for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s"):
+                        writer.add_scalar(f"train/{key}", record[key], step)
                 window, window_start = [], now
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint()
+            if len(data.shape) == 3 and cfg.grid_every and step % cfg.grid_every == 0:
+                _grid(out, run, device, step, writer)
     finally:
         bar.close()
         log.close()
     seconds = time.perf_counter() - start
-    write_sample_plot(out, ema.model, normalizer, cfg, device, data[:cfg.sample_num])
+    reference = data.x[:cfg.sample_num].numpy() if data.kind == "vectors" else None
+    write_preview(os.path.join(out, "samples-1step.png"), run, device, reference, cfg.seed)
+    write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
+    if writer is not None:
+        writer.close()
     return TrainResult(out, step, last_loss, seconds, skipped)
+
+
+def _grid(out: str, run: TrainedRun, device, step: int, writer) -> None:
+    """``samples/step-N.png`` (one-step EMA samples from the run's fixed noise) and loss.png."""
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    path = write_preview(os.path.join(out, "samples", f"step-{step:08d}.png"), run, device,
+                         seed=run.config.seed)
+    write_loss_curve(out, f"{run.config.objective} on {run.config.data}")
+    if writer is not None:
+        import numpy as np
+        from PIL import Image
+        with Image.open(path) as image:
+            writer.add_image("samples/one_step", np.asarray(image.convert("RGB")), step,
+                             dataformats="HWC")
+
+
+def _tensorboard():
+    """TensorBoard's SummaryWriter class, or one clear error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MeanFlowError("tensorboard=true needs the tensorboard package; run "
+                            "`pip install 'meanflow[tensorboard]'` or drop --tensorboard") from None
+    return SummaryWriter

@@ -1,7 +1,10 @@
-"""Reading a run directory back: normalization, the trained network, samples in data units."""
+"""Reading a run directory back: normalization, the trained network, samples in data units,
+and the pictures a run writes (scatter plot or image grid, loss curve)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -10,31 +13,41 @@ import torch
 from torch import nn
 
 from ..errors import MeanFlowError, check
-from ..plotting import scatter_png
+from ..plotting import image_grid_png, loss_curve_png, scatter_png
 from ..sampling import sample
 from .checkpoint import latest_checkpoint, load_checkpoint, prefixed
 from .config import TrainConfig
 from .factory import build_model
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples-1step.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples-1step.png", "samples",
+             "loss.png", "tensorboard")
 
 
 @dataclass
 class Normalizer:
-    """Per-dimension standardization ``(x - mean) / std``; samples are mapped back."""
+    """Standardization ``(x - mean) / std`` per dimension of vectors (mean of shape (D,)) or per
+    channel of (C, H, W) arrays (shape (C, 1, 1)); identity for images already in [-1, 1]."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, data: np.ndarray) -> "Normalizer":
-        x = torch.from_numpy(data).double()
-        std = x.std(dim=0).clamp_min(1e-8) if x.shape[0] > 1 else torch.ones(x.shape[1])
-        return cls(x.mean(dim=0).float(), std.float())
+    def fit(cls, x: torch.Tensor) -> "Normalizer":
+        x = x.double()
+        dims = (0,) if x.dim() == 2 else (0, 2, 3)
+        keep = x.dim() != 2
+        if x.shape[0] * (1 if x.dim() == 2 else x.shape[2] * x.shape[3]) < 2:
+            return cls.identity(tuple(x.shape[1:]))
+        std = x.std(dim=dims, keepdim=keep).clamp_min(1e-8)
+        mean = x.mean(dim=dims, keepdim=keep)
+        if keep:
+            mean, std = mean[0], std[0]
+        return cls(mean.float(), std.float())
 
     @classmethod
-    def identity(cls, dim: int) -> "Normalizer":
-        return cls(torch.zeros(dim), torch.ones(dim))
+    def identity(cls, shape: tuple[int, ...]) -> "Normalizer":
+        stat = (shape[0],) if len(shape) == 1 else (shape[0], 1, 1)
+        return cls(torch.zeros(stat), torch.ones(stat))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
@@ -53,17 +66,34 @@ class TrainedRun:
     normalizer: Normalizer
     step: int
     weights: str  # "ema" or "raw"
+    shape: tuple[int, ...] = ()
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
 
     def sample(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
-               device: torch.device | str = "cpu", batch: int = 65536) -> np.ndarray:
-        """``num`` samples in data units as an (num, D) float32 array."""
+               device: torch.device | str = "cpu", batch: int | None = None,
+               labels: torch.Tensor | None = None) -> np.ndarray:
+        """``num`` samples in data units, float32 of shape (num, *shape). ``labels`` (num,)
+        condition a class-conditional run (None: the null label, i.e. unconditional)."""
         check(num >= 1, f"--num must be >= 1, got {num}")
+        if labels is not None:
+            check(self.num_classes > 0, "this run is unconditional; drop --class")
+            check(tuple(labels.shape) == (num,), f"need {num} labels, got {tuple(labels.shape)}")
+        batch = batch or (65536 if len(self.shape) == 1 else 256)
         g = torch.Generator().manual_seed(seed)
-        dim = self.normalizer.mean.numel()
         chunks = []
         for i in range(0, num, batch):
-            noise = torch.randn(min(batch, num - i), dim, generator=g).to(device)
-            z = sample(self.model, noise, steps=steps, schedule=schedule)
+            n = min(batch, num - i)
+            noise = torch.randn(n, *self.shape, generator=g).to(device)
+            y = None if labels is None else labels[i:i + n].to(device)
+            z = sample(self.model, noise, steps=steps, schedule=schedule, y=y)
             chunks.append(self.normalizer.decode(z).cpu())
         return torch.cat(chunks).numpy().astype(np.float32)
 
@@ -74,21 +104,58 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
     check(weights in ("ema", "raw"), f"weights must be 'ema' or 'raw', got {weights!r}")
     tensors, meta = load_checkpoint(latest_checkpoint(run_dir))
     cfg = TrainConfig.from_dict(meta["config"])
-    model = build_model(cfg, int(meta["dim"]))
+    shape = tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),)
+    model = build_model(cfg, shape, cfg.num_classes)
     try:
         model.load_state_dict(prefixed(tensors, "model" if weights == "raw" else "ema"))
     except RuntimeError as exc:
         raise MeanFlowError(f"checkpoint of {run_dir!r} does not match its configured network "
                             f"({str(exc).splitlines()[0]})") from None
     normalizer = Normalizer(tensors["data.mean"], tensors["data.std"])
-    return TrainedRun(model.to(device).eval(), cfg, normalizer, int(meta["step"]), weights)
+    return TrainedRun(model.to(device).eval(), cfg, normalizer, int(meta["step"]), weights,
+                      shape, meta.get("class_names"))
 
 
-def write_sample_plot(run_dir: str, model: nn.Module, normalizer: Normalizer, cfg: TrainConfig,
-                      device, data: np.ndarray) -> str:
-    """Write ``samples-1step.png``: one-step samples from ``model`` beside ``data``."""
-    run = TrainedRun(model, cfg, normalizer, 0, "ema")
-    samples = run.sample(cfg.sample_num, steps=1, seed=cfg.seed, device=device)
-    path = os.path.join(run_dir, "samples-1step.png")
-    scatter_png(path, [("training data", data), (f"{cfg.objective}, 1 step (EMA)", samples)])
+def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
+    """Labels ``i mod K``: in a grid of K columns, one column per class."""
+    return None if num_classes == 0 else torch.arange(num) % num_classes
+
+
+def grid_columns(num: int, num_classes: int) -> int:
+    if 0 < num_classes <= 32:
+        return num_classes
+    return max(1, math.isqrt(num))
+
+
+def write_preview(path: str, run: TrainedRun, device, reference: np.ndarray | None = None,
+                  seed: int = 0, title: str = "") -> str:
+    """One-step samples of ``run`` as a picture: an image grid (fixed noise from ``seed``, one
+    column per class when conditional) or a scatter plot beside ``reference`` points."""
+    cfg = run.config
+    tmp = path + ".tmp.png"
+    if run.is_image:
+        labels = grid_labels(cfg.grid_num, cfg.num_classes)
+        images = run.sample(cfg.grid_num, steps=1, seed=seed, device=device, labels=labels)
+        scale = max(1, 64 // run.shape[1])
+        image_grid_png(tmp, images, grid_columns(cfg.grid_num, cfg.num_classes), scale=scale)
+    else:
+        points = run.sample(cfg.sample_num, steps=1, seed=seed, device=device)
+        panels = [] if reference is None else [("training data", reference)]
+        scatter_png(tmp, panels + [(title or f"{cfg.objective}, 1 step (EMA)", points)])
+    os.replace(tmp, path)
     return path
+
+
+def write_loss_curve(run_dir: str, title: str = "") -> str | None:
+    """``loss.png`` from ``metrics.jsonl`` (nothing when there are no records yet)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        return None
+    out = os.path.join(run_dir, "loss.png")
+    loss_curve_png(out + ".tmp.png", records, title)
+    os.replace(out + ".tmp.png", out)
+    return out
