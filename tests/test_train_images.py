@@ -270,3 +270,21 @@ def test_image_bad_input_is_one_line_exit_2_and_touches_nothing(case, tmp_path, 
              for d, _, names in os.walk(out) for n in names}
     assert after == before
     assert not os.path.exists(tmp_path / "new") and not os.path.exists(tmp_path / "a.png")
+
+
+def test_tensorboard_logs_or_one_clear_line(tmp_path, capsys):
+    """With the optional tensorboard package: event files with the losses and grids; without
+    it: one line saying how to install it, and no run directory."""
+    data = make_class_folder(tmp_path / "d", per_class=4)
+    out = tmp_path / "tb"
+    code, _, err = run(capsys, "train", "--data", data, "--out", str(out), "--preset",
+                       "unet-small", "--steps", "2", "--batch-size", "4", "--tensorboard",
+                       "--set", "log_every=1", "--set", "grid_every=2", "--quiet")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert code == 2 and "pip install" in err and not out.exists()
+        return
+    assert code == 0, err
+    events = [n for n in os.listdir(out / "tensorboard") if n.startswith("events.")]
+    assert events and os.path.getsize(out / "tensorboard" / events[0]) > 0

@@ -102,7 +102,7 @@ class TrainConfig:
     data_shape: str = ""          # one sample's shape, e.g. 1x28x28 (set from the data)
     num_classes: int = 0          # classes the network is conditioned on (set from the data)
     grid_every: int = 1000        # steps between sample grids of image runs (0: end only)
-    grid_num: int = 64            # images in each grid
+    grid_num: int = 100           # images in each grid
     tensorboard: bool = False     # also log to RUN/tensorboard (needs the tensorboard package)
     model: ModelConfig = field(default_factory=ModelConfig)
     time: TimeSampler = field(default_factory=TimeSampler)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, load_optimizer, opt
                          prefixed, save_checkpoint)
 from .config import TrainConfig, format_shape
 from .ema import EMA
-from .factory import build_model, build_objective, build_optimizer
+from .factory import build_model, build_objective, build_optimizer, count_parameters
 from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
 
 MAX_CONSECUTIVE_BAD_STEPS = 20
@@ -128,6 +129,11 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         "JVP and the loss; use loss.jvp=subset or set model.dropout=0")
     objective = build_objective(cfg, cfg.num_classes)
     optimizer = build_optimizer(cfg, model)
+    if progress:
+        tqdm.write(f"meanflow: preset {cfg.preset!r}: {type(model).__name__} with "
+                   f"{count_parameters(model):,} parameters, {type(objective).__name__}, data "
+                   f"{cfg.data} of shape {cfg.data_shape}"
+                   f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}", file=sys.stderr)
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     batches = Batches(x_all, cfg.batch_size, cfg.seed, labels)
