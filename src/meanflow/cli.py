@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -136,13 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_config(args):
-    """The run's configuration from the command line; opens the data when it picks the preset
-    (returns the opened data too, or None)."""
-    from .train.checkpoint import latest_checkpoint, load_checkpoint
-    from .train.config import TrainConfig, parse_overrides
-    from .train.loop import open_training_data
-    from .train.presets import PRESETS, configure, default_preset
+def _train_settings(args) -> list:
+    """The dotted settings given by flags and ``--set``, in command-line precedence."""
+    from .train.config import parse_overrides
 
     flags = [(k, v) for k, v in (("data", args.data), ("data_dir", args.data_dir),
                                  ("image_size", args.image_size), ("objective", args.objective),
@@ -151,60 +148,96 @@ def _train_config(args):
     flags += [(key, value) for key, value, on in (("conditional", False, args.unconditional),
                                                   ("hflip", True, args.hflip),
                                                   ("tensorboard", True, args.tensorboard)) if on]
-    settings = flags + parse_overrides(args.set)
-    data = None
+    return flags + parse_overrides(args.set)
+
+
+def _new_config(args, settings):
+    """Configuration of a new run; opens the data when it picks the preset or for --dry-run
+    (returns it too, or None)."""
+    from .train.batches import open_training_data, record_data
+    from .train.config import TrainConfig
+    from .train.presets import PRESETS, configure, default_preset
+
+    preset, data = args.preset, None
+    has_data = args.data is not None or (preset in PRESETS and "data" in PRESETS[preset])
+    if preset is None:
+        check(args.data is not None, "--data is required (a built-in name, an image "
+              "dataset, a folder or a .npy/.npz path)")
+        probe = configure(TrainConfig(), None, settings)
+        data = open_training_data(probe)
+        preset = default_preset(data.kind, data.shape, probe.data)
+        print(f"meanflow: no --preset given; using {preset!r} for {data.kind} of shape "
+              f"{'x'.join(map(str, data.shape))}", file=sys.stderr)
+    cfg = configure(TrainConfig(), preset, settings)
+    check(has_data or args.dry_run, f"--data is required (preset {preset!r} names no data)")
+    if has_data and data is None and args.dry_run:
+        data = open_training_data(cfg)
+    elif data is not None:
+        record_data(cfg, data)
+    return cfg, data
+
+
+# keys filled in from the data, not chosen by the user
+_DERIVED = ("steps", "data_shape", "num_classes")
+
+
+def _train_config(args):
+    """``(cfg, data, resume)`` for ``meanflow train``. ``--resume`` continues the newest good
+    checkpoint; rerunning the command of an existing run continues it too (edm2-style) when the
+    settings match, and is refused with the differing keys otherwise."""
+    from .train.checkpoint import list_checkpoints, load_latest_good
+    from .train.config import TrainConfig
+    from .train.presets import configure
+
+    settings = _train_settings(args)
+    existing = (args.out is not None and not args.overwrite and not args.dry_run
+                and bool(list_checkpoints(os.path.join(args.out, "checkpoints"))))
+    data, resume = None, args.resume
     if args.resume:
         check(not args.overwrite, "--resume and --overwrite contradict each other; pick one")
         check(not args.dry_run, "--dry-run builds a new run; drop --resume")
-        _, meta = load_checkpoint(latest_checkpoint(args.out))
+        check(args.out is not None, "--resume needs --out RUN_DIR")
+        _, _, meta = load_latest_good(args.out)
         cfg = TrainConfig.from_dict(meta["config"])
         saved = cfg.to_dict()
         requested = configure(cfg, args.preset, settings).to_dict()
         changed = [k for k, v in requested.items() if k != "steps" and saved[k] != v]
         check(not changed, f"--resume continues the saved configuration; these settings differ: "
               f"{', '.join(changed)} (only --steps may change)")
+    elif existing:
+        _, _, meta = load_latest_good(args.out)
+        cfg = TrainConfig.from_dict(meta["config"])
+        requested, data = _new_config(args, settings)
+        saved, wanted = cfg.to_dict(), requested.to_dict()
+        changed = [k for k, v in wanted.items() if k not in _DERIVED and saved[k] != v]
+        check(not changed, f"run directory {args.out!r} holds a run (step {meta['step']}) with "
+              f"other settings ({', '.join(changed[:4])}); rerun the command that started it to "
+              "resume, pass --overwrite to replace it, or choose another --out")
+        print(f"meanflow: {args.out!r} holds this run at step {meta['step']}; resuming (pass "
+              "--overwrite to start over)", file=sys.stderr)
+        resume, data = True, None
     else:
-        preset = args.preset
-        has_data = args.data is not None or (preset in PRESETS and "data" in PRESETS[preset])
-        if preset is None:
-            check(args.data is not None, "--data is required (a built-in name, an image "
-                  "dataset, a folder or a .npy/.npz path)")
-            probe = configure(TrainConfig(), None, settings)
-            data = open_training_data(probe)
-            preset = default_preset(data.kind, data.shape, probe.data)
-            print(f"meanflow: no --preset given; using {preset!r} for {data.kind} of shape "
-                  f"{'x'.join(map(str, data.shape))}", file=sys.stderr)
-        cfg = configure(TrainConfig(), preset, settings)
-        check(has_data or args.dry_run, f"--data is required (preset {preset!r} names no data)")
-        if has_data and data is None and args.dry_run:
-            data = open_training_data(cfg)
-        elif data is not None:
-            open_training_data_shape(cfg, data)
+        cfg, data = _new_config(args, settings)
     if args.steps is not None:
         cfg.steps = args.steps
     cfg.validate()
-    return cfg, data
-
-
-def open_training_data_shape(cfg, data) -> None:
-    """Record an opened data set's shape and classes in ``cfg`` (as train() will)."""
-    from .train.config import format_shape
-
-    if not cfg.conditional:
-        data.labels, data.class_names = None, None
-    cfg.data_shape, cfg.num_classes = format_shape(data.shape), data.num_classes
+    return cfg, data, resume
 
 
 def cmd_train(args) -> int:
     from .train import train
     from .train.factory import resolve_device
 
-    cfg, data = _train_config(args)
+    cfg, data, resume = _train_config(args)
     if args.dry_run:
         return _dry_run(cfg, data)
     check(args.out is not None, "--out RUN_DIR is required (or pass --dry-run)")
-    result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+    result = train(cfg, args.out, resume=resume, overwrite=args.overwrite,
                    device=resolve_device(args.device), progress=not args.quiet)
+    if result.stopped_by is not None:
+        print(f"meanflow: stopped by {result.stopped_by} after step {result.step}; the checkpoint "
+              "is saved; rerun the same command to resume", file=sys.stderr)
+        return 128 + int(getattr(signal, result.stopped_by))
     print(json.dumps({"run": result.run_dir, "step": result.step, "loss": result.final_loss,
                       "seconds": round(result.seconds, 2), "skipped_steps": result.skipped_steps,
                       "samples_png": os.path.join(result.run_dir, "samples-1step.png")}))

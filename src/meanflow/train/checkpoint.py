@@ -60,9 +60,19 @@ def save_checkpoint(directory: str, step: int, tensors: dict[str, torch.Tensor],
     os.makedirs(directory, exist_ok=True)
     stem = os.path.join(directory, f"step-{step:08d}")
     tmp = stem + ".safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, stem + ".safetensors")
-    _atomic_json(stem + ".json", {"format": FORMAT, "step": step, **meta})
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename makes it count
+            os.fsync(f.fileno())
+        os.replace(tmp, stem + ".safetensors")
+        _atomic_json(stem + ".json", {"format": FORMAT, "step": step, **meta})
+    except OSError as exc:
+        for path in (tmp, stem + ".json.tmp"):
+            if os.path.exists(path):
+                os.remove(path)
+        raise MeanFlowError(f"could not write the checkpoint of step {step} in {directory} "
+                            f"({exc.strerror or exc}); the earlier checkpoints are kept; fix "
+                            "the cause and rerun the same command to resume") from None
     for old in list_checkpoints(directory)[:-keep]:
         for ext in (".json", ".safetensors"):
             if os.path.exists(old + ext):
@@ -100,6 +110,30 @@ def latest_checkpoint(run_dir: str) -> str:
         raise MeanFlowError(f"no checkpoint in {run_dir}/checkpoints; is {run_dir!r} a run "
                             "directory written by 'meanflow train'?")
     return stems[-1]
+
+
+def load_latest_good(run_dir: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """The newest checkpoint of ``run_dir`` that loads, as ``(stem, tensors, meta)``. A damaged
+    newer one is reported (one line on stderr naming it) and the previous one is used; when none
+    loads, the newest one's error is raised."""
+    import sys
+
+    stems = list_checkpoints(os.path.join(run_dir, "checkpoints"))
+    if not stems:
+        latest_checkpoint(run_dir)  # raises the "no checkpoint" error
+    errors = []
+    for stem in reversed(stems):
+        try:
+            tensors, meta = load_checkpoint(stem)
+        except MeanFlowError as exc:
+            errors.append(exc)
+            continue
+        for exc in errors:
+            print(f"meanflow: warning: {exc}; using the older {os.path.basename(stem)}",
+                  file=sys.stderr)
+        return stem, tensors, meta
+    more = f" (the {len(errors) - 1} older ones fail too)" if len(errors) > 1 else ""
+    raise MeanFlowError(f"{errors[0]}{more}")
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -104,6 +104,8 @@ class TrainConfig:
     grid_every: int = 1000        # steps between sample grids of image runs (0: end only)
     grid_num: int = 100           # images in each grid
     tensorboard: bool = False     # also log to RUN/tensorboard (needs the tensorboard package)
+    grad_accum: int = 1           # micro-batches per optimizer step (batch_size splits evenly)
+    max_bad_steps: int = 20       # consecutive non-finite steps that stop the run
     model: ModelConfig = field(default_factory=ModelConfig)
     time: TimeSampler = field(default_factory=TimeSampler)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -121,7 +123,7 @@ class TrainConfig:
         check(self.optim.name in OPTIMIZERS,
               f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.optim.name!r}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints",
-                     "num_data", "sample_num", "grid_num"):
+                     "num_data", "sample_num", "grid_num", "grad_accum", "max_bad_steps"):
             value = getattr(self, name)
             check(value >= 1, f"{name} must be >= 1, got {value}")
         check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
@@ -139,6 +141,8 @@ class TrainConfig:
               f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}")
         check(self.model.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got "
               f"{self.model.arch!r}")
+        check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be "
+              f"divisible by grad_accum {self.grad_accum}")
         check(self.grid_every >= 0, f"grid_every must be >= 0, got {self.grid_every}")
         check(self.image_size >= 0, f"image_size must be >= 0, got {self.image_size}")
         check(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
@@ -192,6 +196,10 @@ KEY_HELP = {
     "grid_every": "steps between sample grids samples/step-N.png of image runs, from fixed "
                   "noise (0: only at the end)",
     "grid_num": "images in each sample grid (one row per class when conditional)",
+    "grad_accum": "split each batch into this many micro-batches whose gradients add up "
+                  "(the same objective per sample; less memory per pass)",
+    "max_bad_steps": "this many non-finite steps in a row stop the run (with a diagnostic and "
+                     "the last good state saved); each one is skipped and counted",
     "tensorboard": "also log losses, gradient norm and grids to RUN/tensorboard (`pip install "
                    "tensorboard`)",
     "model.arch": "network: `mlp` (vectors), `unet` or `dit` (images, latents)",

@@ -1,11 +1,16 @@
 """The training loop: batches, objective, optimizer, EMA, logging and checkpoints.
 
-One step: draw a batch (and its labels; images optionally flipped), evaluate the objective
-(it draws noise, (r, t) and label dropout from the run's own generator), backpropagate,
-optionally clip, step the optimizer, update the EMA. A step whose loss or gradient is not
-finite is skipped and counted. Metrics go to ``metrics.jsonl``, checkpoints to
-``checkpoints/`` (see checkpoint.py), and image runs write a sample grid from fixed noise to
-``samples/`` every ``grid_every`` steps, with the loss curve ``loss.png``.
+One step: draw a batch (and its labels; images optionally flipped), evaluate the objective on
+``grad_accum`` micro-batches (it draws noise, (r, t) and label dropout from the run's own
+generator), backpropagate, optionally clip, step the optimizer, update the EMA. Metrics go to
+``metrics.jsonl``, checkpoints to ``checkpoints/`` (see checkpoint.py), and image runs write a
+sample grid from fixed noise to ``samples/`` every ``grid_every`` steps, with ``loss.png``.
+
+Reliability (docs/reliability.md): a checkpoint holds every random state, so a resumed run is
+bitwise identical to an uninterrupted one; SIGTERM / SIGINT finish the current step, save a
+checkpoint and stop; a step whose loss or gradient is not finite is skipped and counted, and
+``max_bad_steps`` in a row stop the run with a diagnostic and the last good state saved; a
+checkpoint with non-finite weights is never written.
 """
 
 from __future__ import annotations
@@ -21,47 +26,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..data import TrainingSet, open_data
 from ..errors import MeanFlowError, check
-from .checkpoint import (latest_checkpoint, load_checkpoint, load_optimizer, optimizer_tensors,
-                         prefixed, save_checkpoint)
-from .config import TrainConfig, format_shape
+from .batches import Batches, flip, open_training_data
+from .checkpoint import load_latest_good, load_optimizer, optimizer_tensors, prefixed, \
+    save_checkpoint
+from .config import TrainConfig
 from .ema import EMA
 from .factory import build_model, build_objective, build_optimizer, count_parameters
+from .reliability import (StopSignals, all_finite, memory_mib, restore_host_rng, host_rng_state,
+                          trim_metrics)
 from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
-
-MAX_CONSECUTIVE_BAD_STEPS = 20
-
-
-class Batches:
-    """Shuffled mini-batches without replacement; one permutation per epoch, seeded by
-    ``(seed, epoch)`` so the position ``(epoch, index)`` is all a checkpoint needs."""
-
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int,
-                 labels: torch.Tensor | None = None) -> None:
-        self.data, self.labels, self.batch_size, self.seed = data, labels, batch_size, seed
-        self.epoch, self.index = 0, 0
-        self._perm = self._permutation()
-
-    def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.data.shape[0], generator=g).to(self.data.device)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next ``(x, y)``; ``y`` is None for unlabelled data."""
-        if self.index + self.batch_size > self.data.shape[0]:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._perm = self._permutation()
-        idx = self._perm[self.index:self.index + self.batch_size]
-        self.index += self.batch_size
-        return self.data[idx], None if self.labels is None else self.labels[idx]
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._perm = self._permutation()
 
 
 @dataclass
@@ -71,6 +45,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     skipped_steps: int
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
 def prepare_run_dir(out: str, overwrite: bool) -> None:
@@ -88,23 +63,6 @@ def prepare_run_dir(out: str, overwrite: bool) -> None:
             elif os.path.exists(path):
                 os.remove(path)
     os.makedirs(out, exist_ok=True)
-
-
-def open_training_data(cfg: TrainConfig) -> TrainingSet:
-    """Open ``cfg.data`` and record its shape and classes in ``cfg`` (labels are dropped when
-    ``cfg.conditional`` is false)."""
-    data = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size, num=cfg.num_data,
-                     seed=cfg.seed)
-    if not cfg.conditional:
-        data.labels, data.class_names = None, None
-    cfg.data_shape, cfg.num_classes = format_shape(data.shape), data.num_classes
-    return data
-
-
-def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each image (B, C, H, W) left-right with probability 1/2."""
-    mask = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
 def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False,
@@ -141,20 +99,21 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     writer_cls = _tensorboard() if cfg.tensorboard else None
 
     if resume:
-        stem = latest_checkpoint(out)
-        tensors, meta = load_checkpoint(stem)
+        stem, tensors, meta = load_latest_good(out)
         saved = tuple(meta.get("shape", [meta.get("dim")]))
         check(saved == data.shape, f"the data now has samples of shape {data.shape} but run "
               f"{out!r} was trained on {saved}; resume with the same data")
         model.load_state_dict(prefixed(tensors, "model"))
         ema.model.load_state_dict(prefixed(tensors, "ema"))
         load_optimizer(optimizer, tensors, meta["optimizer"])
-        gen.set_state(tensors["rng.generator"])
+        gen.set_state(tensors["rng.generator"].to(gen.get_state().device))
         torch.set_rng_state(tensors["rng.torch"])
+        restore_host_rng(meta.get("rng"), tensors)
         batches.load_state(meta["batches"])
         ema.updates, step, skipped = meta["ema_updates"], meta["step"], meta["skipped_steps"]
         check(step < cfg.steps, f"run {out!r} already finished {step} steps; pass a larger "
               "--steps to continue training")
+        trim_metrics(os.path.join(out, "metrics.jsonl"), step)
     else:
         prepare_run_dir(out, overwrite)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -162,9 +121,12 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     writer = writer_cls(os.path.join(out, "tensorboard")) if writer_cls else None
 
     def checkpoint() -> None:
+        check(all_finite(model) and all_finite(ema.model), f"refusing to save step {step}: the "
+              "weights hold NaN or Inf; the previous checkpoint is kept")
+        rng_meta, rng_tensors = host_rng_state()
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
                    **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
-                   **normalizer.tensors(),
+                   **normalizer.tensors(), **rng_tensors,
                    "rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()}
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
@@ -172,7 +134,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                         {"config": cfg.to_dict(), "optimizer": optim_meta,
                          "batches": batches.state(), "ema_updates": ema.updates,
                          "skipped_steps": skipped, "shape": list(data.shape),
-                         "class_names": data.class_names},
+                         "class_names": data.class_names, "rng": rng_meta},
                         keep=cfg.keep_checkpoints)
 
     model.train()
@@ -181,66 +143,93 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True,
                desc=f"{cfg.objective} {cfg.data}", unit="step")
     start, window_start, window = time.perf_counter(), time.perf_counter(), []
-    consecutive_bad, last_loss = 0, math.nan
+    consecutive_bad, last_loss, saved_at = 0, math.nan, (step if resume else None)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    stop = StopSignals()
     try:
-        while step < cfg.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.optim.lr_at(step, cfg.steps)
-            x, y = batches.next()
-            if cfg.hflip:
-                x = flip(x, gen)
-            out_obj = objective(model, x, y, generator=gen)
-            optimizer.zero_grad(set_to_none=True)
-            out_obj.loss.backward()
-            grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            # one device-to-host transfer per step for everything the loop reads
-            loss, mse, grad_norm = torch.stack(
-                [out_obj.loss.detach(), out_obj.err.mean(), grad_norm_t]).tolist()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                skipped += 1
-                consecutive_bad += 1
+        with stop:
+            while step < cfg.steps and stop.received is None:
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.optim.lr_at(step, cfg.steps)
+                x, y = batches.next()
+                if cfg.hflip:
+                    x = flip(x, gen)
                 optimizer.zero_grad(set_to_none=True)
-                if consecutive_bad >= MAX_CONSECUTIVE_BAD_STEPS:
-                    raise MeanFlowError(f"{consecutive_bad} consecutive non-finite steps at step "
-                                        f"{step} (loss {loss}, grad norm {grad_norm}); lower "
-                                        "optim.lr or set optim.grad_clip")
-                continue
-            consecutive_bad = 0
-            optimizer.step()
-            ema.update(model)
-            step += 1
-            last_loss = loss
-            window.append((loss, mse, grad_norm))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                mean = [sum(w[i] for w in window) / len(window) for i in range(3)]
-                record = {"step": step, "loss": mean[0], "mse": mean[1], "grad_norm": mean[2],
-                          "steps_per_s": len(window) / max(now - window_start, 1e-9),
-                          "lr": optimizer.param_groups[0]["lr"], "skipped": skipped,
-                          "elapsed_s": now - start}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
-                if writer is not None:
-                    for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s"):
-                        writer.add_scalar(f"train/{key}", record[key], step)
-                window, window_start = [], now
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                losses, errs, times = [], [], []
+                for i in range(cfg.grad_accum):
+                    part = slice(i * len(x) // cfg.grad_accum, (i + 1) * len(x) // cfg.grad_accum)
+                    out_obj = objective(model, x[part], None if y is None else y[part],
+                                        generator=gen)
+                    (out_obj.loss / cfg.grad_accum).backward()
+                    losses.append(out_obj.loss.detach())
+                    errs.append(out_obj.err.mean())
+                    times.append((out_obj.r, out_obj.t))
+                grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                # one device-to-host transfer per step for everything the loop reads
+                loss, mse, grad_norm = torch.stack([torch.stack(losses).mean(),
+                                                    torch.stack(errs).mean(), grad_norm_t]).tolist()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    skipped += 1
+                    consecutive_bad += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        if step > 0 and saved_at != step:
+                            checkpoint()
+                        raise MeanFlowError(_diagnose(consecutive_bad, step, loss, grad_norm,
+                                                      times, step > 0))
+                    continue
+                consecutive_bad = 0
+                optimizer.step()
+                ema.update(model)
+                step += 1
+                last_loss = loss
+                window.append((loss, mse, grad_norm))
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    mean = [sum(w[i] for w in window) / len(window) for i in range(3)]
+                    record = {"step": step, "loss": mean[0], "mse": mean[1],
+                              "grad_norm": mean[2],
+                              "steps_per_s": len(window) / max(now - window_start, 1e-9),
+                              "lr": optimizer.param_groups[0]["lr"], "skipped": skipped,
+                              "elapsed_s": now - start, "memory_mib": memory_mib()}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
+                    if writer is not None:
+                        for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s"):
+                            writer.add_scalar(f"train/{key}", record[key], step)
+                    window, window_start = [], now
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    checkpoint()
+                    saved_at = step
+                if len(data.shape) == 3 and cfg.grid_every and step % cfg.grid_every == 0:
+                    _grid(out, run, device, step, writer)
+            if stop.received is not None and saved_at != step:
                 checkpoint()
-            if len(data.shape) == 3 and cfg.grid_every and step % cfg.grid_every == 0:
-                _grid(out, run, device, step, writer)
     finally:
         bar.close()
         log.close()
     seconds = time.perf_counter() - start
-    reference = data.x[:cfg.sample_num].numpy() if data.kind == "vectors" else None
-    write_preview(os.path.join(out, "samples-1step.png"), run, device, reference, cfg.seed)
-    write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
+    if stop.received is None:
+        reference = data.x[:cfg.sample_num].numpy() if data.kind == "vectors" else None
+        write_preview(os.path.join(out, "samples-1step.png"), run, device, reference, cfg.seed)
+        write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
     if writer is not None:
         writer.close()
-    return TrainResult(out, step, last_loss, seconds, skipped)
+    return TrainResult(out, step, last_loss, seconds, skipped, stop.received)
+
+
+def _diagnose(count: int, step: int, loss: float, grad_norm: float, times, saved: bool) -> str:
+    """One line on a run stopped by non-finite steps: where, which quantity, the batch's times."""
+    r = torch.cat([p[0] for p in times]).float()
+    t = torch.cat([p[1] for p in times]).float()
+    which = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    where = (f"the last good state (step {step}) is saved" if saved
+             else "no checkpoint was written")
+    return (f"{count} consecutive non-finite steps at step {step}: {which}; the last batch had "
+            f"t in [{t.min():.4g}, {t.max():.4g}], r in [{r.min():.4g}, {r.max():.4g}]; {where}; "
+            "lower optim.lr, set optim.grad_clip, or check the data")
 
 
 def _grid(out: str, run: TrainedRun, device, step: int, writer) -> None:

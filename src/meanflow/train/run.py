@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import MeanFlowError, check
 from ..plotting import image_grid_png, loss_curve_png, scatter_png
 from ..sampling import sample
-from .checkpoint import latest_checkpoint, load_checkpoint, prefixed
+from .checkpoint import load_latest_good, prefixed
 from .config import TrainConfig
 from .factory import build_model
 
@@ -102,7 +102,7 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
     """Load the newest checkpoint of ``run_dir`` with EMA (default) or raw weights."""
     check(os.path.isdir(run_dir), f"run directory {run_dir!r} does not exist")
     check(weights in ("ema", "raw"), f"weights must be 'ema' or 'raw', got {weights!r}")
-    tensors, meta = load_checkpoint(latest_checkpoint(run_dir))
+    _, tensors, meta = load_latest_good(run_dir)
     cfg = TrainConfig.from_dict(meta["config"])
     shape = tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),)
     model = build_model(cfg, shape, cfg.num_classes)

@@ -1,0 +1,63 @@
+"""What the loop draws from: the training set opened from the config, shuffled batches whose
+position is all a checkpoint needs, and random flips from the run's generator."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import TrainingSet, open_data
+from .config import TrainConfig, format_shape
+
+
+class Batches:
+    """Shuffled mini-batches without replacement; one permutation per epoch, seeded by
+    ``(seed, epoch)`` so the position ``(epoch, index)`` is all a checkpoint needs."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int,
+                 labels: torch.Tensor | None = None) -> None:
+        self.data, self.labels, self.batch_size, self.seed = data, labels, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.data.shape[0], generator=g).to(self.data.device)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next ``(x, y)``; ``y`` is None for unlabelled data."""
+        if self.index + self.batch_size > self.data.shape[0]:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.index:self.index + self.batch_size]
+        self.index += self.batch_size
+        return self.data[idx], None if self.labels is None else self.labels[idx]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._perm = self._permutation()
+
+
+def open_training_data(cfg: TrainConfig) -> TrainingSet:
+    """Open ``cfg.data`` and record its shape and classes in ``cfg`` (labels are dropped when
+    ``cfg.conditional`` is false)."""
+    data = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size, num=cfg.num_data,
+                     seed=cfg.seed)
+    record_data(cfg, data)
+    return data
+
+
+def record_data(cfg: TrainConfig, data: TrainingSet) -> None:
+    """Write an opened data set's shape and classes into ``cfg`` (dropping the labels first
+    when ``cfg.conditional`` is false)."""
+    if not cfg.conditional:
+        data.labels, data.class_names = None, None
+    cfg.data_shape, cfg.num_classes = format_shape(data.shape), data.num_classes
+
+
+def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror each image (B, C, H, W) left-right with probability 1/2."""
+    mask = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
