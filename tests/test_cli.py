@@ -157,14 +157,36 @@ def _bad(tmp_path, tiny_run):
                           "--out", str(tmp_path / "c.npy")],
         "eval dims": ["eval", "--run", tiny_run, "--reference", str(small.with_name("x3.npy")),
                       "--num", "10"],
+        "misspelled flag": [*t, "--data", "rings", "--stpes", "5"],
+        "wrong flag type": [*t, "--data", "rings", "--steps", "many"],
+        "out is a file": ["train", "--out", str(existing), "--data", "rings", "--quiet"],
+        "resume other preset": ["train", "--out", tiny_run, "--resume", "--preset", "toy-2d"],
+        "other architecture": ["sample", "--run", _other_architecture(tmp_path, tiny_run),
+                               "--num", "5", "--out", str(tmp_path / "d.npy")],
+        "zero batch": [*t, "--data", "rings", "--batch-size", "0"],
     }
+
+
+def _other_architecture(tmp_path, tiny_run):
+    """A copy of the run whose checkpoint claims a wider network than its weights hold."""
+    import shutil
+
+    copy = tmp_path / "other-arch"
+    if not copy.exists():
+        shutil.copytree(tiny_run, copy)
+        stem = latest_checkpoint(str(copy))
+        meta = json.load(open(stem + ".json"))
+        meta["config"]["model"]["hidden"] = 64
+        json.dump(meta, open(stem + ".json", "w"))
+    return str(copy)
 
 
 BAD_CASES = ["unknown data", "missing file", "nan data", "batch > data", "unknown key",
              "bad value", "ratio > 1", "negative steps", "no equals", "group key",
              "unknown preset", "existing run", "resume nothing", "resume changes",
              "resume finished", "sample exists", "sample ext", "sample schedule",
-             "sample no run", "eval dims"]
+             "sample no run", "eval dims", "misspelled flag", "wrong flag type", "out is a file",
+             "resume other preset", "other architecture", "zero batch"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -180,6 +202,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, tmp_path, tiny_r
     assert (tmp_path / "exists.npy").read_bytes() == b"keep me"
     if case == "unknown key":
         assert "time.ratio" in lines[0]
+    if case == "misspelled flag":
+        assert "did you mean --steps?" in lines[0]
 
 
 def test_help_documents_every_option():

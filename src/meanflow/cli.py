@@ -123,10 +123,28 @@ def _eval_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with our error format: one line ``meanflow: error: ...`` (exit 2), naming the
+    closest valid option for a misspelled one."""
+
+    options: set[str] = set()
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments"):
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], sorted(Parser.options), n=1)
+                if word.startswith("-") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        self.exit(2, f"meanflow: error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="meanflow", description="Train and sample one-step generative models with MeanFlow "
         "(Geng et al. 2025). Conventions: t=0 data, t=1 noise; one step is x = e - u(e, 0, 1).")
     parser.add_argument("--version", action="version", version=f"meanflow {__version__}")
@@ -134,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _sample_parser(sub)
     _eval_parser(sub)
+    Parser.options = {o for p in sub.choices.values() for a in p._actions
+                      for o in a.option_strings if o.startswith("--")}
     return parser
 
 
@@ -192,7 +212,7 @@ def _train_config(args):
     settings = _train_settings(args)
     existing = (args.out is not None and not args.overwrite and not args.dry_run
                 and bool(list_checkpoints(os.path.join(args.out, "checkpoints"))))
-    data, resume = None, args.resume
+    data, resume, overwrite = None, args.resume, args.overwrite
     if args.resume:
         check(not args.overwrite, "--resume and --overwrite contradict each other; pick one")
         check(not args.dry_run, "--dry-run builds a new run; drop --resume")
@@ -218,21 +238,43 @@ def _train_config(args):
         resume, data = True, None
     else:
         cfg, data = _new_config(args, settings)
+        restart = _unstarted_same_run(args, cfg)
+        if restart:
+            print(f"meanflow: {args.out!r} holds this run without a checkpoint yet; starting it "
+                  "again", file=sys.stderr)
+        overwrite = args.overwrite or restart
     if args.steps is not None:
         cfg.steps = args.steps
     cfg.validate()
-    return cfg, data, resume
+    return cfg, data, resume, overwrite
+
+
+def _unstarted_same_run(args, cfg) -> bool:
+    """True when ``--out`` holds only the config (and metrics) of this very run, killed before
+    its first checkpoint: rerunning the command may then start it again."""
+    from .train.config import TrainConfig
+
+    path = os.path.join(args.out or "", "config.json")
+    if args.dry_run or not args.out or not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            saved = TrainConfig.from_dict(json.load(f)).to_dict()
+    except (OSError, ValueError, MeanFlowError):
+        return False
+    wanted = cfg.to_dict()
+    return all(saved[k] == v for k, v in wanted.items() if k not in _DERIVED)
 
 
 def cmd_train(args) -> int:
     from .train import train
     from .train.factory import resolve_device
 
-    cfg, data, resume = _train_config(args)
+    cfg, data, resume, overwrite = _train_config(args)
     if args.dry_run:
         return _dry_run(cfg, data)
     check(args.out is not None, "--out RUN_DIR is required (or pass --dry-run)")
-    result = train(cfg, args.out, resume=resume, overwrite=args.overwrite,
+    result = train(cfg, args.out, resume=resume, overwrite=overwrite,
                    device=resolve_device(args.device), progress=not args.quiet)
     if result.stopped_by is not None:
         print(f"meanflow: stopped by {result.stopped_by} after step {result.step}; the checkpoint "
@@ -395,7 +437,10 @@ def _image_reference(name: str, run) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return int(exc.code or 0)
     try:
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
     except MeanFlowError as exc:
