@@ -72,6 +72,25 @@ def test_open_data_resolves_every_source(tmp_path):
         open_data("cifar10")
 
 
+def test_open_data_fashion_mnist_and_cifar_folders(tmp_path):
+    from test_images import _cifar_record, _idx_pair
+
+    (tmp_path / "fm").mkdir()
+    _idx_pair(tmp_path / "fm", "train", n=6)
+    _idx_pair(tmp_path / "fm", "t10k", n=3, compress=True)
+    named = open_data("fashion-mnist", directory=str(tmp_path / "fm"))
+    assert named.shape == (1, 28, 28) and len(named) == 6 and named.class_names[9] == "Ankle boot"
+    assert len(open_data("fashion-mnist", directory=str(tmp_path / "fm"), split="test")) == 3
+    folder = open_data(str(tmp_path / "fm"))  # a folder of IDX files is recognised as such
+    assert torch.equal(folder.x, named.x) and folder.labels.tolist() == named.labels.tolist()
+    (tmp_path / "c").mkdir()
+    for i in range(1, 6):
+        (tmp_path / "c" / f"data_batch_{i}.bin").write_bytes(_cifar_record(i, (0, 0, 255)))
+    cifar = open_data("cifar10", directory=str(tmp_path / "c"))
+    assert cifar.shape == (3, 32, 32) and cifar.labels.tolist() == [1, 2, 3, 4, 5]
+    assert torch.equal(open_data(str(tmp_path / "c")).x, cifar.x)
+
+
 def test_default_preset_follows_the_data():
     assert default_preset("vectors", (2,)) == "toy-2d"
     assert default_preset("vectors", (7,)) == "mlp"
