@@ -209,10 +209,12 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, tmp_path, tiny_r
 def test_help_documents_every_option():
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices
-    for name in ("train", "sample", "eval"):
-        for action in sub[name]._actions:
+    parsers = {name: sub[name] for name in ("train", "sample", "eval")}
+    parsers["features train"] = sub["features"]._subparsers._group_actions[0].choices["train"]
+    for name, p in parsers.items():
+        for action in p._actions:
             assert action.help, (name, action.dest)
-    assert {"train", "sample", "eval"} == set(sub)
+    assert {"train", "sample", "eval", "features"} == set(sub)
 
 
 def test_configuration_doc_is_current_and_complete():

@@ -142,7 +142,8 @@ def test_sample_npz_png_and_class_selection(image_run, tmp_path, capsys):
 
 def test_image_eval_prints_pixel_space_distances(image_run, capsys):
     out, data = image_run
-    code, stdout, _ = run(capsys, "eval", "--run", out, "--reference", data, "--num", "20")
+    code, stdout, _ = run(capsys, "eval", "--run", out, "--reference", data, "--num", "20",
+                          "--metric", "swd")
     result = json.loads(stdout)
     assert code == 0 and result["reference_num"] == 24 and result["swd"] > 0
 

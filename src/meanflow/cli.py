@@ -59,6 +59,41 @@ def _eval_parser(sub) -> None:
                    help=f"random projections for SWD (default {DEFAULT_PROJECTIONS})")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--metric", default=None, metavar="M[,M]",
+                   help="image runs: fd (Frechet distance in the feature network's space), pr "
+                        "(precision/recall, density/coverage), swd (pixel-space SWD and energy "
+                        "distance); default fd,pr (vector runs always report swd and energy)")
+    p.add_argument("--features", metavar="NAME_OR_FILE",
+                   help="feature network for fd/pr: a shipped one (fashion-mnist, digits) or a "
+                        "file from 'meanflow features train' (default: the one named like the "
+                        "run's data)")
+    p.add_argument("--class", dest="classes", metavar="LABELS",
+                   help="labels to sample a conditional run with, as for 'meanflow sample' "
+                        "(default: cycle through all classes)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where reference features are cached (default ~/.cache/meanflow/reference"
+                        "; 'none' disables the cache)")
+
+
+def _features_parser(sub) -> None:
+    p = sub.add_parser("features", help="train a feature network for FD on small images",
+                       description="Feature networks give Frechet distances and precision/"
+                                   "recall on small images (FD-FMNIST, FD-digits); see "
+                                   "docs/evaluation.md.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = actions.add_parser("train", help="train a classifier whose penultimate layer is the "
+                                         "feature space; prints its test accuracy")
+    t.add_argument("--data", required=True, metavar="NAME_OR_PATH",
+                   help="labelled image data: fashion-mnist, digits, or a folder of class folders")
+    t.add_argument("--data-dir", metavar="DIR", help="folder of the fashion-mnist IDX files")
+    t.add_argument("--image-size", type=int, default=0, metavar="S",
+                   help="resize folder images / digits size (as for train)")
+    t.add_argument("--out", required=True, metavar="FILE.safetensors",
+                   help="weights to write (a .json with accuracy and fingerprint goes beside)")
+    t.add_argument("--epochs", type=int, default=8, metavar="E", help="epochs (default 8)")
+    t.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
+    t.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 class Parser(argparse.ArgumentParser):
@@ -90,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     _sample_parser(sub)
     _eval_parser(sub)
+    _features_parser(sub)
     Parser.options = {o for p in sub.choices.values() for a in p._actions
                       for o in a.option_strings if o.startswith("--")}
     return parser
@@ -174,8 +210,11 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from .data import TOY_DATASETS, load_vectors
     from .eval import energy_distance, sliced_wasserstein
+    from .eval.features import load_feature_net
     from .train import load_run
     from .train.factory import resolve_device
 
@@ -183,30 +222,51 @@ def cmd_eval(args) -> int:
     check(args.projections >= 1, f"--projections must be >= 1, got {args.projections}")
     device = resolve_device(args.device)
     run = load_run(args.run, "raw" if args.raw else "ema", device)
-    labels = None
+    metrics = tuple(m.strip() for m in (args.metric or ("fd,pr" if run.is_image else "swd"))
+                    .split(","))
+    unknown = [m for m in metrics if m not in ("fd", "pr", "swd")]
+    check(not unknown, f"unknown --metric {', '.join(unknown)}; use fd, pr and/or swd")
+    check(run.is_image or metrics == ("swd",), "fd and pr need an image run; vector runs report "
+          "swd and energy distance")
+    labels = parse_classes(args.classes, args.num, run, args.seed) if run.is_image else None
+    result = {}
     if run.is_image:
-        reference = _image_reference(args.reference, run)
-        labels = parse_classes(None, args.num, run, args.seed)
+        reference, train_images = _image_reference(args.reference, run)
+        if "fd" in metrics or "pr" in metrics:
+            extractor, meta = load_feature_net(args.features or run.config.data)
     elif args.reference in TOY_DATASETS:
         reference = load_vectors(args.reference, num=args.num, seed=10_000 + args.seed)
     else:
         reference = load_vectors(args.reference)
-    samples = run.sample(args.num, steps=args.steps, seed=args.seed, device=device,
-                         labels=labels).reshape(args.num, -1)
-    check(reference.shape[1] == samples.shape[1], f"the reference has {reference.shape[1]} "
-          f"dimensions but the run samples {samples.shape[1]}; compare with data of the same "
-          "shape")
-    print(json.dumps({
-        "swd": sliced_wasserstein(samples, reference, projections=args.projections),
-        "energy_distance": energy_distance(samples, reference),
-        "steps": args.steps, "num": args.num, "reference": args.reference,
-        "reference_num": int(reference.shape[0]), "projections": args.projections,
-        "weights": run.weights, "seed": args.seed, "checkpoint_step": run.step}))
+    samples = run.sample(args.num, steps=args.steps, seed=args.seed, device=device, labels=labels)
+    if run.is_image and ("fd" in metrics or "pr" in metrics):
+        from .eval.protocol import DEFAULT_CACHE, image_metrics
+        cache = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or
+                                                                         DEFAULT_CACHE)
+        result.update(image_metrics(torch.from_numpy(samples), reference, train_images, extractor,
+                                    meta, metrics, f"{args.reference}-{run.config.image_size}",
+                                    cache))
+        result["features"] = {"name": args.features or run.config.data,
+                              "fingerprint": meta["fingerprint"],
+                              "test_accuracy": meta.get("test_accuracy")}
+    if "swd" in metrics:
+        flat, ref = samples.reshape(args.num, -1), reference.reshape(len(reference), -1)
+        ref = ref.numpy() if hasattr(ref, "numpy") else ref
+        check(ref.shape[1] == flat.shape[1], f"the reference has {ref.shape[1]} "
+              f"dimensions but the run samples {flat.shape[1]}; compare with data of the same "
+              "shape")
+        result["swd"] = sliced_wasserstein(flat, ref, projections=args.projections)
+        result["energy_distance"] = energy_distance(flat, ref)
+        result["projections"] = args.projections
+    print(json.dumps({**result, "steps": args.steps, "num": args.num,
+                      "reference": args.reference, "reference_num": int(len(reference)),
+                      "weights": run.weights, "seed": args.seed, "checkpoint_step": run.step}))
     return 0
 
 
-def _image_reference(name: str, run) -> np.ndarray:
-    """Reference images for an image run, flattened to (N, C*H*W) in the run's units."""
+def _image_reference(name: str, run):
+    """Reference images of an image run (the test split of fashion-mnist and cifar10) and the
+    run's own training images (for the floor), both (N, C, H, W) tensors."""
     from .data import check_same_classes, open_data
 
     cfg = run.config
@@ -218,7 +278,40 @@ def _image_reference(name: str, run) -> np.ndarray:
           f"run generates {run.shape}; use reference data of the same size")
     if run.num_classes:
         check_same_classes(run.class_names, ref.class_names, f"reference {name!r}")
-    return ref.x.reshape(len(ref), -1).numpy()
+    train = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size).x
+    return ref.x, train
+
+
+def cmd_features(args) -> int:
+    import time
+
+    from .data import open_data
+    from .eval.features import save_feature_net, train_feature_net
+
+    check(args.overwrite or not os.path.exists(args.out), f"{args.out!r} already exists; pass "
+          "--overwrite to replace it or choose another name")
+    data = open_data(args.data, directory=args.data_dir or "", size=args.image_size)
+    check(data.kind == "images" and data.labels is not None, f"{args.data!r} is not labelled "
+          "image data; a feature network is a classifier of the dataset's classes")
+    if args.data in ("fashion-mnist", "cifar10"):
+        test = open_data(args.data, directory=args.data_dir or "", split="test")
+        train_x, train_y, test_x, test_y = data.x, data.labels, test.x, test.labels
+    else:  # hold out a seeded 20% for the accuracy
+        import torch
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+        cut = len(data) - len(data) // 5
+        train_x, train_y = data.x[perm[:cut]], data.labels[perm[:cut]]
+        test_x, test_y = data.x[perm[cut:]], data.labels[perm[cut:]]
+    start = time.perf_counter()
+    model, acc = train_feature_net(train_x, train_y, test_x, test_y, data.num_classes,
+                                   epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    meta = save_feature_net(model, args.out, {
+        "data": args.data, "image_shape": list(data.shape), "classes": data.class_names,
+        "test_accuracy": acc, "test_num": len(test_x), "epochs": args.epochs, "seed": args.seed,
+        "train_seconds": round(time.perf_counter() - start, 1)})
+    print(json.dumps({"out": args.out, "test_accuracy": acc, "test_num": len(test_x),
+                      "fingerprint": meta["fingerprint"], "seconds": meta["train_seconds"]}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
+                "features": cmd_features}[args.command](args)
     except MeanFlowError as exc:
         print(f"meanflow: error: {exc}", file=sys.stderr)
         return 2

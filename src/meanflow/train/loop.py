@@ -76,7 +76,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     check(not cfg.hflip or data.kind != "vectors", "hflip needs image data, not vectors")
     fit = cfg.normalize and data.kind != "images"
     normalizer = Normalizer.fit(data.x) if fit else Normalizer.identity(data.shape)
-    x_all = normalizer.encode(data.x).to(device)
+    x_all = (normalizer.encode(data.x) if fit else data.x).to(device)  # images: no copy
     labels = None if data.labels is None else data.labels.to(device)
 
     torch.manual_seed(cfg.seed)

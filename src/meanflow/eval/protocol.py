@@ -1,0 +1,81 @@
+"""The image evaluation protocol of ``meanflow eval``: features of samples and of a reference split
+in one feature network's space, Frechet distance, precision / recall, density / coverage, and
+the floor (the same metrics between the training split and the reference split, so every number
+has a scale).
+
+Reference features are cached as ``.npz`` under ``cache_dir`` (default
+``~/.cache/meanflow/reference``), keyed by the reference name, split and size, the feature
+network's fingerprint and a SHA-256 fingerprint of the reference images themselves, so a cache
+entry is never reused for other data or another extractor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..errors import check
+from .features import FeatureNet, extract
+from .frechet import fd_from_features
+from .precision_recall import density_coverage, precision_recall
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "meanflow", "reference")
+
+
+def content_fingerprint(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def cached_features(images: torch.Tensor, label: str, extractor: FeatureNet, meta: dict,
+                    cache_dir: str | None = DEFAULT_CACHE) -> np.ndarray:
+    """Features of ``images``, read from / written to the cache (``cache_dir=None``: no cache)."""
+    if cache_dir is None:
+        return extract(extractor, images).numpy()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[-60:]
+    path = os.path.join(cache_dir, f"{name}-{len(images)}-{meta['fingerprint']}-"
+                                   f"{content_fingerprint(images)}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["features"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed
+    features = extract(extractor, images).numpy()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, features=features)
+    os.replace(tmp, path)
+    return features
+
+
+def feature_metrics(real: np.ndarray, fake: np.ndarray, metrics: tuple[str, ...]) -> dict:
+    """FD (``fd``), precision / recall (k = 3) and density / coverage (k = 5) (``pr``)."""
+    out = {}
+    if "fd" in metrics:
+        out["fd"] = fd_from_features(real, fake)
+    if "pr" in metrics:
+        out.update(precision_recall(real, fake, k=3))
+        out.update(density_coverage(real, fake, k=5))
+    return out
+
+
+def image_metrics(samples: torch.Tensor, reference: torch.Tensor, train: torch.Tensor,
+                  extractor: FeatureNet, meta: dict, metrics: tuple[str, ...],
+                  reference_label: str, cache_dir: str | None = DEFAULT_CACHE) -> dict:
+    """Metrics of ``samples`` against ``reference`` images, and the floor: the training images
+    (as many as samples) against the same reference."""
+    check(samples.shape[1:] == reference.shape[1:], f"samples of shape "
+          f"{tuple(samples.shape[1:])} cannot be compared with reference images of shape "
+          f"{tuple(reference.shape[1:])}; use a reference of the run's image size")
+    real = cached_features(reference, reference_label, extractor, meta, cache_dir)
+    fake = extract(extractor, samples).numpy()
+    result = feature_metrics(real, fake, metrics)
+    floor_train = cached_features(train[:len(samples)], reference_label + "-train", extractor,
+                                  meta, cache_dir)
+    floor = feature_metrics(real, floor_train, metrics)
+    result.update({f"{k}_floor": v for k, v in floor.items()})
+    return result
