@@ -27,7 +27,7 @@ import torch
 
 from meanflow.data import open_data
 from meanflow.eval.features import load_feature_net
-from meanflow.eval.protocol import image_metrics
+from meanflow.eval.protocol import image_metrics, sample_features
 from meanflow.plotting import image_grid
 from meanflow.train import load_run
 from meanflow.train.run import grid_labels
@@ -67,11 +67,13 @@ def main() -> None:
         labels = grid_labels(args.num, run.num_classes)
         for steps in STEPS[objective]:
             start = time.perf_counter()
-            samples = torch.from_numpy(run.sample(args.num, steps=steps, seed=args.seed,
-                                                  labels=labels))
+            fake, samples = sample_features(run, extractor, args.num, keep_images=True,
+                                            progress=False, steps=steps, seed=args.seed,
+                                            labels=labels)
             seconds = time.perf_counter() - start
-            m = image_metrics(samples, reference, train_images, extractor, meta, ("fd", "pr"),
+            m = image_metrics(fake, reference, train_images, extractor, meta, ("fd", "pr"),
                               f"{args.data}-{split}", cache_dir=None)
+            samples = torch.from_numpy(samples)
             rows.append({"objective": objective, "steps": steps, "train_steps": run.step,
                          "sample_seconds": round(seconds, 1), **m})
             print(json.dumps(rows[-1]), flush=True)

@@ -101,3 +101,24 @@ def test_eval_without_a_feature_network_is_one_clear_line(feature_file, tmp_path
                "--steps", "1", "--batch-size", "8", "--quiet")[0] == 0
     code, _, err = run(capsys, "eval", "--run", run_dir, "--reference", data, "--num", "4")
     assert code == 2 and "meanflow features train" in err and len(err.strip().splitlines()) == 1
+
+
+def test_streamed_samples_and_features_equal_the_whole(feature_file, tmp_path, capsys):
+    """Sampling in batches for the features gives the very samples of one ``sample`` call."""
+    from meanflow.eval.protocol import sample_features
+    from meanflow.train import load_run
+
+    out, data = feature_file
+    run_dir = str(tmp_path / "run")
+    assert run(capsys, "train", "--data", data, "--out", run_dir, "--preset", "unet-small",
+               "--steps", "1", "--batch-size", "8", "--quiet")[0] == 0
+    loaded = load_run(run_dir)
+    net, _ = load_feature_net(out)
+    labels = torch.arange(10) % 2
+    whole = loaded.sample(10, seed=3, labels=labels, batch=4)
+    chunks = list(loaded.iter_samples(10, seed=3, labels=labels, batch=4))
+    assert [len(c) for c in chunks] == [4, 4, 2] and np.array_equal(torch.cat(chunks).numpy(), whole)
+    feats, images = sample_features(loaded, net, 10, keep_images=True, progress=False, seed=3,
+                                    labels=labels, batch=4)
+    assert np.array_equal(images, whole)
+    assert np.allclose(feats, extract(net, torch.from_numpy(whole)).numpy(), atol=1e-5)

@@ -210,8 +210,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from .data import TOY_DATASETS, load_vectors
     from .eval import energy_distance, sliced_wasserstein
     from .eval.features import load_feature_net
@@ -238,17 +236,20 @@ def cmd_eval(args) -> int:
         reference = load_vectors(args.reference, num=args.num, seed=10_000 + args.seed)
     else:
         reference = load_vectors(args.reference)
-    samples = run.sample(args.num, steps=args.steps, seed=args.seed, device=device, labels=labels)
+    sampling = dict(steps=args.steps, seed=args.seed, device=device, labels=labels)
     if run.is_image and ("fd" in metrics or "pr" in metrics):
-        from .eval.protocol import DEFAULT_CACHE, image_metrics
+        from .eval.protocol import DEFAULT_CACHE, image_metrics, sample_features
         cache = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or
                                                                          DEFAULT_CACHE)
-        result.update(image_metrics(torch.from_numpy(samples), reference, train_images, extractor,
-                                    meta, metrics, f"{args.reference}-{run.config.image_size}",
-                                    cache))
+        fake, samples = sample_features(run, extractor, args.num, keep_images="swd" in metrics,
+                                        progress=sys.stderr.isatty(), **sampling)
+        result.update(image_metrics(fake, reference, train_images, extractor, meta, metrics,
+                                    f"{args.reference}-{run.config.image_size}", cache))
         result["features"] = {"name": args.features or run.config.data,
                               "fingerprint": meta["fingerprint"],
                               "test_accuracy": meta.get("test_accuracy")}
+    else:
+        samples = run.sample(args.num, **sampling)
     if "swd" in metrics:
         flat, ref = samples.reshape(args.num, -1), reference.reshape(len(reference), -1)
         ref = ref.numpy() if hasattr(ref, "numpy") else ref

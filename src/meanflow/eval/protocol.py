@@ -63,19 +63,35 @@ def feature_metrics(real: np.ndarray, fake: np.ndarray, metrics: tuple[str, ...]
     return out
 
 
-def image_metrics(samples: torch.Tensor, reference: torch.Tensor, train: torch.Tensor,
+def image_metrics(fake: np.ndarray, reference: torch.Tensor, train: torch.Tensor,
                   extractor: FeatureNet, meta: dict, metrics: tuple[str, ...],
                   reference_label: str, cache_dir: str | None = DEFAULT_CACHE) -> dict:
-    """Metrics of ``samples`` against ``reference`` images, and the floor: the training images
-    (as many as samples) against the same reference."""
-    check(samples.shape[1:] == reference.shape[1:], f"samples of shape "
-          f"{tuple(samples.shape[1:])} cannot be compared with reference images of shape "
-          f"{tuple(reference.shape[1:])}; use a reference of the run's image size")
+    """Metrics of sample features ``fake`` (N, 128) against the ``reference`` images' features,
+    and the floor: as many training images against the same reference."""
     real = cached_features(reference, reference_label, extractor, meta, cache_dir)
-    fake = extract(extractor, samples).numpy()
     result = feature_metrics(real, fake, metrics)
-    floor_train = cached_features(train[:len(samples)], reference_label + "-train", extractor,
+    floor_train = cached_features(train[:len(fake)], reference_label + "-train", extractor,
                                   meta, cache_dir)
     floor = feature_metrics(real, floor_train, metrics)
     result.update({f"{k}_floor": v for k, v in floor.items()})
     return result
+
+
+def sample_features(run, extractor: FeatureNet, num: int, *, keep_images: bool = False,
+                    progress: bool = True, **sample_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sample ``run`` in batches and extract features batch by batch (memory bounded by the
+    features, N x 128 floats); the images themselves are kept only with ``keep_images``."""
+    from tqdm import tqdm
+
+    check(tuple(run.shape[:1]) == (extractor.in_channels,), f"the feature network takes "
+          f"{extractor.in_channels}-channel images, the run generates {run.shape}")
+    features, images = [], []
+    batch = sample_kwargs.pop("batch", 256)
+    bar = tqdm(total=num, disable=not progress, unit="sample", desc="sampling + features")
+    for chunk in run.iter_samples(num, batch=batch, **sample_kwargs):
+        features.append(extract(extractor, chunk).numpy())
+        if keep_images:
+            images.append(chunk.numpy())
+        bar.update(len(chunk))
+    bar.close()
+    return np.concatenate(features), (np.concatenate(images) if keep_images else None)

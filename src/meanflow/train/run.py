@@ -82,20 +82,26 @@ class TrainedRun:
                labels: torch.Tensor | None = None) -> np.ndarray:
         """``num`` samples in data units, float32 of shape (num, *shape). ``labels`` (num,)
         condition a class-conditional run (None: the null label, i.e. unconditional)."""
+        chunks = list(self.iter_samples(num, steps, seed, schedule, device, batch, labels))
+        return torch.cat(chunks).numpy().astype(np.float32)
+
+    def iter_samples(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
+                     device: torch.device | str = "cpu", batch: int | None = None,
+                     labels: torch.Tensor | None = None):
+        """The samples of :meth:`sample` (the same ones for the same arguments), as float32 CPU
+        tensors of at most ``batch`` rows, so callers can stream them with bounded memory."""
         check(num >= 1, f"--num must be >= 1, got {num}")
         if labels is not None:
             check(self.num_classes > 0, "this run is unconditional; drop --class")
             check(tuple(labels.shape) == (num,), f"need {num} labels, got {tuple(labels.shape)}")
         batch = batch or (65536 if len(self.shape) == 1 else 256)
         g = torch.Generator().manual_seed(seed)
-        chunks = []
         for i in range(0, num, batch):
             n = min(batch, num - i)
             noise = torch.randn(n, *self.shape, generator=g).to(device)
             y = None if labels is None else labels[i:i + n].to(device)
             z = sample(self.model, noise, steps=steps, schedule=schedule, y=y)
-            chunks.append(self.normalizer.decode(z).cpu())
-        return torch.cat(chunks).numpy().astype(np.float32)
+            yield self.normalizer.decode(z).float().cpu()
 
 
 def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "cpu") -> TrainedRun:
