@@ -173,7 +173,7 @@ def _unstarted_same_run(args, cfg) -> bool:
     from .config import TrainConfig
 
     path = os.path.join(args.out or "", "config.json")
-    if args.dry_run or not args.out or not os.path.isfile(path):
+    if args.dry_run or args.overwrite or not args.out or not os.path.isfile(path):
         return False
     try:
         with open(path) as f:
