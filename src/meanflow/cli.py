@@ -144,12 +144,14 @@ def parse_classes(text: str | None, num: int, run, seed: int):
     """Labels (num,) for ``--class`` (see its help), or None for the null label / unlabelled."""
     import torch
 
+    from .train.run import grid_labels
+
     k = run.num_classes
     if k == 0:
         check(text is None, "--class needs a class-conditional run; this run is unconditional")
         return None
     if text is None:
-        return torch.arange(num) % k
+        return grid_labels(num, k)
     if text.strip().lower() == "none":
         return None
     if text.strip().lower() == "random":
@@ -210,7 +212,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import TOY_DATASETS, load_vectors
+    from .data import TOY_DATASETS, load_vectors, open_data
     from .eval import energy_distance, sliced_wasserstein
     from .eval.features import load_feature_net
     from .train import load_run
@@ -229,7 +231,7 @@ def cmd_eval(args) -> int:
     labels = parse_classes(args.classes, args.num, run, args.seed) if run.is_image else None
     result = {}
     if run.is_image:
-        reference, train_images = _image_reference(args.reference, run)
+        reference = _image_reference(args.reference, run)
         if "fd" in metrics or "pr" in metrics:
             extractor, meta = load_feature_net(args.features or run.config.data)
     elif args.reference in TOY_DATASETS:
@@ -243,6 +245,8 @@ def cmd_eval(args) -> int:
                                                                          DEFAULT_CACHE)
         fake, samples = sample_features(run, extractor, args.num, keep_images="swd" in metrics,
                                         progress=sys.stderr.isatty(), **sampling)
+        train_images = open_data(run.config.data, directory=run.config.data_dir,
+                                 size=run.config.image_size).x  # for the floor
         result.update(image_metrics(fake, reference, train_images, extractor, meta, metrics,
                                     f"{args.reference}-{run.config.image_size}", cache))
         result["features"] = {"name": args.features or run.config.data,
@@ -266,8 +270,8 @@ def cmd_eval(args) -> int:
 
 
 def _image_reference(name: str, run):
-    """Reference images of an image run (the test split of fashion-mnist and cifar10) and the
-    run's own training images (for the floor), both (N, C, H, W) tensors."""
+    """Reference images (N, C, H, W) of an image run: the test split of fashion-mnist and
+    cifar10, the whole set otherwise."""
     from .data import check_same_classes, open_data
 
     cfg = run.config
@@ -279,8 +283,7 @@ def _image_reference(name: str, run):
           f"run generates {run.shape}; use reference data of the same size")
     if run.num_classes:
         check_same_classes(run.class_names, ref.class_names, f"reference {name!r}")
-    train = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size).x
-    return ref.x, train
+    return ref.x
 
 
 def cmd_features(args) -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import MeanFlowError
@@ -86,8 +87,8 @@ def list_checkpoints(directory: str) -> list[str]:
     return [s for s in stems if os.path.exists(s + ".safetensors")]
 
 
-def load_checkpoint(stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read one checkpoint; a damaged file gives one clear error naming it."""
+def read_meta(stem: str) -> dict[str, Any]:
+    """The JSON half of a checkpoint; a damaged file gives one clear error naming it."""
     try:
         with open(stem + ".json") as f:
             meta = json.load(f)
@@ -96,12 +97,23 @@ def load_checkpoint(stem: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     if meta.get("format") != FORMAT:
         raise MeanFlowError(f"{stem}.json is not a meanflow checkpoint (format "
                             f"{meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def load_checkpoint(stem: str, tensors: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read one checkpoint; a damaged file gives one clear error naming it. With
+    ``tensors=False`` the safetensors file is only checked (header and size), not loaded, and
+    ``{}`` is returned in its place."""
+    meta = read_meta(stem)
     try:
-        tensors = load_file(stem + ".safetensors")
+        if not tensors:
+            with safe_open(stem + ".safetensors", "pt"):
+                return {}, meta
+        return load_file(stem + ".safetensors"), meta
     except (OSError, SafetensorError, ValueError) as exc:
         raise MeanFlowError(f"checkpoint {stem}.safetensors is unreadable or corrupt ({exc})"
                             ) from None
-    return tensors, meta
 
 
 def latest_checkpoint(run_dir: str) -> str:
@@ -112,26 +124,25 @@ def latest_checkpoint(run_dir: str) -> str:
     return stems[-1]
 
 
-def load_latest_good(run_dir: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+def load_latest_good(run_dir: str, tensors: bool = True
+                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """The newest checkpoint of ``run_dir`` that loads, as ``(stem, tensors, meta)``. A damaged
     newer one is reported (one line on stderr naming it) and the previous one is used; when none
-    loads, the newest one's error is raised."""
-    import sys
-
+    loads, the newest one's error is raised. ``tensors=False``: see :func:`load_checkpoint`."""
     stems = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     if not stems:
         latest_checkpoint(run_dir)  # raises the "no checkpoint" error
     errors = []
     for stem in reversed(stems):
         try:
-            tensors, meta = load_checkpoint(stem)
+            loaded, meta = load_checkpoint(stem, tensors)
         except MeanFlowError as exc:
             errors.append(exc)
             continue
         for exc in errors:
             print(f"meanflow: warning: {exc}; using the older {os.path.basename(stem)}",
                   file=sys.stderr)
-        return stem, tensors, meta
+        return stem, loaded, meta
     more = f" (the {len(errors) - 1} older ones fail too)" if len(errors) > 1 else ""
     raise MeanFlowError(f"{errors[0]}{more}")
 

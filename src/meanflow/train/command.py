@@ -119,6 +119,12 @@ def _new_config(args, settings):
 _DERIVED = ("steps", "data_shape", "num_classes")
 
 
+def _differing(saved, wanted, ignore: tuple[str, ...]) -> list[str]:
+    """Top-level config keys whose values differ between two configs, except ``ignore``."""
+    saved, wanted = saved.to_dict(), wanted.to_dict()
+    return [k for k, v in wanted.items() if k not in ignore and saved[k] != v]
+
+
 def _train_config(args):
     """``(cfg, data, resume)`` for ``meanflow train``. ``--resume`` continues the newest good
     checkpoint; rerunning the command of an existing run continues it too (edm2-style) when the
@@ -135,25 +141,21 @@ def _train_config(args):
         check(not args.overwrite, "--resume and --overwrite contradict each other; pick one")
         check(not args.dry_run, "--dry-run builds a new run; drop --resume")
         check(args.out is not None, "--resume needs --out RUN_DIR")
-        _, _, meta = load_latest_good(args.out)
+        _, _, meta = load_latest_good(args.out, tensors=False)
         cfg = TrainConfig.from_dict(meta["config"])
-        saved = cfg.to_dict()
-        requested = configure(cfg, args.preset, settings).to_dict()
-        changed = [k for k, v in requested.items() if k != "steps" and saved[k] != v]
+        changed = _differing(cfg, configure(cfg, args.preset, settings), ("steps",))
         check(not changed, f"--resume continues the saved configuration; these settings differ: "
               f"{', '.join(changed)} (only --steps may change)")
     elif existing:
-        _, _, meta = load_latest_good(args.out)
+        _, _, meta = load_latest_good(args.out, tensors=False)
         cfg = TrainConfig.from_dict(meta["config"])
-        requested, data = _new_config(args, settings)
-        saved, wanted = cfg.to_dict(), requested.to_dict()
-        changed = [k for k, v in wanted.items() if k not in _DERIVED and saved[k] != v]
+        changed = _differing(cfg, _new_config(args, settings)[0], _DERIVED)
         check(not changed, f"run directory {args.out!r} holds a run (step {meta['step']}) with "
               f"other settings ({', '.join(changed[:4])}); rerun the command that started it to "
               "resume, pass --overwrite to replace it, or choose another --out")
         print(f"meanflow: {args.out!r} holds this run at step {meta['step']}; resuming (pass "
               "--overwrite to start over)", file=sys.stderr)
-        resume, data = True, None
+        resume = True
     else:
         cfg, data = _new_config(args, settings)
         restart = _unstarted_same_run(args, cfg)
@@ -177,11 +179,10 @@ def _unstarted_same_run(args, cfg) -> bool:
         return False
     try:
         with open(path) as f:
-            saved = TrainConfig.from_dict(json.load(f)).to_dict()
+            saved = TrainConfig.from_dict(json.load(f))
     except (OSError, ValueError, MeanFlowError):
         return False
-    wanted = cfg.to_dict()
-    return all(saved[k] == v for k, v in wanted.items() if k not in _DERIVED)
+    return not _differing(saved, cfg, _DERIVED)
 
 
 def cmd_train(args) -> int:

@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     checkpoint()
                     saved_at = step
-                if len(data.shape) == 3 and cfg.grid_every and step % cfg.grid_every == 0:
+                if run.is_image and cfg.grid_every and step % cfg.grid_every == 0:
                     _grid(out, run, device, step, writer)
             if stop.received is not None and saved_at != step:
                 checkpoint()
