@@ -67,11 +67,11 @@ def main() -> None:
         labels = grid_labels(args.num, run.num_classes)
         for steps in STEPS[objective]:
             start = time.perf_counter()
-            fake, samples = sample_features(run, extractor, args.num, keep_images=True,
+            fake, samples = sample_features(run, {"fd": extractor}, args.num, keep_images=True,
                                             progress=False, steps=steps, seed=args.seed,
                                             labels=labels)
             seconds = time.perf_counter() - start
-            m = image_metrics(fake, reference, train_images, extractor, meta, ("fd", "pr"),
+            m = image_metrics(fake["fd"], reference, train_images, extractor, meta, ("fd", "pr"),
                               f"{args.data}-{split}", cache_dir=None)
             samples = torch.from_numpy(samples)
             rows.append({"objective": objective, "steps": steps, "train_steps": run.step,

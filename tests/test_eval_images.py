@@ -118,7 +118,7 @@ def test_streamed_samples_and_features_equal_the_whole(feature_file, tmp_path, c
     whole = loaded.sample(10, seed=3, labels=labels, batch=4)
     chunks = list(loaded.iter_samples(10, seed=3, labels=labels, batch=4))
     assert [len(c) for c in chunks] == [4, 4, 2] and np.array_equal(torch.cat(chunks).numpy(), whole)
-    feats, images = sample_features(loaded, net, 10, keep_images=True, progress=False, seed=3,
+    feats, images = sample_features(loaded, {"fd": net}, 10, keep_images=True, progress=False, seed=3,
                                     labels=labels, batch=4)
     assert np.array_equal(images, whole)
-    assert np.allclose(feats, extract(net, torch.from_numpy(whole)).numpy(), atol=1e-5)
+    assert np.allclose(feats["fd"], extract(net, torch.from_numpy(whole)).numpy(), atol=1e-5)

@@ -212,3 +212,33 @@ def test_rejects_bad_labels(y):
     with pytest.raises(MeanFlowError) as info:
         GuidedMeanFlow(K)(Toy(), x, y, noise=noise, r=R, t=T)
     assert "\n" not in str(info.value)
+
+
+def test_sampling_guidance_by_hand_in_one_batched_call():
+    from meanflow import sample, sampling_guidance
+
+    model = Toy()
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    r = torch.rand(5, generator=g, dtype=torch.float64) * 0.5
+    t = r + 0.4
+    y = torch.tensor([0, 1, 2, 0, 1])
+    guided = sampling_guidance(model, 2.5, K)
+    with torch.no_grad():
+        u = guided(z, r, t, y=y)
+        assert [c[0] for c in model.calls] == [10]  # conditional and null together
+        u_cond = model(z, r, t, y=y)
+        u_null = model(z, r, t, y=torch.full_like(y, K))
+    assert torch.allclose(u, u_null + 2.5 * (u_cond - u_null), atol=1e-12)
+    # one step is e - u_w(e, 0, 1 | y)
+    e = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    x = sample(guided, e, steps=1, y=y)
+    one, zero = torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    with torch.no_grad():
+        c, n = model(e, zero, one, y=y), model(e, zero, one, y=torch.full_like(y, K))
+    assert torch.allclose(x, e - (n + 2.5 * (c - n)), atol=1e-12)
+    assert sampling_guidance(model, 1.0, K) is model  # scale 1: the model as trained
+    with pytest.raises(MeanFlowError, match=">= 0"):
+        sampling_guidance(model, -1.0, K)
+    with pytest.raises(MeanFlowError, match="class labels"):
+        guided(z, r, t)

@@ -140,6 +140,27 @@ def test_sample_npz_png_and_class_selection(image_run, tmp_path, capsys):
     assert code == 0 and np.load(tmp_path / "u.npy").shape == (3, 1, 8, 8)
 
 
+def test_sampling_guidance_flag(image_run, tmp_path, capsys):
+    """--guidance W samples u_null + W (u_y - u_null): two evaluations per step."""
+    out, data = image_run
+    code, stdout, err = run(capsys, "sample", "--run", out, "--num", "4", "--guidance", "3",
+                            "--out", str(tmp_path / "g.npy"))
+    assert code == 0 and json.loads(stdout)["guidance"] == 3.0, err
+    loaded = load_run(out)
+    e = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4) % 2
+    with torch.no_grad():
+        c = loaded.model(e, torch.zeros(4), torch.ones(4), y=y)
+        n = loaded.model(e, torch.zeros(4), torch.ones(4), y=torch.full_like(y, 2))
+    x = loaded.normalizer.decode(e - (n + 3 * (c - n)))
+    assert np.allclose(np.load(tmp_path / "g.npy"), x.numpy(), atol=1e-5)
+    code, stdout, err = run(capsys, "eval", "--run", out, "--reference", data, "--num", "6",
+                            "--metric", "swd", "--steps", "2", "--guidance", "1.5")
+    result = json.loads(stdout)
+    assert code == 0 and result["nfe"] == 4 and result["guidance"] == 1.5, err
+    assert result["trained_guidance"] == loaded.trained_scale
+
+
 def test_image_eval_prints_pixel_space_distances(image_run, capsys):
     out, data = image_run
     code, stdout, _ = run(capsys, "eval", "--run", out, "--reference", data, "--num", "20",
@@ -248,6 +269,7 @@ def _image_bad_cases(tmp_path, image_run):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(mixed / "a.png")
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(mixed / "b.png")
     other = make_class_folder(tmp_path / "other", classes=("cat", "dog"), per_class=3)
+    bigger = make_class_folder(tmp_path / "bigger", per_class=3, size=12)
     new = ["train", "--out", str(tmp_path / "new"), "--quiet"]
     return {
         "empty folder": [*new, "--data", str(tmp_path / "empty")],
@@ -264,6 +286,12 @@ def _image_bad_cases(tmp_path, image_run):
         "dry run without data": ["train", "--preset", "unet-small", "--dry-run"],
         "resume other data": ["train", "--out", out, "--resume", "--data", other],
         "eval classes differ": ["eval", "--run", out, "--reference", other, "--num", "4"],
+        "eval other image size": ["eval", "--run", out, "--reference", str(bigger), "--num",
+                                  "4"],
+        "guidance without labels": ["sample", "--run", out, "--num", "2", "--class", "none",
+                                    "--guidance", "2", "--out", str(tmp_path / "a.png")],
+        "negative guidance": ["sample", "--run", out, "--num", "2", "--guidance", "-1",
+                              "--out", str(tmp_path / "a.png")],
         "unknown class": ["sample", "--run", out, "--num", "2", "--class", "giraffe",
                           "--out", str(tmp_path / "a.png")],
     }
@@ -272,7 +300,8 @@ def _image_bad_cases(tmp_path, image_run):
 IMAGE_BAD_CASES = ["empty folder", "corrupt image", "mixed sizes", "missing folder",
                    "cifar10 without dir", "mlp on images", "unknown dit size", "flip vectors",
                    "detached with dropout", "bad guidance", "dry run without data",
-                   "resume other data", "eval classes differ", "unknown class"]
+                   "resume other data", "eval classes differ", "eval other image size",
+                   "guidance without labels", "negative guidance", "unknown class"]
 
 
 @pytest.mark.parametrize("case", IMAGE_BAD_CASES)

@@ -5,7 +5,7 @@ Conventions: t = 0 is data, t = 1 is noise, ``z_t = (1 - t) x + t e``, ``v = e -
 """
 
 from .errors import MeanFlowError
-from .guidance import GuidedFlowMatching, GuidedMeanFlow
+from .guidance import GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
 from .objective import FlowMatching, MeanFlow, ObjectiveOutput
 from .path import linear_path
 from .sampling import sample, uniform_schedule
@@ -14,4 +14,4 @@ from .times import TimeSampler
 __version__ = "0.1.0"
 
 __all__ = ["MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput", "TimeSampler",
-           "sample", "uniform_schedule", "linear_path", "MeanFlowError", "__version__"]
+           "sample", "sampling_guidance", "uniform_schedule", "linear_path", "MeanFlowError", "__version__"]

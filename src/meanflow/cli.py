@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from .errors import MeanFlowError, check
+from .eval.command import add_eval_parser, cmd_eval
 from .train.command import add_train_parser, cmd_train
 
 
@@ -34,45 +35,13 @@ def _sample_parser(sub) -> None:
                    help="class-conditional runs: one label, a comma list (cycled), 'random', "
                         "'none' (the null label: unguided, unconditional), class names allowed "
                         "(default: cycle through all classes)")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance at sampling time on top of the trained model: "
+                        "u_null + W (u_y - u_null); W != 1 costs two evaluations per step "
+                        "(default 1: the model as trained, one evaluation)")
     p.add_argument("--out", required=True, metavar="FILE", help="output .npy, .png or .npz")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-
-
-def _eval_parser(sub) -> None:
-    from .eval import DEFAULT_PROJECTIONS
-
-    p = sub.add_parser("eval", help="compare samples with reference data (SWD, energy distance)",
-                       description="Sample a run and print one JSON line with the sliced "
-                                   f"Wasserstein-2 distance ({DEFAULT_PROJECTIONS} projections "
-                                   "by default) and the energy distance to a reference set.")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory from train")
-    p.add_argument("--reference", required=True, metavar="NAME_OR_PATH",
-                   help="built-in distribution (fresh draws, independent of the training set), "
-                        "a .npy/.npz file of reference points, or for image runs an image "
-                        "dataset or folder (fashion-mnist and cifar10: their test split)")
-    p.add_argument("--steps", type=int, default=1, metavar="K", help="sampling steps (default 1)")
-    p.add_argument("--num", type=int, default=5000, metavar="N",
-                   help="samples drawn, and reference points drawn for a built-in (default 5000)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed (default 0)")
-    p.add_argument("--projections", type=int, default=DEFAULT_PROJECTIONS, metavar="P",
-                   help=f"random projections for SWD (default {DEFAULT_PROJECTIONS})")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--metric", default=None, metavar="M[,M]",
-                   help="image runs: fd (Frechet distance in the feature network's space), pr "
-                        "(precision/recall, density/coverage), swd (pixel-space SWD and energy "
-                        "distance); default fd,pr (vector runs always report swd and energy)")
-    p.add_argument("--features", metavar="NAME_OR_FILE",
-                   help="feature network for fd/pr: a shipped one (fashion-mnist, digits) or a "
-                        "file from 'meanflow features train' (default: the one named like the "
-                        "run's data)")
-    p.add_argument("--class", dest="classes", metavar="LABELS",
-                   help="labels to sample a conditional run with, as for 'meanflow sample' "
-                        "(default: cycle through all classes)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="where reference features are cached (default ~/.cache/meanflow/reference"
-                        "; 'none' disables the cache)")
 
 
 def _features_parser(sub) -> None:
@@ -124,57 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
     _sample_parser(sub)
-    _eval_parser(sub)
+    add_eval_parser(sub)
     _features_parser(sub)
     Parser.options = {o for p in sub.choices.values() for a in p._actions
                       for o in a.option_strings if o.startswith("--")}
     return parser
 
 
-def _schedule(text):
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise MeanFlowError(f"--schedule expects comma-separated numbers, got {text!r}") from None
-
-
-def parse_classes(text: str | None, num: int, run, seed: int):
-    """Labels (num,) for ``--class`` (see its help), or None for the null label / unlabelled."""
-    import torch
-
-    from .train.run import grid_labels
-
-    k = run.num_classes
-    if k == 0:
-        check(text is None, "--class needs a class-conditional run; this run is unconditional")
-        return None
-    if text is None:
-        return grid_labels(num, k)
-    if text.strip().lower() == "none":
-        return None
-    if text.strip().lower() == "random":
-        return torch.randint(0, k, (num,), generator=torch.Generator().manual_seed(seed + 1))
-    names = run.class_names or [str(i) for i in range(k)]
-    labels = []
-    for item in (v.strip() for v in text.split(",")):
-        if item.isdigit() and int(item) < k:
-            labels.append(int(item))
-        elif item in names:
-            labels.append(names.index(item))
-        else:
-            raise MeanFlowError(f"--class {item!r} is not a class of this run; use 0..{k - 1}"
-                                f", one of {', '.join(names[:10])}{', ...' if k > 10 else ''}"
-                                ", 'random' or 'none'")
-    return torch.tensor(labels)[torch.arange(num) % len(labels)]
-
-
 def cmd_sample(args) -> int:
     from .plotting import image_grid_png, scatter_png, to_uint8
     from .train import load_run
     from .train.factory import resolve_device
-    from .train.run import grid_columns
+    from .sampling import parse_schedule
+    from .train.run import grid_columns, parse_classes
 
     ext = os.path.splitext(args.out)[1].lower()
     check(ext in (".npy", ".png", ".npz"), f"--out must end in .npy, .png or .npz, got "
@@ -188,7 +119,8 @@ def cmd_sample(args) -> int:
           "vectors, use .npy")
     labels = parse_classes(args.classes, args.num, run, args.seed)
     points = run.sample(args.num, steps=args.steps, seed=args.seed,
-                        schedule=_schedule(args.schedule), device=device, labels=labels)
+                        schedule=parse_schedule(args.schedule), device=device, labels=labels,
+                        guidance=args.guidance)
     tmp = args.out + ".tmp" + ext
     if ext == ".npy":
         np.save(tmp, points)
@@ -205,85 +137,11 @@ def cmd_sample(args) -> int:
         scatter_png(tmp, [(f"{run.config.objective}, {label} ({run.weights})", points)])
     os.replace(tmp, args.out)
     print(json.dumps({"out": args.out, "num": args.num, "steps": args.steps,
-                      "schedule": _schedule(args.schedule), "weights": run.weights,
+                      "schedule": parse_schedule(args.schedule), "guidance": args.guidance,
+                      "weights": run.weights,
                       "classes": None if labels is None else sorted(set(labels.tolist())),
                       "checkpoint_step": run.step}))
     return 0
-
-
-def cmd_eval(args) -> int:
-    from .data import TOY_DATASETS, load_vectors, open_data
-    from .eval import energy_distance, sliced_wasserstein
-    from .eval.features import load_feature_net
-    from .train import load_run
-    from .train.factory import resolve_device
-
-    check(args.num >= 2, f"--num must be >= 2, got {args.num}")
-    check(args.projections >= 1, f"--projections must be >= 1, got {args.projections}")
-    device = resolve_device(args.device)
-    run = load_run(args.run, "raw" if args.raw else "ema", device)
-    metrics = tuple(m.strip() for m in (args.metric or ("fd,pr" if run.is_image else "swd"))
-                    .split(","))
-    unknown = [m for m in metrics if m not in ("fd", "pr", "swd")]
-    check(not unknown, f"unknown --metric {', '.join(unknown)}; use fd, pr and/or swd")
-    check(run.is_image or metrics == ("swd",), "fd and pr need an image run; vector runs report "
-          "swd and energy distance")
-    labels = parse_classes(args.classes, args.num, run, args.seed) if run.is_image else None
-    result = {}
-    if run.is_image:
-        reference = _image_reference(args.reference, run)
-        if "fd" in metrics or "pr" in metrics:
-            extractor, meta = load_feature_net(args.features or run.config.data)
-    elif args.reference in TOY_DATASETS:
-        reference = load_vectors(args.reference, num=args.num, seed=10_000 + args.seed)
-    else:
-        reference = load_vectors(args.reference)
-    sampling = dict(steps=args.steps, seed=args.seed, device=device, labels=labels)
-    if run.is_image and ("fd" in metrics or "pr" in metrics):
-        from .eval.protocol import DEFAULT_CACHE, image_metrics, sample_features
-        cache = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or
-                                                                         DEFAULT_CACHE)
-        fake, samples = sample_features(run, extractor, args.num, keep_images="swd" in metrics,
-                                        progress=sys.stderr.isatty(), **sampling)
-        train_images = open_data(run.config.data, directory=run.config.data_dir,
-                                 size=run.config.image_size).x  # for the floor
-        result.update(image_metrics(fake, reference, train_images, extractor, meta, metrics,
-                                    f"{args.reference}-{run.config.image_size}", cache))
-        result["features"] = {"name": args.features or run.config.data,
-                              "fingerprint": meta["fingerprint"],
-                              "test_accuracy": meta.get("test_accuracy")}
-    else:
-        samples = run.sample(args.num, **sampling)
-    if "swd" in metrics:
-        flat, ref = samples.reshape(args.num, -1), reference.reshape(len(reference), -1)
-        ref = ref.numpy() if hasattr(ref, "numpy") else ref
-        check(ref.shape[1] == flat.shape[1], f"the reference has {ref.shape[1]} "
-              f"dimensions but the run samples {flat.shape[1]}; compare with data of the same "
-              "shape")
-        result["swd"] = sliced_wasserstein(flat, ref, projections=args.projections)
-        result["energy_distance"] = energy_distance(flat, ref)
-        result["projections"] = args.projections
-    print(json.dumps({**result, "steps": args.steps, "num": args.num,
-                      "reference": args.reference, "reference_num": int(len(reference)),
-                      "weights": run.weights, "seed": args.seed, "checkpoint_step": run.step}))
-    return 0
-
-
-def _image_reference(name: str, run):
-    """Reference images (N, C, H, W) of an image run: the test split of fashion-mnist and
-    cifar10, the whole set otherwise."""
-    from .data import check_same_classes, open_data
-
-    cfg = run.config
-    same = name == cfg.data
-    split = "test" if name in ("fashion-mnist", "cifar10") else "train"
-    ref = open_data(name, directory=cfg.data_dir if same else "", size=cfg.image_size,
-                    split=split)
-    check(ref.shape == run.shape, f"reference {name!r} holds samples of shape {ref.shape}, the "
-          f"run generates {run.shape}; use reference data of the same size")
-    if run.num_classes:
-        check_same_classes(run.class_names, ref.class_names, f"reference {name!r}")
-    return ref.x
 
 
 def cmd_features(args) -> int:

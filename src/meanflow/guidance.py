@@ -137,3 +137,28 @@ class GuidedFlowMatching(GuidedMeanFlow):
             r = t
         check(r is None or bool((r == t).all()), "flow matching needs r == t for every sample")
         return MeanFlow._inputs(self, x, noise, r, t, generator)
+
+
+def sampling_guidance(model, scale: float, num_classes: int):
+    """Classifier-free guidance at sampling time, for any class-conditional ``model``:
+
+        u_w(z, r, t | y) = u(z, r, t | null) + w * (u(z, r, t | y) - u(z, r, t | null))
+
+    evaluated as one batched call on ``2B`` inputs (two network evaluations per step). On a
+    model trained with guidance folded in (scale ``w'``, see :class:`GuidedMeanFlow`) the
+    sampled field has CFG scale ``w * w'`` where the training guidance applied; ``w = 1``
+    returns ``model`` itself (the one-evaluation sampler of the paper).
+    """
+    check(scale >= 0, f"sampling guidance must be >= 0, got {scale}")
+    check(num_classes >= 1, "sampling guidance needs a class-conditional model")
+    if scale == 1:
+        return model
+
+    def guided(z, r, t, y=None):
+        check(y is not None, "sampling guidance needs class labels (not the null label)")
+        null = torch.full_like(y, num_classes)
+        u = model(torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]), y=torch.cat([y, null]))
+        cond, uncond = u.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return guided

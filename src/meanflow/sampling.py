@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import check
+from .errors import MeanFlowError, check
 
 
 def uniform_schedule(steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -20,6 +20,16 @@ def uniform_schedule(steps: int, dtype: torch.dtype = torch.float32) -> torch.Te
     check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
           f"steps must be an integer >= 1, got {steps!r}")
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).to(dtype)
+
+
+def parse_schedule(text: str | None) -> list[float] | None:
+    """``--schedule`` text such as ``1,0.6,0`` as a list of times (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MeanFlowError(f"--schedule expects comma-separated numbers, got {text!r}") from None
 
 
 def validate_schedule(schedule) -> torch.Tensor:

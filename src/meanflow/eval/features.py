@@ -48,6 +48,11 @@ class FeatureNet(nn.Module):
             nn.Linear(4 * width, FEATURE_DIM), nn.SiLU())
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Image channels the network takes."""
+        return (self.in_channels,)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features (B, 128) of images (B, C, H, W) in [-1, 1]."""
         return self.body(x)
@@ -157,10 +162,13 @@ def load_feature_net(name_or_path: str) -> tuple[FeatureNet, dict]:
 
 
 @torch.no_grad()
-def extract(model: FeatureNet, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Features (N, 128) of images (N, C, H, W) in [-1, 1], in batches."""
-    check(images.dim() == 4 and images.shape[1] == model.in_channels,
-          f"the feature network takes ({model.in_channels}, H, W) images, got shape "
-          f"{tuple(images.shape[1:])}")
-    return torch.cat([model.features(images[i:i + batch].float())
+def extract(model: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Features (N, D) on the CPU of images (N, C, H, W) in [-1, 1], in batches on the model's
+    device; ``model`` is a :class:`FeatureNet` or any module with ``features`` and ``channels``
+    (e.g. :class:`.inception.InceptionFeatures`)."""
+    check(images.dim() == 4 and images.shape[1] in model.channels,
+          f"the feature network takes images of {' or '.join(map(str, model.channels))} "
+          f"channels, got shape {tuple(images.shape[1:])}")
+    device = next(model.parameters()).device
+    return torch.cat([model.features(images[i:i + batch].to(device).float()).cpu()
                       for i in range(0, len(images), batch)])

@@ -17,9 +17,10 @@ import re
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import check
-from .features import FeatureNet, extract
+from .features import extract
 from .frechet import fd_from_features
 from .precision_recall import density_coverage, precision_recall
 
@@ -30,7 +31,7 @@ def content_fingerprint(images: torch.Tensor) -> str:
     return hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def cached_features(images: torch.Tensor, label: str, extractor: FeatureNet, meta: dict,
+def cached_features(images: torch.Tensor, label: str, extractor: nn.Module, meta: dict,
                     cache_dir: str | None = DEFAULT_CACHE) -> np.ndarray:
     """Features of ``images``, read from / written to the cache (``cache_dir=None``: no cache)."""
     if cache_dir is None:
@@ -64,7 +65,7 @@ def feature_metrics(real: np.ndarray, fake: np.ndarray, metrics: tuple[str, ...]
 
 
 def image_metrics(fake: np.ndarray, reference: torch.Tensor, train: torch.Tensor,
-                  extractor: FeatureNet, meta: dict, metrics: tuple[str, ...],
+                  extractor: nn.Module, meta: dict, metrics: tuple[str, ...],
                   reference_label: str, cache_dir: str | None = DEFAULT_CACHE) -> dict:
     """Metrics of sample features ``fake`` (N, 128) against the ``reference`` images' features,
     and the floor: as many training images against the same reference."""
@@ -77,21 +78,27 @@ def image_metrics(fake: np.ndarray, reference: torch.Tensor, train: torch.Tensor
     return result
 
 
-def sample_features(run, extractor: FeatureNet, num: int, *, keep_images: bool = False,
-                    progress: bool = True, **sample_kwargs) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sample ``run`` in batches and extract features batch by batch (memory bounded by the
-    features, N x 128 floats); the images themselves are kept only with ``keep_images``."""
+def sample_features(run, extractors: dict[str, nn.Module], num: int, *,
+                    keep_images: bool = False, progress: bool = True,
+                    **sample_kwargs) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Sample ``run`` in batches and turn each batch into the features of every extractor
+    (by name); memory is bounded by the features (N x D floats each), the images are kept only
+    with ``keep_images``."""
     from tqdm import tqdm
 
-    check(tuple(run.shape[:1]) == (extractor.in_channels,), f"the feature network takes "
-          f"{extractor.in_channels}-channel images, the run generates {run.shape}")
-    features, images = [], []
+    for net in extractors.values():
+        check(run.shape[0] in net.channels, f"the feature network takes images of "
+              f"{' or '.join(map(str, net.channels))} channels, the run generates {run.shape}")
+    features: dict[str, list] = {name: [] for name in extractors}
+    images = []
     batch = sample_kwargs.pop("batch", 256)
     bar = tqdm(total=num, disable=not progress, unit="sample", desc="sampling + features")
     for chunk in run.iter_samples(num, batch=batch, **sample_kwargs):
-        features.append(extract(extractor, chunk).numpy())
+        for name, net in extractors.items():
+            features[name].append(extract(net, chunk).numpy())
         if keep_images:
             images.append(chunk.numpy())
         bar.update(len(chunk))
     bar.close()
-    return np.concatenate(features), (np.concatenate(images) if keep_images else None)
+    return ({name: np.concatenate(f) for name, f in features.items()},
+            np.concatenate(images) if keep_images else None)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import MeanFlowError, check
+from ..guidance import sampling_guidance
 from ..plotting import image_grid_png, loss_curve_png, scatter_png
 from ..sampling import sample
 from .checkpoint import load_latest_good, prefixed
@@ -77,30 +78,45 @@ class TrainedRun:
     def is_image(self) -> bool:
         return len(self.shape) == 3
 
+    @property
+    def trained_scale(self) -> float:
+        """The CFG scale folded into training, ``omega / (1 - kappa)`` (1 when unconditional)."""
+        g = self.config.guidance
+        return g.omega / (1 - g.kappa) if self.num_classes else 1.0
+
     def sample(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
                device: torch.device | str = "cpu", batch: int | None = None,
-               labels: torch.Tensor | None = None) -> np.ndarray:
+               labels: torch.Tensor | None = None, guidance: float = 1.0) -> np.ndarray:
         """``num`` samples in data units, float32 of shape (num, *shape). ``labels`` (num,)
-        condition a class-conditional run (None: the null label, i.e. unconditional)."""
-        chunks = list(self.iter_samples(num, steps, seed, schedule, device, batch, labels))
+        condition a class-conditional run (None: the null label, i.e. unconditional);
+        ``guidance`` != 1 adds classifier-free guidance at sampling time
+        (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step)."""
+        chunks = list(self.iter_samples(num, steps, seed, schedule, device, batch, labels,
+                                        guidance))
         return torch.cat(chunks).numpy().astype(np.float32)
 
     def iter_samples(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
                      device: torch.device | str = "cpu", batch: int | None = None,
-                     labels: torch.Tensor | None = None):
+                     labels: torch.Tensor | None = None, guidance: float = 1.0):
         """The samples of :meth:`sample` (the same ones for the same arguments), as float32 CPU
         tensors of at most ``batch`` rows, so callers can stream them with bounded memory."""
         check(num >= 1, f"--num must be >= 1, got {num}")
         if labels is not None:
             check(self.num_classes > 0, "this run is unconditional; drop --class")
             check(tuple(labels.shape) == (num,), f"need {num} labels, got {tuple(labels.shape)}")
+        model = self.model
+        if guidance != 1:
+            check(self.num_classes > 0, "--guidance needs a class-conditional run; this run is "
+                  "unconditional")
+            check(labels is not None, "--guidance needs class labels; not with --class none")
+            model = sampling_guidance(self.model, guidance, self.num_classes)
         batch = batch or (65536 if len(self.shape) == 1 else 256)
         g = torch.Generator().manual_seed(seed)
         for i in range(0, num, batch):
             n = min(batch, num - i)
             noise = torch.randn(n, *self.shape, generator=g).to(device)
             y = None if labels is None else labels[i:i + n].to(device)
-            z = sample(self.model, noise, steps=steps, schedule=schedule, y=y)
+            z = sample(model, noise, steps=steps, schedule=schedule, y=y)
             yield self.normalizer.decode(z).float().cpu()
 
 
@@ -125,6 +141,32 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
 def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
     """Labels ``i mod K``: in a grid of K columns, one column per class."""
     return None if num_classes == 0 else torch.arange(num) % num_classes
+
+
+def parse_classes(text: str | None, num: int, run, seed: int):
+    """Labels (num,) for ``--class`` (see its help), or None for the null label / unlabelled."""
+    k = run.num_classes
+    if k == 0:
+        check(text is None, "--class needs a class-conditional run; this run is unconditional")
+        return None
+    if text is None:
+        return grid_labels(num, k)
+    if text.strip().lower() == "none":
+        return None
+    if text.strip().lower() == "random":
+        return torch.randint(0, k, (num,), generator=torch.Generator().manual_seed(seed + 1))
+    names = run.class_names or [str(i) for i in range(k)]
+    labels = []
+    for item in (v.strip() for v in text.split(",")):
+        if item.isdigit() and int(item) < k:
+            labels.append(int(item))
+        elif item in names:
+            labels.append(names.index(item))
+        else:
+            raise MeanFlowError(f"--class {item!r} is not a class of this run; use 0..{k - 1}"
+                                f", one of {', '.join(names[:10])}{', ...' if k > 10 else ''}"
+                                ", 'random' or 'none'")
+    return torch.tensor(labels)[torch.arange(num) % len(labels)]
 
 
 def grid_columns(num: int, num_classes: int) -> int:
