@@ -169,6 +169,20 @@ def test_eval_fid_end_to_end_equals_the_frechet_distance_of_its_features(
     again = json.loads(out)
     assert again["fid"] == result["fid"] and 0 <= again["precision"] <= 1
     assert len(os.listdir(cache)) == 2
+    # precomputed statistics of the same reference (the ADM / pytorch-fid .npz layout)
+    feats = net.features(ref).double().numpy()
+    stats = str(tmp_path / "stats.npz")
+    np.savez(stats, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    code, out, err = run(capsys, "eval", "--run", run_dir, "--reference", stats, "--num", "12",
+                         "--metric", "fid", "--inception-weights", weights, "--steps", "2",
+                         "--seed", "5")
+    assert code == 0, err
+    from_stats = json.loads(out)
+    assert from_stats["fid"] == pytest.approx(result["fid"], rel=1e-6)
+    assert from_stats["fid_floor"] is None and from_stats["reference_num"] is None
+    code, out, err = run(capsys, "eval", "--run", run_dir, "--reference", stats, "--num", "12",
+                         "--metric", "fid,pr", "--inception-weights", weights)
+    assert code == 2 and "fid only" in err and out == ""
 
 
 def test_eval_fid_errors_are_one_line_and_write_nothing(fake_fidelity, weights, grey_run,

@@ -159,6 +159,11 @@ def test_sampling_guidance_flag(image_run, tmp_path, capsys):
     result = json.loads(stdout)
     assert code == 0 and result["nfe"] == 4 and result["guidance"] == 1.5, err
     assert result["trained_guidance"] == loaded.trained_scale
+    code, stdout, err = run(capsys, "eval", "--run", out, "--reference", data, "--num", "6",
+                            "--metric", "swd", "--schedule", "1,0.3,0", "--guidance", "2")
+    result = json.loads(stdout)
+    assert code == 0 and (result["steps"], result["nfe"]) == (2, 4), err
+    assert result["schedule"] == [1.0, 0.3, 0.0]
 
 
 def test_image_eval_prints_pixel_space_distances(image_run, capsys):

@@ -118,8 +118,9 @@ def cmd_sample(args) -> int:
     check(ext != ".npz" or run.is_image, ".npz output holds uint8 images; this run samples "
           "vectors, use .npy")
     labels = parse_classes(args.classes, args.num, run, args.seed)
+    schedule = parse_schedule(args.schedule)
     points = run.sample(args.num, steps=args.steps, seed=args.seed,
-                        schedule=parse_schedule(args.schedule), device=device, labels=labels,
+                        schedule=schedule, device=device, labels=labels,
                         guidance=args.guidance)
     tmp = args.out + ".tmp" + ext
     if ext == ".npy":
@@ -136,8 +137,9 @@ def cmd_sample(args) -> int:
         label = args.schedule or f"{args.steps} step{'s' if args.steps > 1 else ''}"
         scatter_png(tmp, [(f"{run.config.objective}, {label} ({run.weights})", points)])
     os.replace(tmp, args.out)
-    print(json.dumps({"out": args.out, "num": args.num, "steps": args.steps,
-                      "schedule": parse_schedule(args.schedule), "guidance": args.guidance,
+    print(json.dumps({"out": args.out, "num": args.num,
+                      "steps": len(schedule) - 1 if schedule else args.steps,
+                      "schedule": schedule, "guidance": args.guidance,
                       "weights": run.weights,
                       "classes": None if labels is None else sorted(set(labels.tolist())),
                       "checkpoint_step": run.step}))

@@ -4,9 +4,12 @@ that affects them (see docs/evaluation.md)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-from ..errors import check
+import numpy as np
+
+from ..errors import MeanFlowError, check
 from .distances import DEFAULT_PROJECTIONS
 
 IMAGE_METRICS = ("fd", "fid", "pr", "swd")
@@ -107,7 +110,10 @@ def cmd_eval(args) -> int:
                     labels=labels, guidance=args.guidance)
     result = {}
     if run.is_image:
-        reference = _image_reference(args.reference, run)
+        reference = _reference_stats(args.reference)
+        check(reference is None or metrics == ("fid",), "a reference of precomputed statistics"
+              " (mu, sigma) gives fid only; use --metric fid, or a dataset or folder of images")
+        reference = reference or _image_reference(args.reference, run)
         extractors = _extractors(args, run, metrics, device)
     elif args.reference in TOY_DATASETS:
         reference = load_vectors(args.reference, num=args.num, seed=10_000 + args.seed)
@@ -127,11 +133,12 @@ def cmd_eval(args) -> int:
         result["swd"] = sliced_wasserstein(flat, ref, projections=args.projections)
         result["energy_distance"] = energy_distance(flat, ref)
         result["projections"] = args.projections
-    nfe = (len(schedule) - 1 if schedule else args.steps) * (1 if args.guidance == 1 else 2)
-    print(json.dumps({**result, "steps": args.steps, "schedule": schedule, "num": args.num,
+    steps = len(schedule) - 1 if schedule else args.steps
+    nfe = steps * (1 if args.guidance == 1 else 2)
+    print(json.dumps({**result, "steps": steps, "schedule": schedule, "num": args.num,
                       "nfe": nfe, "guidance": args.guidance,
                       "trained_guidance": run.trained_scale, "classes": _label_set(labels),
-                      "reference": args.reference, "reference_num": int(len(reference)),
+                      "reference": args.reference, "reference_num": _count(reference),
                       "weights": run.weights, "seed": args.seed, "checkpoint_step": run.step}))
     return 0
 
@@ -140,16 +147,50 @@ def _label_set(labels):
     return None if labels is None else sorted(set(labels.tolist()))
 
 
+def _inception_info(meta: dict) -> dict:
+    return {k: meta[k] for k in ("weights", "fingerprint", "library")}
+
+
+def _count(reference) -> int | None:
+    return reference.get("count") if isinstance(reference, dict) else int(len(reference))
+
+
+def _reference_stats(path: str) -> dict | None:
+    """Precomputed FID statistics: a ``.npz`` holding ``mu`` (d,) and ``sigma`` (d, d) (the
+    layout of ADM's reference batches and of pytorch-fid's stats files, optional ``count``),
+    or None when ``path`` is not such a file."""
+    if not (path.endswith(".npz") and os.path.isfile(path)):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not {"mu", "sigma"} <= set(f.files):
+                return None
+            count = int(f["count"]) if "count" in f.files else None
+            return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64),
+                    "count": count}
+    except (OSError, ValueError, EOFError) as exc:
+        raise MeanFlowError(f"{path}: cannot read the reference ({exc.__class__.__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+
+
 def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dict:
     """fd / pr in the ``fd`` extractor's space, fid in Inception's, with floors; the samples
     under ``_samples`` when swd needs them."""
     from ..data import open_data
+    from .frechet import FeatureStats, frechet_distance
     from .protocol import DEFAULT_CACHE, image_metrics, sample_features
 
     cache = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or DEFAULT_CACHE)
     nets = {role: net for role, (net, _) in extractors.items()}
     fake, samples = sample_features(run, nets, args.num, keep_images="swd" in metrics,
                                     progress=sys.stderr.isatty(), **sampling)
+    if isinstance(reference, dict):  # precomputed statistics: fid only, no floor
+        stats = FeatureStats().update(fake["fid"])
+        meta = extractors["fid"][1]
+        return {"_samples": samples, "fid": frechet_distance(
+                    reference["mu"], reference["sigma"], stats.mean, stats.cov),
+                "fid_floor": None,
+                "inception": _inception_info(meta)}
     cfg = run.config
     train_images = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size).x  # floor
     label = f"{args.reference}-{cfg.image_size}"
@@ -160,7 +201,7 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
                                cache)
         if role == "fid":
             values = {k.replace("fd", "fid", 1): v for k, v in values.items()}
-            result["inception"] = {k: meta[k] for k in ("weights", "fingerprint", "library")}
+            result["inception"] = _inception_info(meta)
         else:
             result["features"] = {"name": args.features or cfg.data,
                                   "fingerprint": meta["fingerprint"],
