@@ -4,12 +4,12 @@ FID is the Frechet distance (:mod:`.frechet`) between Gaussians fitted to the 20
 of Inception-v3. We take the network from **torch-fidelity** (optional extra ``meanflow[fid]``)
 because its ``FeatureExtractorInceptionV3`` is a port of the TensorFlow graph of the original FID
 code, including TensorFlow's bilinear resize to 299 x 299, so its values agree with the
-TF-based evaluators papers report (ADM's suite, which MeanFlow's ImageNet numbers use); it takes
+TF-based evaluators that papers report (such as ADM's suite); it takes
 a local weights file, and torchmetrics' FID is built on the same class. clean-fid resizes
 differently (by design), and pytorch-fid needs torchvision's Inception.
 
 Images enter as the data loaders give them, (N, C, H, W) in [-1, 1]; they are quantised like the
-ADM export, ``round((x + 1) * 127.5)`` clipped to uint8, grey images repeated to three channels.
+uint8 export of ``meanflow sample --out FILE.npz``, ``round((x + 1) * 127.5)`` clipped, grey images repeated to three channels.
 
 Weights are never downloaded. They are looked for in this order: ``--inception-weights FILE``,
 the environment variable ``MEANFLOW_INCEPTION_WEIGHTS``, and torch-fidelity's own cache
