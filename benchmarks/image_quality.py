@@ -80,10 +80,7 @@ def main() -> None:
             if steps in (1, 2, 100):
                 grids[f"{objective}, {steps} step{'s' if steps > 1 else ''}"] = samples[:100]
     floor = {k[:-6]: v for k, v in rows[0].items() if k.endswith("_floor")}
-    fm100 = next(r for r in rows if r["objective"] == "flow-matching" and r["steps"] == 100)
-    fm4 = next(r for r in rows if r["objective"] == "flow-matching" and r["steps"] == 4)
-    mf1 = next(r for r in rows if r["objective"] == "meanflow" and r["steps"] == 1)
-    mf2 = next(r for r in rows if r["objective"] == "meanflow" and r["steps"] == 2)
+    fd = {(r["objective"], r["steps"]): r["fd"] for r in rows}
     table = [f"| model | sampling steps | FD-{args.data} | precision | recall |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -91,8 +88,8 @@ def main() -> None:
                      f"{r['precision']:.3f} | {r['recall']:.3f} |")
     table.append(f"| training images (floor) | - | {floor['fd']:.2f} | {floor['precision']:.3f} "
                  f"| {floor['recall']:.3f} |")
-    targets = {"mf2_over_fm100": mf2["fd"] / fm100["fd"],
-               "mf1_better_than_fm4": mf1["fd"] < fm4["fd"]}
+    targets = {"mf2_over_fm100": fd["meanflow", 2] / fd["flow-matching", 100],
+               "mf1_better_than_fm4": fd["meanflow", 1] < fd["flow-matching", 4]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"data": args.data, "preset": args.preset, "num": args.num,
                    "features": {"fingerprint": meta["fingerprint"],

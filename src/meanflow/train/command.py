@@ -89,9 +89,14 @@ def _train_settings(args) -> list:
     return flags + parse_overrides(args.set)
 
 
+# keys that decide which samples open_training_data reads
+_DATA_KEYS = ("data", "data_dir", "image_size", "num_data", "seed")
+
+
 def _new_config(args, settings):
-    """Configuration of a new run; opens the data when it picks the preset or for --dry-run
-    (returns it too, or None)."""
+    """Configuration of a new run; opens the data when it picks the preset or for --dry-run,
+    and returns it too when it was opened with the final configuration's data keys (else
+    None), so that training need not open it again."""
     from .batches import open_training_data, record_data
     from .config import TrainConfig
     from .presets import PRESETS, configure, default_preset
@@ -108,6 +113,8 @@ def _new_config(args, settings):
               f"{'x'.join(map(str, data.shape))}", file=sys.stderr)
     cfg = configure(TrainConfig(), preset, settings)
     check(has_data or args.dry_run, f"--data is required (preset {preset!r} names no data)")
+    if data is not None and any(getattr(probe, k) != getattr(cfg, k) for k in _DATA_KEYS):
+        data = None  # the preset reads other samples than the probe did
     if has_data and data is None and args.dry_run:
         data = open_training_data(cfg)
     elif data is not None:
@@ -149,7 +156,8 @@ def _train_config(args):
     elif existing:
         _, _, meta = load_latest_good(args.out, tensors=False)
         cfg = TrainConfig.from_dict(meta["config"])
-        changed = _differing(cfg, _new_config(args, settings)[0], _DERIVED)
+        wanted, data = _new_config(args, settings)
+        changed = _differing(cfg, wanted, _DERIVED)
         check(not changed, f"run directory {args.out!r} holds a run (step {meta['step']}) with "
               f"other settings ({', '.join(changed[:4])}); rerun the command that started it to "
               "resume, pass --overwrite to replace it, or choose another --out")
@@ -194,7 +202,7 @@ def cmd_train(args) -> int:
         return _dry_run(cfg, data)
     check(args.out is not None, "--out RUN_DIR is required (or pass --dry-run)")
     result = train(cfg, args.out, resume=resume, overwrite=overwrite,
-                   device=resolve_device(args.device), progress=not args.quiet)
+                   device=resolve_device(args.device), progress=not args.quiet, data=data)
     if result.stopped_by is not None:
         print(f"meanflow: stopped by {result.stopped_by} after step {result.step}; the checkpoint "
               "is saved; rerun the same command to resume", file=sys.stderr)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..data import TrainingSet
 from ..errors import MeanFlowError, check
 from .batches import Batches, flip, open_training_data
 from .checkpoint import load_latest_good, load_optimizer, optimizer_tensors, prefixed, \
@@ -66,11 +67,13 @@ def prepare_run_dir(out: str, overwrite: bool) -> None:
 
 
 def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False,
-          device: torch.device | str = "cpu", progress: bool = True) -> TrainResult:
-    """Train per ``cfg`` into run directory ``out`` (or continue it with ``resume``)."""
+          device: torch.device | str = "cpu", progress: bool = True,
+          data: TrainingSet | None = None) -> TrainResult:
+    """Train per ``cfg`` into run directory ``out`` (or continue it with ``resume``). ``data``:
+    the training set already opened from ``cfg`` (by :func:`open_training_data`), if any."""
     cfg.validate()
     device = torch.device(device)
-    data = open_training_data(cfg)
+    data = open_training_data(cfg) if data is None else data
     check(len(data) >= cfg.batch_size, f"the dataset has {len(data)} samples, fewer than "
           f"the batch size {cfg.batch_size}; lower --batch-size")
     check(not cfg.hflip or data.kind != "vectors", "hflip needs image data, not vectors")
@@ -169,9 +172,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 loss, mse, grad_norm = torch.stack([torch.stack(losses).mean(),
                                                     torch.stack(errs).mean(), grad_norm_t]).tolist()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    skipped += 1
+                    skipped += 1  # its gradients are cleared at the next step's start
                     consecutive_bad += 1
-                    optimizer.zero_grad(set_to_none=True)
                     if consecutive_bad >= cfg.max_bad_steps:
                         if step > 0 and saved_at != step:
                             checkpoint()
