@@ -29,6 +29,7 @@ import time
 def command(out: str, steps: int, ckpt_every: int) -> list[str]:
     return [sys.executable, "-m", "meanflow.cli", "train", "--data", "eight-gaussians",
             "--preset", "tiny", "--steps", str(steps), "--out", out, "--quiet",
+            "--threads", "1",
             "--set", f"ckpt_every={ckpt_every}", "--set", "log_every=100",
             "--set", "grad_accum=2", "--set", "ema_decay=0.99"]
 

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The README's main job: set up, train MeanFlow on the checkerboard, write one-step samples.
+#   ./scripts/demo.sh [RUN_DIR] [extra 'meanflow train' options]
+# Rerunning it never throws work away: an interrupted demo resumes from its last checkpoint, a
+# finished one only redraws its samples; a run directory holding an older demo run with other
+# settings is started over (its run files replaced). MEANFLOW_SKIP_SETUP=1 skips the setup step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+venv="${MEANFLOW_VENV:-.venv}"
+[ "${MEANFLOW_SKIP_SETUP:-0}" = 1 ] || ./scripts/setup.sh
 out="${1:-runs/checkerboard}"
-.venv/bin/meanflow train --data checkerboard --out "$out" --preset toy-2d --overwrite
-.venv/bin/meanflow sample --run "$out" --num 5000 --steps 1 --out "$out/one-step.png" --overwrite
+shift || true
+rm -f "$out/one-step.png"  # never leave a picture from an older run beside a new one
+"$venv/bin/meanflow" train --data checkerboard --out "$out" --preset toy-2d --restart-if-changed "$@"
+"$venv/bin/meanflow" sample --run "$out" --num 5000 --steps 1 --out "$out/one-step.png"
 echo "one-step samples: $out/one-step.png (beside the data: $out/samples-1step.png)" >&2

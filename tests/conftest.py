@@ -1,10 +1,13 @@
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
 torch.set_num_threads(2)
+# the CLI's --threads auto probes /proc/stat for 0.1 s per command; the tests fix the count
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 class GaussianMeanFlow(nn.Module):

@@ -66,6 +66,9 @@ def add_train_parser(sub) -> None:
                    help="continue the newest checkpoint in RUN_DIR (only --steps may change)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run files in an existing RUN_DIR instead of refusing")
+    p.add_argument("--restart-if-changed", action="store_true",
+                   help="resume RUN_DIR when it holds this run (same settings), start it over "
+                        "when it holds a run with other settings (for scripts such as the demo)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tensorboard", action="store_true",
@@ -143,7 +146,10 @@ def _train_config(args):
     settings = _train_settings(args)
     existing = (args.out is not None and not args.overwrite and not args.dry_run
                 and bool(list_checkpoints(os.path.join(args.out, "checkpoints"))))
-    data, resume, overwrite = None, args.resume, args.overwrite
+    data, resume, overwrite, saved_step = None, args.resume, args.overwrite, None
+    check(not (args.restart_if_changed and (args.resume or args.overwrite)),
+          "--restart-if-changed decides between resuming and starting over; drop --resume "
+          "and --overwrite")
     if args.resume:
         check(not args.overwrite, "--resume and --overwrite contradict each other; pick one")
         check(not args.dry_run, "--dry-run builds a new run; drop --resume")
@@ -153,28 +159,38 @@ def _train_config(args):
         changed = _differing(cfg, configure(cfg, args.preset, settings), ("steps",))
         check(not changed, f"--resume continues the saved configuration; these settings differ: "
               f"{', '.join(changed)} (only --steps may change)")
+        saved_step = meta["step"]
     elif existing:
         _, _, meta = load_latest_good(args.out, tensors=False)
         cfg = TrainConfig.from_dict(meta["config"])
         wanted, data = _new_config(args, settings)
         changed = _differing(cfg, wanted, _DERIVED)
-        check(not changed, f"run directory {args.out!r} holds a run (step {meta['step']}) with "
-              f"other settings ({', '.join(changed[:4])}); rerun the command that started it to "
-              "resume, pass --overwrite to replace it, or choose another --out")
-        print(f"meanflow: {args.out!r} holds this run at step {meta['step']}; resuming (pass "
-              "--overwrite to start over)", file=sys.stderr)
-        resume = True
+        if changed and args.restart_if_changed:
+            print(f"meanflow: {args.out!r} holds a run with other settings "
+                  f"({', '.join(changed[:4])}); starting over", file=sys.stderr)
+            cfg, overwrite = wanted, True
+        else:
+            check(not changed, f"run directory {args.out!r} holds a run (step {meta['step']}) "
+                  f"with other settings ({', '.join(changed[:4])}); rerun the command that "
+                  "started it to resume, pass --overwrite to replace it, or choose another --out")
+            resume, saved_step = True, meta["step"]
     else:
         cfg, data = _new_config(args, settings)
         restart = _unstarted_same_run(args, cfg)
         if restart:
             print(f"meanflow: {args.out!r} holds this run without a checkpoint yet; starting it "
                   "again", file=sys.stderr)
-        overwrite = args.overwrite or restart
+        overwrite = args.overwrite or restart or args.restart_if_changed
     if args.steps is not None:
         cfg.steps = args.steps
     cfg.validate()
-    return cfg, data, resume, overwrite
+    if saved_step is not None:
+        check(saved_step <= cfg.steps, f"run {args.out!r} has already trained {saved_step} "
+              f"steps, more than --steps {cfg.steps}; pass --steps {saved_step} or more")
+        if saved_step < cfg.steps and not args.resume:
+            print(f"meanflow: {args.out!r} holds this run at step {saved_step} of {cfg.steps}; "
+                  "resuming (pass --overwrite to start over)", file=sys.stderr)
+    return cfg, data, resume, overwrite, saved_step
 
 
 def _unstarted_same_run(args, cfg) -> bool:
@@ -194,13 +210,19 @@ def _unstarted_same_run(args, cfg) -> bool:
 
 
 def cmd_train(args) -> int:
-    from .loop import train
     from .factory import resolve_device
+    from .loop import train
 
-    cfg, data, resume, overwrite = _train_config(args)
+    cfg, data, resume, overwrite, saved_step = _train_config(args)
     if args.dry_run:
         return _dry_run(cfg, data)
     check(args.out is not None, "--out RUN_DIR is required (or pass --dry-run)")
+    if saved_step is not None and saved_step == cfg.steps:
+        return _complete(args, cfg, data)
+    choice = getattr(args, "thread_choice", None)
+    if choice is not None and not args.quiet and resolve_device(args.device).type == "cpu":
+        print(f"meanflow: {choice.threads} CPU thread{'s' * (choice.threads != 1)} "
+              f"({choice.reason}; --threads N to choose)", file=sys.stderr)
     result = train(cfg, args.out, resume=resume, overwrite=overwrite,
                    device=resolve_device(args.device), progress=not args.quiet, data=data)
     if result.stopped_by is not None:
@@ -210,6 +232,34 @@ def cmd_train(args) -> int:
     print(json.dumps({"run": result.run_dir, "step": result.step, "loss": result.final_loss,
                       "seconds": round(result.seconds, 2), "skipped_steps": result.skipped_steps,
                       "samples_png": os.path.join(result.run_dir, "samples-1step.png")}))
+    return 0
+
+
+def _complete(args, cfg, data) -> int:
+    """A rerun of a finished run: nothing to train. Redraw ``loss.png``, write the one-step
+    preview if an interruption after the last checkpoint left it missing, and report."""
+    from .batches import open_training_data
+    from .factory import resolve_device
+    from .reliability import last_metrics
+    from .run import load_run, write_loss_curve, write_preview
+
+    print(f"meanflow: {args.out!r} is complete ({cfg.steps} of {cfg.steps} steps); nothing to "
+          "train (pass a larger --steps to continue, or --overwrite to start over)",
+          file=sys.stderr)
+    write_loss_curve(args.out, f"{cfg.objective} on {cfg.data}")
+    preview = os.path.join(args.out, "samples-1step.png")
+    if not os.path.isfile(preview):
+        device = resolve_device(args.device)
+        run = load_run(args.out, "ema", device)
+        reference = None
+        if not run.is_image:
+            data = open_training_data(cfg) if data is None else data
+            reference = data.x[:cfg.sample_num].numpy()
+        write_preview(preview, run, device, reference, cfg.seed)
+    last = last_metrics(args.out)
+    print(json.dumps({"run": args.out, "step": cfg.steps, "loss": last.get("loss"),
+                      "seconds": 0.0, "skipped_steps": last.get("skipped", 0), "complete": True,
+                      "samples_png": preview}))
     return 0
 
 

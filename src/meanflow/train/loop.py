@@ -94,7 +94,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         tqdm.write(f"meanflow: preset {cfg.preset!r}: {type(model).__name__} with "
                    f"{count_parameters(model):,} parameters, {type(objective).__name__}, data "
                    f"{cfg.data} of shape {cfg.data_shape}"
-                   f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}", file=sys.stderr)
+                   f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}"
+                   f"{_cpu_threads(device)}", file=sys.stderr)
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     batches = Batches(x_all, cfg.batch_size, cfg.seed, labels)
@@ -137,7 +138,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                         {"config": cfg.to_dict(), "optimizer": optim_meta,
                          "batches": batches.state(), "ema_updates": ema.updates,
                          "skipped_steps": skipped, "shape": list(data.shape),
-                         "class_names": data.class_names, "rng": rng_meta},
+                         "class_names": data.class_names, "rng": rng_meta,
+                         "threads": torch.get_num_threads()},
                         keep=cfg.keep_checkpoints)
 
     model.train()
@@ -194,7 +196,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                               "grad_norm": mean[2],
                               "steps_per_s": len(window) / max(now - window_start, 1e-9),
                               "lr": optimizer.param_groups[0]["lr"], "skipped": skipped,
-                              "elapsed_s": now - start, "memory_mib": memory_mib()}
+                              "elapsed_s": now - start, "memory_mib": memory_mib(),
+                              "threads": torch.get_num_threads()}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
@@ -220,6 +223,13 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     if writer is not None:
         writer.close()
     return TrainResult(out, step, last_loss, seconds, skipped, stop.received)
+
+
+def _cpu_threads(device: torch.device) -> str:
+    """``", on N CPU threads"`` for the start-up line of a CPU run (results of some networks
+    differ in the last bits between thread counts: docs/reliability.md)."""
+    n = torch.get_num_threads()
+    return f", on {n} CPU thread{'s' * (n != 1)}" if device.type == "cpu" else ""
 
 
 def _diagnose(count: int, step: int, loss: float, grad_norm: float, times, saved: bool) -> str:

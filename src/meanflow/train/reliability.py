@@ -111,3 +111,18 @@ def trim_metrics(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def last_metrics(run_dir: str) -> dict:
+    """The last complete record of ``run_dir``/metrics.jsonl ({} when there is none)."""
+    last: dict = {}
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    last = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    except OSError:
+        pass
+    return last
