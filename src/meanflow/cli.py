@@ -73,6 +73,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         import difflib
+        import re
 
         if message.startswith("unrecognized arguments"):
             for word in message.split(":", 1)[1].split():
@@ -80,7 +81,14 @@ class Parser(argparse.ArgumentParser):
                 if word.startswith("-") and close:
                     message += f" (did you mean {close[0]}?)"
                     break
-        self.exit(2, f"meanflow: error: {self.prog}: {message}; see '{self.prog} --help'\n")
+        invalid = re.search(r"invalid choice: '([^']*)'", message)
+        if invalid:
+            choices = sorted({str(c) for a in self._actions for c in (a.choices or ())})
+            close = difflib.get_close_matches(invalid.group(1), choices, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        where = "" if self.prog == "meanflow" else f"{self.prog}: "  # name a subcommand once
+        self.exit(2, f"meanflow: error: {where}{message}; see '{self.prog} --help'\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     _sample_parser(sub)
     add_eval_parser(sub)
     _features_parser(sub)
+    for command in _leaf_parsers(sub):
+        command.add_argument("--threads", default="auto", metavar="N",
+                             help="CPU threads for PyTorch (default auto: one per core this "
+                                  "process may use that other processes are not keeping busy; "
+                                  "OMP_NUM_THREADS if set); see docs/benchmarks.md, Threads")
     Parser.options = {o for p in sub.choices.values() for a in p._actions
                       for o in a.option_strings if o.startswith("--")}
     return parser
+
+
+def _leaf_parsers(sub) -> list[argparse.ArgumentParser]:
+    """The parsers of every command, including nested ones (``features train``)."""
+    leaves = []
+    for command in sub.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += _leaf_parsers(nested[0]) if nested else [command]
+    return leaves
 
 
 def cmd_sample(args) -> int:
@@ -185,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
     try:
+        from .threads import set_threads
+
+        args.thread_choice = set_threads(args.threads)
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "features": cmd_features}[args.command](args)
     except MeanFlowError as exc:
