@@ -148,7 +148,7 @@ def _bad(tmp_path, tiny_run):
         "existing run": ["train", "--out", tiny_run, "--data", "rings", "--quiet"],
         "resume nothing": [*t, "--resume"],
         "resume changes": ["train", "--out", tiny_run, "--resume", "--data", "rings"],
-        "resume finished": ["train", "--out", tiny_run, "--resume", "--quiet"],
+        "resume fewer steps": ["train", "--out", tiny_run, "--resume", "--steps", "10", "--quiet"],
         "sample exists": ["sample", "--run", tiny_run, "--num", "5", "--out", str(existing)],
         "sample ext": ["sample", "--run", tiny_run, "--num", "5", "--out", str(tmp_path / "a.txt")],
         "sample schedule": ["sample", "--run", tiny_run, "--num", "5", "--schedule", "0,1",
@@ -184,7 +184,7 @@ def _other_architecture(tmp_path, tiny_run):
 BAD_CASES = ["unknown data", "missing file", "nan data", "batch > data", "unknown key",
              "bad value", "ratio > 1", "negative steps", "no equals", "group key",
              "unknown preset", "existing run", "resume nothing", "resume changes",
-             "resume finished", "sample exists", "sample ext", "sample schedule",
+             "resume fewer steps", "sample exists", "sample ext", "sample schedule",
              "sample no run", "eval dims", "misspelled flag", "wrong flag type", "out is a file",
              "resume other preset", "other architecture", "zero batch"]
 
