@@ -149,7 +149,7 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch):
         choice = choose_threads("auto")
         assert choice.threads == expected, busy
         assert ("free" in choice.reason) == (expected == 4)
-    assert choose_threads(2).threads == 2 and choose_threads("2").reason == "--threads"
+    assert choose_threads(2).threads == 2 and choose_threads("2").reason == "as requested"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads("auto") == threads.ThreadChoice(3, "OMP_NUM_THREADS")
     assert choose_threads("1").threads == 1  # the option wins over the environment

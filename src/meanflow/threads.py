@@ -114,7 +114,7 @@ def choose_threads(requested: str | int | None = None) -> ThreadChoice:
     uses ``OMP_NUM_THREADS`` if set, else one thread per core not busy with other work."""
     value = parse_threads(requested)
     if value is not None:
-        return ThreadChoice(value, "--threads")
+        return ThreadChoice(value, "as requested")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) >= 1:
         return ThreadChoice(int(env), "OMP_NUM_THREADS")

@@ -221,8 +221,9 @@ def cmd_train(args) -> int:
         return _complete(args, cfg, data)
     choice = getattr(args, "thread_choice", None)
     if choice is not None and not args.quiet and resolve_device(args.device).type == "cpu":
+        hint = "" if choice.reason == "as requested" else "; --threads N to choose"
         print(f"meanflow: {choice.threads} CPU thread{'s' * (choice.threads != 1)} "
-              f"({choice.reason}; --threads N to choose)", file=sys.stderr)
+              f"({choice.reason}{hint})", file=sys.stderr)
     result = train(cfg, args.out, resume=resume, overwrite=overwrite,
                    device=resolve_device(args.device), progress=not args.quiet, data=data)
     if result.stopped_by is not None:
