@@ -79,6 +79,9 @@ def test_eval_reports_fd_pr_floor_and_caches_the_reference(feature_file, tmp_pat
             "--cache-dir", cache, "--metric", "fd,pr,swd"]
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
+    assert len(stdout.splitlines()) == 1  # progress bars go to stderr
+    for bar in ("sampling + features", "reference features", "training features (floor)"):
+        assert bar in err, bar
     result = json.loads(stdout)
     for key in ("fd", "fd_floor", "precision", "recall", "density", "coverage",
                 "precision_floor", "swd", "energy_distance"):
@@ -89,8 +92,8 @@ def test_eval_reports_fd_pr_floor_and_caches_the_reference(feature_file, tmp_pat
     entries = sorted(os.listdir(cache))
     assert len(entries) == 2  # reference and training-split features
     stamps = [os.path.getmtime(os.path.join(cache, e)) for e in entries]
-    code, stdout2, _ = run(capsys, *argv)
-    assert code == 0 and json.loads(stdout2)["fd"] == result["fd"]
+    code, stdout2, err2 = run(capsys, *argv, "--quiet")
+    assert code == 0 and json.loads(stdout2)["fd"] == result["fd"] and err2 == ""
     assert [os.path.getmtime(os.path.join(cache, e)) for e in entries] == stamps
 
 

@@ -108,7 +108,7 @@ def test_image_folder_classes_flat_gray_resize(tmp_path):
     assert flat.images[0].eq(-1).all() and flat.images[1].eq(1).all()
 
     _png(tmp_path / "flat" / "z.png", size=(5, 5))  # one RGB image: all become RGB
-    with pytest.raises(MeanFlowError, match="size="):
+    with pytest.raises(MeanFlowError, match="--image-size S"):
         load_image_folder(str(tmp_path / "flat"))
     mixed = load_image_folder(str(tmp_path / "flat"), size=4)
     assert mixed.images.shape == (3, 3, 4, 4)
@@ -178,7 +178,7 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, monkeypatch, case):
                 "cifar_pickled": "unpickling", "cifar_record": "3073",
                 "folder_empty": "empty", "folder_layout": "one layout",
                 "folder_corrupt": "broken.png",
-                "folder_mixed": "8x8"}
+                "folder_mixed": "pass --image-size S (Python: size=S)"}
     assert expected.get(case, "") in message
 
 

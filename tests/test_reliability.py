@@ -1,4 +1,4 @@
-"""Runs survive interruptions, crashes, failed writes and numerical faults (issue 4)."""
+"""Runs survive interruptions, crashes, failed writes and numerical faults."""
 
 import json
 import os

@@ -154,7 +154,8 @@ def cmd_sample(args) -> int:
         np.savez(tmp, **arrays)
     elif run.is_image:
         ncol = grid_columns(args.num, run.num_classes if labels is not None else 0)
-        image_grid_png(tmp, points, ncol, scale=max(1, 64 // run.shape[1]))
+        image_grid_png(tmp, points, ncol, scale=max(1, 64 // run.shape[1]),
+                       class_names=run.class_names, labels=labels)
     else:
         label = args.schedule or f"{args.steps} step{'s' if args.steps > 1 else ''}"
         scatter_png(tmp, [(f"{run.config.objective}, {label} ({run.weights})", points)])

@@ -16,3 +16,9 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`MeanFlowError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise MeanFlowError(message)
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` with ``noun`` in the right number: ``1 row``, ``2 rows`` (``nouns``: an irregular
+    plural)."""
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"

@@ -13,7 +13,52 @@ import zipfile
 
 import numpy as np
 
-from ..errors import MeanFlowError, check
+from ..errors import MeanFlowError, check, plural
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def not_numeric(path: str, why: str) -> MeanFlowError:
+    """The error for a file that is not a .npy/.npz of numbers, saying ``why``."""
+    return MeanFlowError(f"{path} is not a NumPy array file of numbers (.npy/.npz written by "
+                         f"numpy.save/savez); {why}; pickled objects are never loaded")
+
+
+def check_numpy_header(path: str) -> None:
+    """Raise :func:`not_numeric` unless ``path`` starts like a .npy file (or, for ``.npz``, a zip
+    archive), so text and pickles never reach numpy's loader."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK" if path.endswith(".npz") else NPY_MAGIC):
+        return
+    if not head:
+        raise not_numeric(path, "the file is empty")
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if b"\0" not in head and printable >= 0.9 * len(head):
+        first = head.decode("ascii", "replace").strip().splitlines()[0][:20]
+        raise not_numeric(path, f"it holds text starting {first!r} (convert a text table with "
+                                "numpy.loadtxt and numpy.save)")
+    raise not_numeric(path, "it is not a zip archive" if path.endswith(".npz")
+                      else "it does not start with the .npy header")
+
+
+def read_error(path: str, exc: Exception) -> MeanFlowError:
+    """A one-line error for ``exc`` raised while numpy read ``path``."""
+    text = (str(exc).splitlines() or [""])[0][:200]
+    if "allow_pickle" in text or "pickled" in text:
+        return not_numeric(path, "it holds Python objects (dtype object)")
+    if isinstance(exc, zipfile.BadZipFile):
+        return not_numeric(path, f"its zip archive is damaged (BadZipFile: {text})")
+    return MeanFlowError(f"{path}: cannot read the array ({exc.__class__.__name__}: "
+                         f"{text or 'corrupt file'})")
+
+
+def _member(archive, key: str, path: str) -> np.ndarray:
+    value = archive[key]
+    if not isinstance(value, np.ndarray):  # numpy returns non-.npy members as raw bytes
+        raise not_numeric(path, f"its member {key!r} is not a .npy array")
+    return value
 
 
 def load_array(path: str, ndims: tuple[int, ...] = (2,), with_labels: bool = False):
@@ -21,6 +66,9 @@ def load_array(path: str, ndims: tuple[int, ...] = (2,), with_labels: bool = Fal
     float32, and with ``with_labels`` also the ``.npz``'s labels (int64 or None)."""
     check(os.path.isfile(path), f"data file {path!r} does not exist; give a built-in dataset "
           "name or the path of a .npy/.npz file")
+    check(path.endswith((".npy", ".npz")), f"{path}: unsupported data file type; use .npy or "
+          ".npz")
+    check_numpy_header(path)
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:
@@ -30,18 +78,15 @@ def load_array(path: str, ndims: tuple[int, ...] = (2,), with_labels: bool = Fal
                     (k for k in ("x", "data") if k in keys), None)
                 check(key is not None, f"{path}: the .npz holds {keys}; name the data array "
                       "'x' (or 'data') or save a single array")
-                array = archive[key]
+                array = _member(archive, key, path)
                 label_key = next((k for k in ("y", "labels") if k in keys and k != key), None)
-                labels = archive[label_key] if label_key else None
-        elif path.endswith(".npy"):
-            array, labels = np.load(path, allow_pickle=False), None
+                labels = _member(archive, label_key, path) if label_key else None
         else:
-            raise MeanFlowError(f"{path}: unsupported data file type; use .npy or .npz")
+            array, labels = np.load(path, allow_pickle=False), None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         if isinstance(exc, MeanFlowError):
             raise
-        raise MeanFlowError(f"{path}: cannot read the array ({exc.__class__.__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt file'})") from exc
+        raise read_error(path, exc) from None
     array = validate_array(array, path, ndims)
     if not with_labels:
         return array
@@ -75,6 +120,7 @@ def validate_array(array: np.ndarray, name: str = "data",
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         rows = int(bad.reshape(len(bad), -1).any(axis=1).sum())
-        raise MeanFlowError(f"{name}: {rows} rows hold NaN or Inf "
-                            f"(first at row {row}); clean the data before training")
+        hold = "hold" if rows != 1 else "holds"
+        raise MeanFlowError(f"{name}: {plural(rows, 'row')} {hold} NaN or Inf (first at row "
+                            f"{row}); clean the data before training")
     return array

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import MeanFlowError, check
+from ..errors import MeanFlowError, check, plural
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -72,8 +72,8 @@ def _parse_idx(path: str, magic: int, ndim: int) -> np.ndarray:
     raw = _read_bytes(path)
     kind = "images" if magic == _IDX_IMAGES else "labels"
     header = 4 + 4 * ndim
-    check(len(raw) >= header, f"{path}: {len(raw)} bytes is too short for an IDX {kind} header "
-          f"({header} bytes); the file is truncated or not an IDX file")
+    check(len(raw) >= header, f"{path}: {plural(len(raw), 'byte')} is too short for an IDX "
+          f"{kind} header ({header} bytes); the file is truncated or not an IDX file")
     found = int.from_bytes(raw[:4], "big")
     check(found == magic, f"{path}: IDX magic number is 0x{found:08x}, expected 0x{magic:08x} "
           f"(uint8 {kind}); the file is corrupt or not an IDX {kind} file")
@@ -82,7 +82,8 @@ def _parse_idx(path: str, magic: int, ndim: int) -> np.ndarray:
           "dimension must be positive")
     expected = header + int(np.prod(dims))
     check(len(raw) == expected, f"{path}: header declares shape {dims} ({expected} bytes) but "
-          f"the file holds {len(raw)} bytes; it is truncated or corrupt, download it again")
+          f"the file holds {plural(len(raw), 'byte')}; it is truncated or corrupt, download it "
+          "again")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
@@ -93,8 +94,9 @@ def load_idx(images_path: str, labels_path: str | None = None) -> ImageDataset:
     labels = None
     if labels_path is not None:
         labels = _parse_idx(labels_path, _IDX_LABELS, 1)
-        check(len(labels) == len(pixels), f"{labels_path}: holds {len(labels)} labels but "
-              f"{images_path} holds {len(pixels)} images; pair files from the same split")
+        check(len(labels) == len(pixels), f"{labels_path}: holds {plural(len(labels), 'label')} "
+              f"but {images_path} holds {plural(len(pixels), 'image')}; pair files from the "
+              "same split")
     return _dataset(pixels[:, None], 255.0, labels, None, images_path)
 
 
@@ -185,9 +187,9 @@ def load_cifar10_binary(directory: str, split: str = "train") -> ImageDataset:
     for name in names:
         path = os.path.join(directory, name)
         raw = _read_bytes(path)
-        check(len(raw) > 0 and len(raw) % _CIFAR_RECORD == 0, f"{path}: {len(raw)} bytes is "
-              f"not a whole number of {_CIFAR_RECORD}-byte records; the file is truncated or "
-              "corrupt, download it again")
+        check(len(raw) > 0 and len(raw) % _CIFAR_RECORD == 0, f"{path}: "
+              f"{plural(len(raw), 'byte')} is not a whole number of {_CIFAR_RECORD}-byte "
+              "records; the file is truncated or corrupt, download it again")
         block = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD)
         check(int(block[:, 0].max()) < 10, f"{path}: label byte {int(block[:, 0].max())} is "
               "not a CIFAR-10 class (0-9); the file is corrupt or not CIFAR-10")
@@ -267,8 +269,8 @@ def load_image_folder(directory: str, size: int | None = None) -> ImageDataset:
         elif image.size != first_size:
             raise MeanFlowError(
                 f"images differ in size: {first_path} is {first_size[0]}x{first_size[1]} but "
-                f"{path} is {image.size[0]}x{image.size[1]} (width x height); pass size= to "
-                "resize them all to size x size")
+                f"{path} is {image.size[0]}x{image.size[1]} (width x height); pass --image-size S "
+                "(Python: size=S) to resize them all to S x S")
         array = np.asarray(image, np.uint8)
         arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
     return _dataset(np.stack(arrays), 255.0, labels, class_names, directory)

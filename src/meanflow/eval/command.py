@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
-from ..errors import MeanFlowError, check
+from ..errors import check, plural
 from .distances import DEFAULT_PROJECTIONS
 
 IMAGE_METRICS = ("fd", "fid", "pr", "swd")
@@ -61,6 +60,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where reference features are cached (default ~/.cache/meanflow/reference"
                         "; 'none' disables the cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def _extractors(args, run, metrics: tuple[str, ...], device) -> dict:
@@ -123,13 +123,13 @@ def cmd_eval(args) -> int:
         result.update(_feature_metrics(args, run, metrics, extractors, reference, sampling))
         samples = result.pop("_samples")
     else:
-        samples = run.sample(args.num, **sampling)
+        samples = _sample(run, args.num, not args.quiet, sampling)
     if "swd" in metrics:
         flat, ref = samples.reshape(args.num, -1), reference.reshape(len(reference), -1)
         ref = ref.numpy() if hasattr(ref, "numpy") else ref
-        check(ref.shape[1] == flat.shape[1], f"the reference has {ref.shape[1]} "
-              f"dimensions but the run samples {flat.shape[1]}; compare with data of the same "
-              "shape")
+        check(ref.shape[1] == flat.shape[1], f"the reference has "
+              f"{plural(ref.shape[1], 'dimension')} but the run samples {flat.shape[1]}; "
+              "compare with data of the same shape")
         result["swd"] = sliced_wasserstein(flat, ref, projections=args.projections)
         result["energy_distance"] = energy_distance(flat, ref)
         result["projections"] = args.projections
@@ -141,6 +141,20 @@ def cmd_eval(args) -> int:
                       "reference": args.reference, "reference_num": _count(reference),
                       "weights": run.weights, "seed": args.seed, "checkpoint_step": run.step}))
     return 0
+
+
+def _sample(run, num: int, progress: bool, sampling: dict) -> np.ndarray:
+    """``run.sample(num, **sampling)`` with a progress bar on stderr."""
+    import torch
+    from tqdm import tqdm
+
+    chunks = []
+    with tqdm(total=num, disable=not progress, unit="sample", desc="sampling",
+              dynamic_ncols=True) as bar:
+        for chunk in run.iter_samples(num, **sampling):
+            chunks.append(chunk)
+            bar.update(len(chunk))
+    return torch.cat(chunks).numpy().astype(np.float32)
 
 
 def _label_set(labels):
@@ -159,8 +173,13 @@ def _reference_stats(path: str) -> dict | None:
     """Precomputed FID statistics: a ``.npz`` holding ``mu`` (d,) and ``sigma`` (d, d) (the
     layout of ADM's reference batches and of pytorch-fid's stats files, optional ``count``),
     or None when ``path`` is not such a file."""
+    import zipfile
+
+    from ..data.arrays import check_numpy_header, read_error
+
     if not (path.endswith(".npz") and os.path.isfile(path)):
         return None
+    check_numpy_header(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             if not {"mu", "sigma"} <= set(f.files):
@@ -168,9 +187,8 @@ def _reference_stats(path: str) -> dict | None:
             count = int(f["count"]) if "count" in f.files else None
             return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64),
                     "count": count}
-    except (OSError, ValueError, EOFError) as exc:
-        raise MeanFlowError(f"{path}: cannot read the reference ({exc.__class__.__name__}: "
-                            f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise read_error(path, exc) from None
 
 
 def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dict:
@@ -183,7 +201,7 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
     cache = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or DEFAULT_CACHE)
     nets = {role: net for role, (net, _) in extractors.items()}
     fake, samples = sample_features(run, nets, args.num, keep_images="swd" in metrics,
-                                    progress=sys.stderr.isatty(), **sampling)
+                                    progress=not args.quiet, **sampling)
     if isinstance(reference, dict):  # precomputed statistics: fid only, no floor
         stats = FeatureStats().update(fake["fid"])
         meta = extractors["fid"][1]
@@ -198,7 +216,7 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
     for role, (net, meta) in extractors.items():
         wanted = ("fd",) if role == "fid" else tuple(m for m in metrics if m in ("fd", "pr"))
         values = image_metrics(fake[role], reference, train_images, net, meta, wanted, label,
-                               cache)
+                               cache, progress=not args.quiet)
         if role == "fid":
             values = {k.replace("fd", "fid", 1): v for k, v in values.items()}
             result["inception"] = _inception_info(meta)

@@ -162,13 +162,19 @@ def load_feature_net(name_or_path: str) -> tuple[FeatureNet, dict]:
 
 
 @torch.no_grad()
-def extract(model: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+def extract(model: nn.Module, images: torch.Tensor, batch: int = 500, progress: bool = False,
+            desc: str = "features") -> torch.Tensor:
     """Features (N, D) on the CPU of images (N, C, H, W) in [-1, 1], in batches on the model's
     device; ``model`` is a :class:`FeatureNet` or any module with ``features`` and ``channels``
-    (e.g. :class:`.inception.InceptionFeatures`)."""
+    (e.g. :class:`.inception.InceptionFeatures`); ``progress``: a bar named ``desc`` on stderr."""
     check(images.dim() == 4 and images.shape[1] in model.channels,
           f"the feature network takes images of {' or '.join(map(str, model.channels))} "
           f"channels, got shape {tuple(images.shape[1:])}")
     device = next(model.parameters()).device
-    return torch.cat([model.features(images[i:i + batch].to(device).float()).cpu()
-                      for i in range(0, len(images), batch)])
+    out = []
+    with tqdm(total=len(images), disable=not progress, unit="image", desc=desc,
+              dynamic_ncols=True) as bar:
+        for i in range(0, len(images), batch):
+            out.append(model.features(images[i:i + batch].to(device).float()).cpu())
+            bar.update(len(out[-1]))
+    return torch.cat(out)

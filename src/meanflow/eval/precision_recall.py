@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check
+from ..errors import check, plural
 
 DEFAULT_BATCH = 1024
 _EXACT_MAX_DIM = 32  # up to this dimension distances are summed directly (exact, symmetric)
@@ -59,8 +59,8 @@ def _check_k(k: int, sets: dict[str, torch.Tensor]) -> None:
     check(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
           f"k must be a positive integer, got {k!r}")
     for name, s in sets.items():
-        check(k < s.shape[0], f"k={k} needs more than {k} points in {name}, got {s.shape[0]}; "
-              f"lower k or pass more samples")
+        check(k < s.shape[0], f"k={k} needs more than {plural(k, 'point')} in {name}, got "
+              f"{s.shape[0]}; lower k or pass more samples")
 
 
 def _knn_radii(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:

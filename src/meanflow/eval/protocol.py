@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zipfile
 
 import numpy as np
 import torch
@@ -32,10 +33,12 @@ def content_fingerprint(images: torch.Tensor) -> str:
 
 
 def cached_features(images: torch.Tensor, label: str, extractor: nn.Module, meta: dict,
-                    cache_dir: str | None = DEFAULT_CACHE) -> np.ndarray:
-    """Features of ``images``, read from / written to the cache (``cache_dir=None``: no cache)."""
+                    cache_dir: str | None = DEFAULT_CACHE, progress: bool = False,
+                    desc: str = "reference features") -> np.ndarray:
+    """Features of ``images``, read from / written to the cache (``cache_dir=None``: no cache);
+    ``progress``: a bar named ``desc`` on stderr while they are computed."""
     if cache_dir is None:
-        return extract(extractor, images).numpy()
+        return extract(extractor, images, progress=progress, desc=desc).numpy()
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[-60:]
     path = os.path.join(cache_dir, f"{name}-{len(images)}-{meta['fingerprint']}-"
                                    f"{content_fingerprint(images)}.npz")
@@ -43,9 +46,9 @@ def cached_features(images: torch.Tensor, label: str, extractor: nn.Module, meta
         try:
             with np.load(path, allow_pickle=False) as f:
                 return f["features"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache entry is recomputed
-    features = extract(extractor, images).numpy()
+    features = extract(extractor, images, progress=progress, desc=desc).numpy()
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, features=features)
@@ -66,13 +69,14 @@ def feature_metrics(real: np.ndarray, fake: np.ndarray, metrics: tuple[str, ...]
 
 def image_metrics(fake: np.ndarray, reference: torch.Tensor, train: torch.Tensor,
                   extractor: nn.Module, meta: dict, metrics: tuple[str, ...],
-                  reference_label: str, cache_dir: str | None = DEFAULT_CACHE) -> dict:
+                  reference_label: str, cache_dir: str | None = DEFAULT_CACHE,
+                  progress: bool = False) -> dict:
     """Metrics of sample features ``fake`` (N, 128) against the ``reference`` images' features,
     and the floor: as many training images against the same reference."""
-    real = cached_features(reference, reference_label, extractor, meta, cache_dir)
+    real = cached_features(reference, reference_label, extractor, meta, cache_dir, progress)
     result = feature_metrics(real, fake, metrics)
     floor_train = cached_features(train[:len(fake)], reference_label + "-train", extractor,
-                                  meta, cache_dir)
+                                  meta, cache_dir, progress, "training features (floor)")
     floor = feature_metrics(real, floor_train, metrics)
     result.update({f"{k}_floor": v for k, v in floor.items()})
     return result
@@ -92,7 +96,8 @@ def sample_features(run, extractors: dict[str, nn.Module], num: int, *,
     features: dict[str, list] = {name: [] for name in extractors}
     images = []
     batch = sample_kwargs.pop("batch", 256)
-    bar = tqdm(total=num, disable=not progress, unit="sample", desc="sampling + features")
+    bar = tqdm(total=num, disable=not progress, unit="sample", desc="sampling + features",
+               dynamic_ncols=True)
     for chunk in run.iter_samples(num, batch=batch, **sample_kwargs):
         for name, net in extractors.items():
             features[name].append(extract(net, chunk).numpy())

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from ..errors import MeanFlowError, check
+from ..errors import MeanFlowError, check, plural
 from .config import config_keys
 from .presets import PRESETS
 
@@ -185,8 +185,9 @@ def _train_config(args):
         cfg.steps = args.steps
     cfg.validate()
     if saved_step is not None:
-        check(saved_step <= cfg.steps, f"run {args.out!r} has already trained {saved_step} "
-              f"steps, more than --steps {cfg.steps}; pass --steps {saved_step} or more")
+        check(saved_step <= cfg.steps, f"run {args.out!r} has already trained "
+              f"{plural(saved_step, 'step')}, more than --steps {cfg.steps}; pass --steps "
+              f"{saved_step} or more")
         if saved_step < cfg.steps and not args.resume:
             print(f"meanflow: {args.out!r} holds this run at step {saved_step} of {cfg.steps}; "
                   "resuming (pass --overwrite to start over)", file=sys.stderr)
@@ -244,8 +245,8 @@ def _complete(args, cfg, data) -> int:
     from .reliability import last_metrics
     from .run import load_run, write_loss_curve, write_preview
 
-    print(f"meanflow: {args.out!r} is complete ({cfg.steps} of {cfg.steps} steps); nothing to "
-          "train (pass a larger --steps to continue, or --overwrite to start over)",
+    print(f"meanflow: {args.out!r} is complete ({cfg.steps} of {plural(cfg.steps, 'step')}); "
+          "nothing to train (pass a larger --steps to continue, or --overwrite to start over)",
           file=sys.stderr)
     write_loss_curve(args.out, f"{cfg.objective} on {cfg.data}")
     preview = os.path.join(args.out, "samples-1step.png")

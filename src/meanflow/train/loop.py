@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import TrainingSet
-from ..errors import MeanFlowError, check
+from ..errors import MeanFlowError, check, plural
 from .batches import Batches, flip, open_training_data
 from .checkpoint import load_latest_good, load_optimizer, optimizer_tensors, prefixed, \
     save_checkpoint
@@ -74,8 +74,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     cfg.validate()
     device = torch.device(device)
     data = open_training_data(cfg) if data is None else data
-    check(len(data) >= cfg.batch_size, f"the dataset has {len(data)} samples, fewer than "
-          f"the batch size {cfg.batch_size}; lower --batch-size")
+    check(len(data) >= cfg.batch_size, f"the dataset has {plural(len(data), 'sample')}, "
+          f"fewer than the batch size {cfg.batch_size}; lower --batch-size")
     check(not cfg.hflip or data.kind != "vectors", "hflip needs image data, not vectors")
     fit = cfg.normalize and data.kind != "images"
     normalizer = Normalizer.fit(data.x) if fit else Normalizer.identity(data.shape)
@@ -115,8 +115,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         restore_host_rng(meta.get("rng"), tensors)
         batches.load_state(meta["batches"])
         ema.updates, step, skipped = meta["ema_updates"], meta["step"], meta["skipped_steps"]
-        check(step < cfg.steps, f"run {out!r} already finished {step} steps; pass a larger "
-              "--steps to continue training")
+        check(step < cfg.steps, f"run {out!r} already finished {plural(step, 'step')}; pass a "
+              "larger --steps to continue training")
         trim_metrics(os.path.join(out, "metrics.jsonl"), step)
     else:
         prepare_run_dir(out, overwrite)
