@@ -9,9 +9,29 @@ from .guidance import GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
 from .objective import FlowMatching, MeanFlow, ObjectiveOutput
 from .path import linear_path
 from .sampling import sample, uniform_schedule
+from .threads import set_threads
 from .times import TimeSampler
 
 __version__ = "0.1.0"
 
 __all__ = ["MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput", "TimeSampler",
-           "sample", "sampling_guidance", "uniform_schedule", "linear_path", "MeanFlowError", "__version__"]
+           "sample", "sampling_guidance", "uniform_schedule", "linear_path", "load_run", "TrainedRun",
+           "set_threads", "MeanFlowError", "__version__"]
+
+# Imported on first use, so that ``import meanflow`` stays light (no checkpoint, data or training
+# modules): ``meanflow.load_run(run_dir)`` reads a ``meanflow train`` run back.
+_LAZY = {"load_run": "meanflow.train.run", "TrainedRun": "meanflow.train.run"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'meanflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

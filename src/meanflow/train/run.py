@@ -3,10 +3,12 @@ and the pictures a run writes (scatter plot or image grid, loss curve)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -17,8 +19,11 @@ from ..guidance import sampling_guidance
 from ..plotting import image_grid_png, loss_curve_png, scatter_png
 from ..sampling import sample
 from .checkpoint import load_latest_good, prefixed
-from .config import TrainConfig
+from .config import TrainConfig, _suggest
 from .factory import build_model
+
+# What ``classes=`` takes (see TrainedRun.sample and parse_classes).
+Classes = Union[str, int, Sequence[Union[str, int]], None]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples-1step.png", "samples",
              "loss.png", "tensorboard")
@@ -62,6 +67,20 @@ class Normalizer:
 
 @dataclass
 class TrainedRun:
+    """A trained run read back by :func:`load_run`.
+
+    ``model`` is the network (EMA weights unless loaded with ``weights="raw"``), in eval mode on
+    the device it was loaded to; ``config`` its :class:`~meanflow.train.TrainConfig`;
+    ``normalizer`` maps network space to data units; ``step`` is the checkpoint's step; ``shape``
+    one sample's shape, (D,) or (C, H, W). ``class_names`` lists a class-conditional run's classes
+    in label order (None when unconditional): :meth:`sample` takes them, or their indices, as
+    ``classes=``::
+
+        run = meanflow.load_run("runs/fmnist")
+        images = run.sample(64, classes="Sneaker")       # (64, 1, 28, 28), pixel scale [-1, 1]
+        grid = run.sample(100, classes=run.class_names)  # one class per column of 10
+    """
+
     model: nn.Module
     config: TrainConfig
     normalizer: Normalizer
@@ -69,6 +88,11 @@ class TrainedRun:
     weights: str  # "ema" or "raw"
     shape: tuple[int, ...] = ()
     class_names: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return (f"TrainedRun(step={self.step}, weights={self.weights!r}, shape={self.shape}, "
+                f"num_classes={self.num_classes}, objective={self.config.objective!r}, "
+                f"device='{self.device}')")
 
     @property
     def num_classes(self) -> int:
@@ -79,31 +103,52 @@ class TrainedRun:
         return len(self.shape) == 3
 
     @property
+    def device(self) -> torch.device:
+        """Where the network lives: the default device of :meth:`sample`."""
+        tensor = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    @property
     def trained_scale(self) -> float:
         """The CFG scale folded into training, ``omega / (1 - kappa)`` (1 when unconditional)."""
         g = self.config.guidance
         return g.omega / (1 - g.kappa) if self.num_classes else 1.0
 
     def sample(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
-               device: torch.device | str = "cpu", batch: int | None = None,
-               labels: torch.Tensor | None = None, guidance: float = 1.0) -> np.ndarray:
-        """``num`` samples in data units, float32 of shape (num, *shape). ``labels`` (num,)
-        condition a class-conditional run (None: the null label, i.e. unconditional);
-        ``guidance`` != 1 adds classifier-free guidance at sampling time
-        (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step)."""
+               device: torch.device | str | None = None, batch: int | None = None,
+               labels: torch.Tensor | None = None, guidance: float = 1.0,
+               classes: Classes = None) -> np.ndarray:
+        """``num`` samples in data units, float32 of shape (num, *shape), from noise seeded by
+        ``seed``, in ``steps`` uniform steps or over ``schedule`` (e.g. ``[1.0, 0.5, 0.0]``).
+
+        A class-conditional run is conditioned by ``classes`` (as ``--class``: a class name or
+        index, a list of them or a comma-separated string, cycled over the samples; ``"random"``;
+        ``None`` or ``"none"``: the null label, i.e. unconditional) or by ``labels``, a (num,)
+        tensor of indices (not both). ``guidance`` != 1 adds classifier-free guidance at sampling
+        time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step).
+        ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass."""
         chunks = list(self.iter_samples(num, steps, seed, schedule, device, batch, labels,
-                                        guidance))
+                                        guidance, classes))
         return torch.cat(chunks).numpy().astype(np.float32)
 
     def iter_samples(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
-                     device: torch.device | str = "cpu", batch: int | None = None,
-                     labels: torch.Tensor | None = None, guidance: float = 1.0):
+                     device: torch.device | str | None = None, batch: int | None = None,
+                     labels: torch.Tensor | None = None, guidance: float = 1.0,
+                     classes: Classes = None):
         """The samples of :meth:`sample` (the same ones for the same arguments), as float32 CPU
         tensors of at most ``batch`` rows, so callers can stream them with bounded memory."""
         check(num >= 1, f"--num must be >= 1, got {num}")
+        if classes is not None:
+            check(labels is None, "give classes= or labels=, not both")
+            labels = parse_classes(classes, num, self, seed, option="classes")
         if labels is not None:
+            labels = torch.as_tensor(labels)
             check(self.num_classes > 0, "this run is unconditional; drop --class")
             check(tuple(labels.shape) == (num,), f"need {num} labels, got {tuple(labels.shape)}")
+            check(not labels.is_floating_point() and bool(((labels >= 0)
+                  & (labels <= self.num_classes)).all()), f"labels must be integers in "
+                  f"0..{self.num_classes - 1} (or {self.num_classes}, the null label)")
+        device = self.device if device is None else device
         model = self.model
         if guidance != 1:
             check(self.num_classes > 0, "--guidance needs a class-conditional run; this run is "
@@ -121,9 +166,19 @@ class TrainedRun:
 
 
 def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "cpu") -> TrainedRun:
-    """Load the newest checkpoint of ``run_dir`` with EMA (default) or raw weights."""
+    """Load the newest good checkpoint of a ``meanflow train`` run directory.
+
+    Args:
+        run_dir: the run directory (``--out`` of ``meanflow train``).
+        weights: ``"ema"`` (default, what ``meanflow sample`` uses) or ``"raw"``.
+        device: where to put the network: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
+            ``"auto"`` (cuda if available); :meth:`TrainedRun.sample` samples there.
+    """
+    from .factory import resolve_device
+
     check(os.path.isdir(run_dir), f"run directory {run_dir!r} does not exist")
     check(weights in ("ema", "raw"), f"weights must be 'ema' or 'raw', got {weights!r}")
+    device = resolve_device(device) if isinstance(device, str) else device
     _, tensors, meta = load_latest_good(run_dir)
     cfg = TrainConfig.from_dict(meta["config"])
     shape = tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),)
@@ -143,29 +198,45 @@ def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
     return None if num_classes == 0 else torch.arange(num) % num_classes
 
 
-def parse_classes(text: str | None, num: int, run, seed: int):
-    """Labels (num,) for ``--class`` (see its help), or None for the null label / unlabelled."""
+def parse_classes(text: Classes, num: int, run, seed: int, option: str = "--class"):
+    """Labels (num,) for ``--class`` (see its help) or ``classes=`` of :meth:`TrainedRun.sample`.
+
+    ``text`` is a class name or index, a comma-separated string or a list of them (cycled over
+    the ``num`` samples), ``"random"`` (uniform, seeded by ``seed + 1``) or ``"none"`` (returns
+    None: the null label). None (the option left out) gives ``i mod K``, one grid column per
+    class; an unconditional run gives None. ``option`` names the argument in error messages.
+    """
     k = run.num_classes
     if k == 0:
-        check(text is None, "--class needs a class-conditional run; this run is unconditional")
+        check(text is None, f"{option} needs a class-conditional run; this run is unconditional")
         return None
     if text is None:
         return grid_labels(num, k)
-    if text.strip().lower() == "none":
+    if isinstance(text, str) and text.strip().lower() == "none":
         return None
-    if text.strip().lower() == "random":
+    if isinstance(text, str) and text.strip().lower() == "random":
         return torch.randint(0, k, (num,), generator=torch.Generator().manual_seed(seed + 1))
+    if isinstance(text, str):
+        items = [v.strip() for v in text.split(",")]
+    elif isinstance(text, (int, np.integer)):
+        items = [text]
+    else:
+        items = list(text.tolist() if hasattr(text, "tolist") else text)
+    check(len(items) > 0, f"{option} is empty; give class names or indices")
     names = run.class_names or [str(i) for i in range(k)]
     labels = []
-    for item in (v.strip() for v in text.split(",")):
-        if item.isdigit() and int(item) < k:
+    for item in items:
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < k:
             labels.append(int(item))
-        elif item in names:
+        elif isinstance(item, str) and item.isdigit() and int(item) < k:
+            labels.append(int(item))
+        elif isinstance(item, str) and item in names:
             labels.append(names.index(item))
         else:
-            raise MeanFlowError(f"--class {item!r} is not a class of this run; use 0..{k - 1}"
-                                f", one of {', '.join(names[:10])}{', ...' if k > 10 else ''}"
-                                ", 'random' or 'none'")
+            hint = _suggest(item, names) if isinstance(item, str) and not item.isdigit() else ""
+            raise MeanFlowError(f"{option} {item!r} is not a class of this run{hint}; use "
+                                f"0..{k - 1}, one of {', '.join(names[:10])}"
+                                f"{', ...' if k > 10 else ''}, 'random' or 'none'")
     return torch.tensor(labels)[torch.arange(num) % len(labels)]
 
 
@@ -178,14 +249,16 @@ def grid_columns(num: int, num_classes: int) -> int:
 def write_preview(path: str, run: TrainedRun, device, reference: np.ndarray | None = None,
                   seed: int = 0, title: str = "") -> str:
     """One-step samples of ``run`` as a picture: an image grid (fixed noise from ``seed``, one
-    column per class when conditional) or a scatter plot beside ``reference`` points."""
+    column per class, headed by its name, when conditional) or a scatter plot beside
+    ``reference`` points."""
     cfg = run.config
     tmp = path + ".tmp.png"
     if run.is_image:
         labels = grid_labels(cfg.grid_num, cfg.num_classes)
         images = run.sample(cfg.grid_num, steps=1, seed=seed, device=device, labels=labels)
         scale = max(1, 64 // run.shape[1])
-        image_grid_png(tmp, images, grid_columns(cfg.grid_num, cfg.num_classes), scale=scale)
+        image_grid_png(tmp, images, grid_columns(cfg.grid_num, cfg.num_classes), scale=scale,
+                       class_names=run.class_names, labels=labels)
     else:
         points = run.sample(cfg.sample_num, steps=1, seed=seed, device=device)
         panels = [] if reference is None else [("training data", reference)]
@@ -195,7 +268,9 @@ def write_preview(path: str, run: TrainedRun, device, reference: np.ndarray | No
 
 
 def write_loss_curve(run_dir: str, title: str = "") -> str | None:
-    """``loss.png`` from ``metrics.jsonl`` (nothing when there are no records yet)."""
+    """``loss.png`` from ``metrics.jsonl`` (see :func:`~meanflow.plotting.loss_curve_png`: the
+    unweighted squared error, smoothed, and the weighted loss; a run of fewer than 3 records gets
+    a figure saying it is too short for a curve). Nothing when there are no records yet."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
