@@ -81,3 +81,14 @@ def assert_total_derivative_matches_fd(model, z, r, t, v, y=None, h=1e-5):
     assert torch.allclose(u, model(z, r, t, y))
     wrong = (model(z + h * v, r + h, t + h, y) - model(z - h * v, r - h, t - h, y)) / (2 * h)
     assert not torch.allclose(dudt, wrong, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 50-step run of the ``tiny`` preset on eight Gaussians (one per test module)."""
+    from meanflow.cli import main
+
+    out = str(tmp_path_factory.mktemp("runs") / "tiny")
+    assert main(["train", "--data", "eight-gaussians", "--out", out, "--preset", "tiny",
+                 "--quiet"]) == 0
+    return out

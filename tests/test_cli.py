@@ -8,22 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import run
 from meanflow.cli import build_parser, main
 from meanflow.train.checkpoint import latest_checkpoint
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "tiny")
-    assert main(["train", "--data", "eight-gaussians", "--out", out, "--preset", "tiny",
-                 "--quiet"]) == 0
-    return out
 
 
 def test_train_writes_a_self_describing_run(tiny_run):

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from meanflow.cli import build_parser, main
+from cli_helpers import run
+from meanflow.cli import build_parser
 from meanflow.errors import MeanFlowError
 from meanflow.threads import choose_threads, parse_threads
 from meanflow.train.checkpoint import list_checkpoints
@@ -19,12 +20,6 @@ from meanflow.train.checkpoint import list_checkpoints
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--set", "model.hidden=32", "--batch-size", "128", "--set", "ckpt_every=50",
          "--set", "log_every=50", "--threads", "1"]
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_rerunning_a_finished_run_exits_0_without_training(tmp_path, capsys):

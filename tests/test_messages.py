@@ -8,24 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
+from cli_helpers import run
 from meanflow import MeanFlowError
-from meanflow.cli import main
 from meanflow.data import load_vectors
 from meanflow.errors import plural
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "tiny")
-    assert main(["train", "--data", "eight-gaussians", "--out", out, "--preset", "tiny",
-                 "--quiet"]) == 0
-    return out
 
 
 def test_unknown_command_is_named_once_with_the_closest_command(capsys):
