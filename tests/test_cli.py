@@ -30,6 +30,7 @@ def test_train_writes_a_self_describing_run(tiny_run):
 
 def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
     from meanflow.train import load_run
+    from meanflow.train.run import sample_noise
 
     npy = str(tmp_path / "s.npy")
     code, out, _ = run(capsys, "sample", "--run", tiny_run, "--num", "300", "--out", npy)
@@ -38,7 +39,7 @@ def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
     assert points.shape == (300, 2) and points.dtype == np.float32
     # the written samples are e - u(e, 0, 1) of the EMA network, in data units
     loaded = load_run(tiny_run)
-    e = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    e = sample_noise((2,), seed=0, start=0, stop=300)  # per-chunk generators (train/run.py)
     with torch.no_grad():
         x = e - loaded.model(e, torch.zeros(300), torch.ones(300))
     assert np.allclose(points, loaded.normalizer.decode(x).numpy(), atol=1e-5)
@@ -198,10 +199,11 @@ def test_help_documents_every_option():
     sub = parser._subparsers._group_actions[0].choices
     parsers = {name: sub[name] for name in ("train", "sample", "eval")}
     parsers["features train"] = sub["features"]._subparsers._group_actions[0].choices["train"]
+    parsers["latents encode"] = sub["latents"]._subparsers._group_actions[0].choices["encode"]
     for name, p in parsers.items():
         for action in p._actions:
             assert action.help, (name, action.dest)
-    assert {"train", "sample", "eval", "features"} == set(sub)
+    assert {"train", "sample", "eval", "features", "latents"} == set(sub)
 
 
 def test_configuration_doc_is_current_and_complete():

@@ -8,7 +8,8 @@ Conventions for the documentation:
   same namespace and directory. Keep examples quick (seconds): train a few steps at most.
 - Each command line starting with ``meanflow `` in a ```bash / ```sh / ```shell / ```console
   block (a leading ``$ `` prompt is dropped) or in an indented code block (four or more spaces)
-  is parsed by :func:`meanflow.cli.build_parser`, so every subcommand and flag must exist.
+  is parsed by :func:`meanflow.cli.build_parser`, so every subcommand and flag must exist
+  (``torchrun ... -m meanflow ARGS`` lines too: their ``meanflow ARGS`` part).
   Trailing ``# comments`` are dropped and ``\\`` line continuations joined. Each ``--set
   KEY=VALUE`` must name a key of :func:`~meanflow.train.config.config_keys` with a valid value,
   and each ``--preset`` one of :data:`~meanflow.train.presets.PRESETS`.
@@ -91,6 +92,8 @@ def _commands(rel: str, first: int, body: list[str], prompt: bool) -> list[Snipp
             text = text[:-1] + " " + body[j].strip()
         if prompt and text.startswith("$ "):
             text = text[2:].lstrip()
+        if text.startswith("torchrun ") and " -m meanflow " in text:  # torchrun's args dropped
+            text = "meanflow " + text.split(" -m meanflow ", 1)[1]
         if text.startswith("meanflow "):
             out.append(Snippet(rel, first + start, text))
         j += 1

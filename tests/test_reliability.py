@@ -56,6 +56,7 @@ class CrashAt:
                 if self.fault == "nan" and self.calls in self.call:
                     out.loss = out.loss * float("nan")
                 return out
+            wrapped.draw = objective.draw  # the loop draws each batch's randomness first
             return wrapped
         monkeypatch.setattr(loop_module, "build_objective", build)
 

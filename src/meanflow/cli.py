@@ -10,38 +10,10 @@ import json
 import os
 import sys
 
-import numpy as np
-
 from .errors import MeanFlowError, check
 from .eval.command import add_eval_parser, cmd_eval
+from .sample_command import add_sample_parser, cmd_sample
 from .train.command import add_train_parser, cmd_train
-
-
-def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="draw samples from a trained run",
-                       description="Sample a trained run with z_r = z_t - (t - r) u(z_t, r, t); "
-                                   "writes .npy (N, ...) float32 in data units; .png: a scatter "
-                                   "plot of vectors or a grid of images; .npz (images): uint8 "
-                                   "(N, H, W, C) as arr_0 and labels as arr_1 (ADM layout).")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory from train")
-    p.add_argument("--num", type=int, required=True, metavar="N", help="number of samples")
-    p.add_argument("--steps", type=int, default=1, metavar="K",
-                   help="uniform sampling steps from t=1 to t=0 (default 1: one evaluation)")
-    p.add_argument("--schedule", metavar="T0,T1,...",
-                   help="explicit decreasing times, e.g. 1,0.6,0 (overrides --steps)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed (default 0)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--class", dest="classes", metavar="LABELS",
-                   help="class-conditional runs: one label, a comma list (cycled), 'random', "
-                        "'none' (the null label: unguided, unconditional), class names allowed "
-                        "(default: cycle through all classes)")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance at sampling time on top of the trained model: "
-                        "u_null + W (u_y - u_null); W != 1 costs two evaluations per step "
-                        "(default 1: the model as trained, one evaluation)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output .npy, .png or .npz")
-    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
 def _features_parser(sub) -> None:
@@ -100,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meanflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
-    _sample_parser(sub)
+    add_sample_parser(sub)
     add_eval_parser(sub)
     _features_parser(sub)
+    from .latents_command import add_latents_parser
+    add_latents_parser(sub)
     for command in _leaf_parsers(sub):
         command.add_argument("--threads", default="auto", metavar="N",
                              help="CPU threads for PyTorch (default auto: one per core this "
@@ -120,53 +94,6 @@ def _leaf_parsers(sub) -> list[argparse.ArgumentParser]:
         nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
         leaves += _leaf_parsers(nested[0]) if nested else [command]
     return leaves
-
-
-def cmd_sample(args) -> int:
-    from .plotting import image_grid_png, scatter_png, to_uint8
-    from .train import load_run
-    from .train.factory import resolve_device
-    from .sampling import parse_schedule
-    from .train.run import grid_columns, parse_classes
-
-    ext = os.path.splitext(args.out)[1].lower()
-    check(ext in (".npy", ".png", ".npz"), f"--out must end in .npy, .png or .npz, got "
-          f"{args.out!r}")
-    check(not os.path.isdir(args.out), f"--out {args.out!r} is a directory; give a file name")
-    check(args.overwrite or not os.path.exists(args.out),
-          f"{args.out!r} already exists; pass --overwrite to replace it or choose another name")
-    device = resolve_device(args.device)
-    run = load_run(args.run, "raw" if args.raw else "ema", device)
-    check(ext != ".npz" or run.is_image, ".npz output holds uint8 images; this run samples "
-          "vectors, use .npy")
-    labels = parse_classes(args.classes, args.num, run, args.seed)
-    schedule = parse_schedule(args.schedule)
-    points = run.sample(args.num, steps=args.steps, seed=args.seed,
-                        schedule=schedule, device=device, labels=labels,
-                        guidance=args.guidance)
-    tmp = args.out + ".tmp" + ext
-    if ext == ".npy":
-        np.save(tmp, points)
-    elif ext == ".npz":
-        arrays = {"arr_0": to_uint8(points)}
-        if labels is not None:
-            arrays["arr_1"] = labels.numpy().astype(np.int64)
-        np.savez(tmp, **arrays)
-    elif run.is_image:
-        ncol = grid_columns(args.num, run.num_classes if labels is not None else 0)
-        image_grid_png(tmp, points, ncol, scale=max(1, 64 // run.shape[1]),
-                       class_names=run.class_names, labels=labels)
-    else:
-        label = args.schedule or f"{args.steps} step{'s' if args.steps > 1 else ''}"
-        scatter_png(tmp, [(f"{run.config.objective}, {label} ({run.weights})", points)])
-    os.replace(tmp, args.out)
-    print(json.dumps({"out": args.out, "num": args.num,
-                      "steps": len(schedule) - 1 if schedule else args.steps,
-                      "schedule": schedule, "guidance": args.guidance,
-                      "weights": run.weights,
-                      "classes": None if labels is None else sorted(set(labels.tolist())),
-                      "checkpoint_step": run.step}))
-    return 0
 
 
 def cmd_features(args) -> int:
@@ -211,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         from .threads import set_threads
 
         args.thread_choice = set_threads(args.threads)
+        from .latents_command import cmd_latents
+
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                "features": cmd_features}[args.command](args)
+                "features": cmd_features, "latents": cmd_latents}[args.command](args)
     except MeanFlowError as exc:
         print(f"meanflow: error: {exc}", file=sys.stderr)
         return 2

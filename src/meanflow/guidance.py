@@ -30,7 +30,7 @@ import torch
 
 from .errors import check
 from .jvp import at_least_float32
-from .objective import MeanFlow, ObjectiveOutput
+from .objective import Draws, MeanFlow, ObjectiveOutput
 from .path import PathSample
 from .times import TimeSampler
 
@@ -52,8 +52,8 @@ class GuidedMeanFlow(MeanFlow):
     def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None, *,
                  omega: float = 1.0, kappa: float = 0.0, t_min: float = 0.0, t_max: float = 1.0,
                  label_dropout: float = 0.1, p: float = 1.0, c: float = 1e-3,
-                 jvp: str = "subset") -> None:
-        super().__init__(time_sampler, p=p, c=c, jvp=jvp)
+                 jvp: str = "subset", jvp_dtype: str = "float32") -> None:
+        super().__init__(time_sampler, p=p, c=c, jvp=jvp, jvp_dtype=jvp_dtype)
         check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
         check(omega > 0, f"guidance omega must be > 0, got {omega}")
         check(kappa < 1, f"guidance kappa must be < 1, got {kappa}")
@@ -77,15 +77,31 @@ class GuidedMeanFlow(MeanFlow):
     def drop_labels(self, y: torch.Tensor,
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each label by the null label with probability ``label_dropout``."""
+        return self.apply_drop(y, self.drop_mask(y.shape[0], generator, y.device))
+
+    def drop_mask(self, n: int, generator, device) -> torch.Tensor | None:
+        """Which of ``n`` labels become the null label (None when ``label_dropout`` is 0)."""
         if self.label_dropout == 0:
-            return y
-        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.label_dropout
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+            return None
+        return torch.rand(n, generator=generator, device=device) < self.label_dropout
+
+    def apply_drop(self, y: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        """``y`` with the labels where ``drop`` is true replaced by the null label."""
+        return y if drop is None else torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def draw(self, n: int, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Draws:
+        """As :meth:`MeanFlow.draw`, with the label-dropout mask drawn first (as a call does)."""
+        drop = self.drop_mask(n, generator, device)
+        draws = super().draw(n, shape, generator=generator, device=device, dtype=dtype)
+        draws.drop = drop
+        return draws
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
                  noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
-                 t: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> ObjectiveOutput:
+                 t: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 drop: torch.Tensor | None = None) -> ObjectiveOutput:
+        """``drop``: the label-dropout mask from :meth:`draw`, drawn here when absent."""
         check(y is not None, "guided MeanFlow needs class labels y (shape (B,), dtype long)")
         check(isinstance(y, torch.Tensor) and y.dtype == torch.long,
               f"labels y must be a torch.long tensor, got {getattr(y, 'dtype', type(y).__name__)}")
@@ -94,8 +110,11 @@ class GuidedMeanFlow(MeanFlow):
               f"got {tuple(y.shape)}")
         check(bool(((y >= 0) & (y <= self.num_classes)).all()),
               f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null label)")
-        y = self.drop_labels(y, generator)
-        return super().__call__(model, x, y, noise=noise, r=r, t=t, generator=generator)
+        if drop is None:  # drawn first, as in draw()
+            drop = self.drop_mask(y.shape[0], generator, y.device)
+        check(drop is None or tuple(drop.shape) == (x.shape[0],),
+              f"drop mask must have shape ({x.shape[0]},), got {tuple(getattr(drop, 'shape', ()))}")
+        return self._loss(model, x, self.apply_drop(y, drop), noise, r, t, generator)
 
     def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
                  y: torch.Tensor | None) -> torch.Tensor:
@@ -131,12 +150,14 @@ class GuidedFlowMatching(GuidedMeanFlow):
         kwargs.pop("jvp", None)
         super().__init__(num_classes, time_sampler, **kwargs)
 
+    def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.time_sampler.single(n, generator=generator, device=device)
+        return t, t
+
     def _inputs(self, x, noise, r, t, generator):
-        if r is None and t is None:
-            t = self.time_sampler.single(x.shape[0], generator=generator, device=x.device)
-            r = t
-        check(r is None or bool((r == t).all()), "flow matching needs r == t for every sample")
-        return MeanFlow._inputs(self, x, noise, r, t, generator)
+        r, t, noise = MeanFlow._inputs(self, x, noise, r, t, generator)
+        check(bool((r == t).all()), "flow matching needs r == t for every sample")
+        return r, t, noise
 
 
 def sampling_guidance(model, scale: float, num_classes: int):

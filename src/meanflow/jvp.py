@@ -25,17 +25,19 @@ def at_least_float32(a: torch.Tensor) -> torch.Tensor:
 
 
 def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                     v: torch.Tensor, y: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     v: torch.Tensor, y: torch.Tensor | None = None, *,
+                     autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(u, du/dt)``: the network output (differentiable) and its total derivative
-    along tangent ``(v, 0, 1)`` (detached), both in at least float32."""
+    along tangent ``(v, 0, 1)`` (detached), both in at least float32. ``autocast=True`` keeps
+    the surrounding autocast (e.g. bf16) inside the JVP instead of float32."""
     z, r, t, v = (at_least_float32(a) for a in (z, r, t, v))
 
     def fn(z_, r_, t_):
         return model(z_, r_, t_, y=y)
 
     with ExitStack() as stack:
-        stack.enter_context(torch.autocast(device_type=z.device.type, enabled=False))
+        if not autocast:
+            stack.enter_context(torch.autocast(device_type=z.device.type, enabled=False))
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-    return u, dudt.detach()
+    return at_least_float32(u), at_least_float32(dudt.detach())

@@ -14,11 +14,16 @@ and the batch loss is the mean of the per-sample losses. Flow matching is the sp
 r = t, where the target is ``v`` and no JVP is needed (the paper's 0% ablation, Table 1a).
 
 Objectives know nothing about networks: a model is any callable ``model(z, r, t, y=None)``.
+
+All per-sample randomness of a step (label dropout, noise, times) comes from :meth:`MeanFlow.draw`
+for a whole batch; a slice of those draws gives the same losses for those rows as the whole
+batch would. That is how gradient accumulation and data-parallel training compute exactly the
+single-process, full-batch objective (docs/distributed.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -28,6 +33,27 @@ from .path import PathSample, broadcast_time, linear_path
 from .times import TimeSampler
 
 JVP_MODES = ("subset", "full", "detached")
+JVP_DTYPES = ("float32", "autocast")
+
+
+@dataclass
+class Draws:
+    """The random inputs of one batch: noise (B, ...), times ``r``, ``t`` (B,) and, for guided
+    objectives, the label-dropout mask (B,) (None otherwise)."""
+
+    noise: torch.Tensor
+    r: torch.Tensor
+    t: torch.Tensor
+    drop: torch.Tensor | None = None
+
+    def rows(self, part: slice) -> "Draws":
+        """The draws of rows ``part`` (a slice of the batch)."""
+        return Draws(*(None if getattr(self, f.name) is None else getattr(self, f.name)[part]
+                       for f in fields(self)))
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for an objective call: ``objective(model, x, y, **d.kwargs())``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _rows(a: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -54,6 +80,9 @@ class MeanFlow:
     Args:
         time_sampler: draws ``(r, t)`` when they are not given.
         p, c: adaptive loss weight ``1 / sg((err + c)^p)``; ``p = 0`` is the plain squared error.
+        jvp_dtype: ``"float32"`` (default) runs the JVP with autocast disabled, in float32,
+            whatever the surrounding precision; ``"autocast"`` lets it run in the autocast
+            precision around the call (e.g. bf16; known to diverge late in training).
         jvp: ``"subset"`` (default) runs the JVP only on samples with ``r < t`` and an ordinary
             forward on the rest, whose target is exactly ``v``; ``"full"`` runs the JVP on the
             whole batch like the authors' code. Both give the same loss and gradients for
@@ -65,12 +94,14 @@ class MeanFlow:
     """
 
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
-                 c: float = 1e-3, jvp: str = "subset") -> None:
+                 c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32") -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
         check(jvp in JVP_MODES, f"jvp mode must be one of {', '.join(JVP_MODES)}, got {jvp!r}")
         self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
-        self.p, self.c, self.jvp = p, c, jvp
+        check(jvp_dtype in JVP_DTYPES, f"jvp_dtype must be one of {', '.join(JVP_DTYPES)}, "
+              f"got {jvp_dtype!r}")
+        self.p, self.c, self.jvp, self.jvp_dtype = p, c, jvp, jvp_dtype
 
     # -- hooks for subclasses (guidance replaces the velocity) ---------------------------------
     def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
@@ -78,11 +109,28 @@ class MeanFlow:
         """The velocity used as JVP tangent and in the target; the conditional ``v`` here."""
         return path.v
 
+    def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r, t)`` for ``n`` samples from the time sampler."""
+        return self.time_sampler(n, generator=generator, device=device)
+
+    def draw(self, n: int, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Draws:
+        """Every random input for a batch of ``n`` samples of ``shape``, in the order a call
+        without them draws them (noise, then times), so ``obj(model, x, **obj.draw(...).kwargs())``
+        equals ``obj(model, x, generator=...)`` for the same generator state."""
+        noise = torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)
+        r, t = self.draw_times(n, generator, device)
+        return Draws(noise, r, t)
+
     # -- the objective ---------------------------------------------------------------------
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
                  noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
-                 t: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> ObjectiveOutput:
+                 t: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 drop: torch.Tensor | None = None) -> ObjectiveOutput:
+        check(drop is None, "drop (a label-dropout mask) needs a class-conditional objective")
+        return self._loss(model, x, y, noise, r, t, generator)
+
+    def _loss(self, model, x, y, noise, r, t, generator) -> ObjectiveOutput:
         r, t, noise = self._inputs(x, noise, r, t, generator)
         path = linear_path(x, noise, t)
         v = self.velocity(model, path, r, t, y).detach()
@@ -123,9 +171,8 @@ class MeanFlow:
             target[idx] = tgt.to(target.dtype)
         return model(z, r, t, y=y), target
 
-    @staticmethod
-    def _with_jvp(model, z, r, t, v, y):
-        u, dudt = total_derivative(model, z, r, t, v, y)
+    def _with_jvp(self, model, z, r, t, v, y):
+        u, dudt = total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast")
         target = at_least_float32(v) - broadcast_time(t - r, dudt) * dudt
         return u, target.detach()
 
@@ -139,7 +186,7 @@ class MeanFlow:
         if (r is None) != (t is None):
             raise MeanFlowError("pass both r and t, or neither (then they are sampled)")
         if r is None:
-            r, t = self.time_sampler(x.shape[0], generator=generator, device=x.device)
+            r, t = self.draw_times(x.shape[0], generator, x.device)
         b = x.shape[0]
         check(r.shape == (b,) and t.shape == (b,),
               f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
@@ -157,13 +204,14 @@ class FlowMatching(MeanFlow):
     """
 
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
-                 c: float = 1e-3) -> None:
+                 c: float = 1e-3, **_) -> None:
         super().__init__(time_sampler, p=p, c=c, jvp="subset")
 
+    def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.time_sampler.single(n, generator=generator, device=device)
+        return t, t
+
     def _inputs(self, x, noise, r, t, generator):
-        if r is None and t is None:
-            t = self.time_sampler.single(x.shape[0], generator=generator, device=x.device)
-            r = t
         r, t, noise = super()._inputs(x, noise, r, t, generator)
         check(bool((r == t).all()), "flow matching needs r == t for every sample")
         return r, t, noise

@@ -39,25 +39,39 @@ IMAGE_DATASETS = ("fashion-mnist", "digits", "cifar10")
 
 @dataclass
 class TrainingSet:
-    """Samples ``x`` (float32), optional labels (N,) int64 with their class names."""
+    """Samples ``x`` (float32), optional labels (N,) int64 with their class names.
 
-    x: torch.Tensor
+    A streamed set (``kind`` ``"latents"``, or images read from disk) has ``x = None``, a
+    ``reader`` that reads batches by index (:class:`~meanflow.train.stream.BatchReader`) and
+    the shape of one sample in ``sample_shape``; ``latents`` holds a latent set's VAE facts
+    (``scaling_factor``, ``shift_factor``, ``vae``, ``flips``)."""
+
+    x: torch.Tensor | None
     labels: torch.Tensor | None
     class_names: list[str] | None
     kind: str
     source: str
+    reader: object | None = None
+    sample_shape: tuple[int, ...] = ()
+    latents: dict | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of one sample: (D,) or (C, H, W)."""
+        if self.x is None:
+            return tuple(self.sample_shape)
         return tuple(int(s) for s in self.x.shape[1:])
 
     @property
     def num_classes(self) -> int:
         return 0 if self.labels is None else len(self.class_names)
 
+    @property
+    def streamed(self) -> bool:
+        return self.x is None
+
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.reader) if self.x is None else int(self.x.shape[0])
 
 
 def _from_images(data, kind: str = "images") -> TrainingSet:

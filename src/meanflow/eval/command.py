@@ -36,6 +36,8 @@ def add_eval_parser(sub) -> None:
                    help=f"random projections for SWD (default {DEFAULT_PROJECTIONS})")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--vae", metavar="DIR", help="runs trained on latents: the diffusers VAE "
+                   "directory to decode with (default: the one the latents were encoded with)")
     p.add_argument("--metric", default=None, metavar="M[,M]",
                    help="image runs: fd (Frechet distance in the feature network's space), fid "
                         "(Frechet distance of Inception-v3 features, needs meanflow[fid] and "
@@ -70,8 +72,9 @@ def _extractors(args, run, metrics: tuple[str, ...], device) -> dict:
 
     out = {}
     if "fid" in metrics or (args.features == "inception" and ("fd" in metrics or "pr" in metrics)):
-        check(run.shape[0] in (1, 3), f"Inception takes grey or RGB images; this run generates "
-              f"{run.shape} (latents must be decoded with their VAE first)")
+        check(run.sample_shape[0] in (1, 3), f"Inception takes grey or RGB images; this run "
+              f"generates {run.sample_shape} (latents need their VAE: the encode's --vae "
+              "directory must exist here)")
         inception = load_inception(args.inception_weights)
         if "fid" in metrics:
             out["fid"] = inception
@@ -95,7 +98,7 @@ def cmd_eval(args) -> int:
     check(args.num >= 2, f"--num must be >= 2 (a covariance needs two samples), got {args.num}")
     check(args.projections >= 1, f"--projections must be >= 1, got {args.projections}")
     device = resolve_device(args.device)
-    run = load_run(args.run, "raw" if args.raw else "ema", device)
+    run = load_run(args.run, "raw" if args.raw else "ema", device, vae=args.vae)
     metrics = tuple(m.strip() for m in (args.metric or ("fd,pr" if run.is_image else "swd"))
                     .split(","))
     unknown = [m for m in metrics if m not in IMAGE_METRICS]
@@ -210,7 +213,12 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
                 "fid_floor": None,
                 "inception": _inception_info(meta)}
     cfg = run.config
-    train_images = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size).x  # floor
+    if run.latents:  # the images the latents were encoded from, cropped as then
+        from ..latents_command import cropped_images
+        train_images = cropped_images(run.latents["source"], run.sample_shape[-1], args.num,
+                                      args.seed)
+    else:
+        train_images = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size).x
     label = f"{args.reference}-{cfg.image_size}"
     result: dict = {"_samples": samples}
     for role, (net, meta) in extractors.items():
@@ -236,6 +244,13 @@ def _image_reference(name: str, run):
     cfg = run.config
     same = name == cfg.data
     split = "test" if name in ("fashion-mnist", "cifar10") else "train"
+    if run.latents:  # a folder of images, cropped as the encoded ones were
+        from ..latents_command import cropped_images, list_image_folder
+        size = run.sample_shape[-1]
+        ref = cropped_images(name, size, len(list_image_folder(name)[0]))
+        check(tuple(ref.shape[1:]) == run.sample_shape, f"reference {name!r} holds images of "
+              f"shape {tuple(ref.shape[1:])}, the run decodes to {run.sample_shape}")
+        return ref
     ref = open_data(name, directory=cfg.data_dir if same else "", size=cfg.image_size,
                     split=split)
     check(ref.shape == run.shape, f"reference {name!r} holds samples of shape {ref.shape}, the "

@@ -91,8 +91,9 @@ def sample_features(run, extractors: dict[str, nn.Module], num: int, *,
     from tqdm import tqdm
 
     for net in extractors.values():
-        check(run.shape[0] in net.channels, f"the feature network takes images of "
-              f"{' or '.join(map(str, net.channels))} channels, the run generates {run.shape}")
+        check(run.sample_shape[0] in net.channels, f"the feature network takes images of "
+              f"{' or '.join(map(str, net.channels))} channels, the run generates "
+              f"{run.sample_shape}")
     features: dict[str, list] = {name: [] for name in extractors}
     images = []
     batch = sample_kwargs.pop("batch", 256)

@@ -144,6 +144,10 @@ def _train_config(args):
     from .presets import configure
 
     settings = _train_settings(args)
+    if args.overwrite and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        print("meanflow: torchrun restarted the workers; resuming instead of --overwrite",
+              file=sys.stderr)
+        args.overwrite = False
     existing = (args.out is not None and not args.overwrite and not args.dry_run
                 and bool(list_checkpoints(os.path.join(args.out, "checkpoints"))))
     data, resume, overwrite, saved_step = None, args.resume, args.overwrite, None
@@ -231,6 +235,9 @@ def cmd_train(args) -> int:
         print(f"meanflow: stopped by {result.stopped_by} after step {result.step}; the checkpoint "
               "is saved; rerun the same command to resume", file=sys.stderr)
         return 128 + int(getattr(signal, result.stopped_by))
+    from ..distributed import from_env
+    if not from_env().is_main:
+        return 0
     print(json.dumps({"run": result.run_dir, "step": result.step, "loss": result.final_loss,
                       "seconds": round(result.seconds, 2), "skipped_steps": result.skipped_steps,
                       "samples_png": os.path.join(result.run_dir, "samples-1step.png")}))

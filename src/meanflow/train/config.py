@@ -18,6 +18,7 @@ from ..errors import MeanFlowError, check
 from ..times import TimeSampler
 
 OBJECTIVES = ("meanflow", "flow-matching")
+PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -58,6 +59,7 @@ class LossConfig:
     p: float = 1.0
     c: float = 1e-3
     jvp: str = "subset"
+    jvp_dtype: str = "float32"  # or "autocast": the JVP in the run's precision (e.g. bf16)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0 disables clipping (the gradient norm is still logged)
     schedule: str = "constant"  # or "cosine": lr decays to 0 at the last step
     warmup: int = 0             # steps of linear warm-up from 0
+    fused: str = "auto"         # fused Adam kernel: auto (on CUDA), on, off
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
@@ -106,6 +109,11 @@ class TrainConfig:
     tensorboard: bool = False     # also log to RUN/tensorboard (needs the tensorboard package)
     grad_accum: int = 1           # micro-batches per optimizer step (batch_size splits evenly)
     max_bad_steps: int = 20       # consecutive non-finite steps that stop the run
+    precision: str = "fp32"       # "bf16": the network under bf16 autocast (fp32 weights)
+    compile: bool = False         # torch.compile the network
+    tf32: bool = True             # TF32 matrix products on CUDA
+    stream: bool = False          # read batches through DataLoader workers (latents: always)
+    workers: int = 2              # DataLoader worker processes of a streamed run
     model: ModelConfig = field(default_factory=ModelConfig)
     time: TimeSampler = field(default_factory=TimeSampler)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -141,6 +149,13 @@ class TrainConfig:
               f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}")
         check(self.model.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got "
               f"{self.model.arch!r}")
+        check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, "
+              f"got {self.precision!r}")
+        check(self.loss.jvp_dtype in ("float32", "autocast"), "loss.jvp_dtype must be float32 "
+              f"or autocast, got {self.loss.jvp_dtype!r}")
+        check(self.optim.fused in ("auto", "on", "off"), "optim.fused must be auto, on or off, "
+              f"got {self.optim.fused!r}")
+        check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be "
               f"divisible by grad_accum {self.grad_accum}")
         check(self.grid_every >= 0, f"grid_every must be >= 0, got {self.grid_every}")
@@ -202,6 +217,13 @@ KEY_HELP = {
                      "the last good state saved); each one is skipped and counted",
     "tensorboard": "also log losses, gradient norm and grids to RUN/tensorboard (`pip install "
                    "tensorboard`)",
+    "precision": "`fp32`, or `bf16`: the network runs under bf16 autocast with fp32 master "
+                 "weights (the JVP stays fp32 unless loss.jvp_dtype=autocast)",
+    "compile": "torch.compile the network (eager JVP around it; docs/distributed.md)",
+    "tf32": "allow TF32 matrix products on CUDA (no effect on CPU)",
+    "stream": "read batches from disk through DataLoader workers instead of holding the data "
+              "set in memory (image folders; latent directories always stream)",
+    "workers": "DataLoader worker processes of a streamed run (0: in the training process)",
     "model.arch": "network: `mlp` (vectors), `unet` or `dit` (images, latents)",
     "model.hidden": "MLP width",
     "model.depth": "MLP hidden layers",
@@ -224,6 +246,9 @@ KEY_HELP = {
     "loss.jvp": "`subset` (JVP only on r != t samples, its output reused for the loss), "
                 "`full` (whole batch, as the authors' code) or `detached` (JVP without graph, "
                 "then one plain forward; fastest, see docs/method.md); same loss and gradients",
+    "loss.jvp_dtype": "`float32` (default: the JVP with autocast off, as the authors) or "
+                      "`autocast` (the JVP in the run's precision, e.g. bf16)",
+    "optim.fused": "fused Adam kernel: `auto` (on CUDA), `on`, `off`",
     "optim.name": "`adam` or `adamw`",
     "optim.lr": "peak learning rate",
     "optim.beta1": "Adam beta1",

@@ -63,16 +63,22 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
                       label_dropout=g.label_dropout, p=cfg.loss.p, c=cfg.loss.c)
         if cfg.objective == "flow-matching":
             return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
-        return GuidedMeanFlow(num_classes, cfg.time, jvp=cfg.loss.jvp, **kwargs)
+        return GuidedMeanFlow(num_classes, cfg.time, jvp=cfg.loss.jvp,
+                              jvp_dtype=cfg.loss.jvp_dtype, **kwargs)
     if cfg.objective == "flow-matching":
         return FlowMatching(cfg.time, p=cfg.loss.p, c=cfg.loss.c)
-    return MeanFlow(cfg.time, p=cfg.loss.p, c=cfg.loss.c, jvp=cfg.loss.jvp)
+    return MeanFlow(cfg.time, p=cfg.loss.p, c=cfg.loss.c, jvp=cfg.loss.jvp,
+                    jvp_dtype=cfg.loss.jvp_dtype)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam or AdamW on fp32 weights; the fused kernel on CUDA unless ``optim.fused=off``."""
     o = cfg.optim
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    fused = {"on": True, "off": False, "auto": on_cuda}[o.fused] or None
+    return cls(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+               fused=fused)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,11 +24,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data import TrainingSet
 from ..errors import MeanFlowError, check, plural
-from .batches import Batches, flip, open_training_data
+from .. import distributed
+from .batches import Batches, open_training_data
 from .checkpoint import load_latest_good, load_optimizer, optimizer_tensors, prefixed, \
     save_checkpoint
 from .config import TrainConfig
@@ -37,6 +39,9 @@ from .factory import build_model, build_objective, build_optimizer, count_parame
 from .reliability import (StopSignals, all_finite, memory_mib, restore_host_rng, host_rng_state,
                           trim_metrics)
 from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
+from ..data.latents import draw_latents
+from .step import CompiledForward, LossModule, Rows, flip_rows, forward_backward
+from .stream import StreamedBatches, TensorReader
 
 
 @dataclass
@@ -47,6 +52,8 @@ class TrainResult:
     seconds: float
     skipped_steps: int
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
+    model: torch.nn.Module | None = None  # the trained network (raw weights), in train mode
+    ema_model: torch.nn.Module | None = None  # its EMA, what sampling uses
 
 
 def prepare_run_dir(out: str, overwrite: bool) -> None:
@@ -70,37 +77,58 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
           device: torch.device | str = "cpu", progress: bool = True,
           data: TrainingSet | None = None) -> TrainResult:
     """Train per ``cfg`` into run directory ``out`` (or continue it with ``resume``). ``data``:
-    the training set already opened from ``cfg`` (by :func:`open_training_data`), if any."""
+    the training set already opened from ``cfg`` (by :func:`open_training_data`), if any.
+
+    Under ``torchrun`` every process calls this; they share the work of each batch
+    (step.py), rank 0 alone writes the run directory, and all resume from the same checkpoint."""
     cfg.validate()
-    device = torch.device(device)
+    ranks, device = distributed.init(torch.device(device))
+    main = ranks.is_main
+    check(cfg.batch_size % ranks.world_size == 0 and
+          cfg.batch_size // ranks.world_size >= cfg.grad_accum, f"batch_size {cfg.batch_size} "
+          f"must split evenly over {ranks.world_size} processes, each with at least grad_accum "
+          f"{cfg.grad_accum} rows; change --batch-size or --nproc_per_node")
     data = open_training_data(cfg) if data is None else data
     check(len(data) >= cfg.batch_size, f"the dataset has {plural(len(data), 'sample')}, "
           f"fewer than the batch size {cfg.batch_size}; lower --batch-size")
-    check(not cfg.hflip or data.kind != "vectors", "hflip needs image data, not vectors")
-    fit = cfg.normalize and data.kind != "images"
+    check(not cfg.hflip or data.kind == "images", f"hflip needs image data, not {data.kind}"
+          f"{' (latents encoded with flips use them: see docs/latents.md)' * (data.kind == 'latents')}")
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows = Rows(cfg.batch_size, ranks.rank, ranks.world_size)
+    fit = cfg.normalize and data.kind in ("vectors", "arrays")
     normalizer = Normalizer.fit(data.x) if fit else Normalizer.identity(data.shape)
-    x_all = (normalizer.encode(data.x) if fit else data.x).to(device)  # images: no copy
-    labels = None if data.labels is None else data.labels.to(device)
+    if data.streamed or cfg.stream:
+        reader = data.reader if data.streamed else TensorReader(
+            normalizer.encode(data.x) if fit else data.x, data.labels)
+        batches = StreamedBatches(reader, cfg.batch_size, cfg.seed, rows.part, cfg.workers,
+                                  device)
+    else:
+        x_all = (normalizer.encode(data.x) if fit else data.x).to(device)  # images: no copy
+        labels = None if data.labels is None else data.labels.to(device)
+        batches = Batches(x_all, cfg.batch_size, cfg.seed, labels, rows.part)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.shape, cfg.num_classes).to(device)
+    if ranks.active:  # dropout masks differ between processes
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
     check(cfg.loss.jvp != "detached" or not any(
         isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()),
         "loss.jvp=detached runs the network twice, so dropout masks would differ between the "
         "JVP and the loss; use loss.jvp=subset or set model.dropout=0")
     objective = build_objective(cfg, cfg.num_classes)
     optimizer = build_optimizer(cfg, model)
-    if progress:
+    if progress and main:
         tqdm.write(f"meanflow: preset {cfg.preset!r}: {type(model).__name__} with "
                    f"{count_parameters(model):,} parameters, {type(objective).__name__}, data "
                    f"{cfg.data} of shape {cfg.data_shape}"
                    f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}"
-                   f"{_cpu_threads(device)}", file=sys.stderr)
+                   f"{_cpu_threads(device)}{_processes(ranks)}", file=sys.stderr)
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    batches = Batches(x_all, cfg.batch_size, cfg.seed, labels)
     step, skipped = 0, 0
-    writer_cls = _tensorboard() if cfg.tensorboard else None
+    writer_cls = _tensorboard() if cfg.tensorboard and main else None
 
     if resume:
         stem, tensors, meta = load_latest_good(out)
@@ -111,27 +139,41 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         ema.model.load_state_dict(prefixed(tensors, "ema"))
         load_optimizer(optimizer, tensors, meta["optimizer"])
         gen.set_state(tensors["rng.generator"].to(gen.get_state().device))
-        torch.set_rng_state(tensors["rng.torch"])
+        own = f"rng.torch.rank{ranks.rank}" if ranks.rank else "rng.torch"
+        torch.set_rng_state(tensors.get(own, tensors["rng.torch"]))
         restore_host_rng(meta.get("rng"), tensors)
         batches.load_state(meta["batches"])
         ema.updates, step, skipped = meta["ema_updates"], meta["step"], meta["skipped_steps"]
         check(step < cfg.steps, f"run {out!r} already finished {plural(step, 'step')}; pass a "
               "larger --steps to continue training")
-        trim_metrics(os.path.join(out, "metrics.jsonl"), step)
-    else:
+        if main:
+            trim_metrics(os.path.join(out, "metrics.jsonl"), step)
+    elif main:
         prepare_run_dir(out, overwrite)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+    distributed.barrier()  # the run directory is ready (or read) before any rank goes on
+    if main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
     writer = writer_cls(os.path.join(out, "tensorboard")) if writer_cls else None
+    net = CompiledForward(model) if cfg.compile else model
+    loss_module: torch.nn.Module = LossModule(net, objective)
+    if ranks.active:
+        loss_module = DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
         check(all_finite(model) and all_finite(ema.model), f"refusing to save step {step}: the "
               "weights hold NaN or Inf; the previous checkpoint is kept")
         rng_meta, rng_tensors = host_rng_state()
+        own = torch.get_rng_state()
+        states = distributed.gather_objects(own)  # every rank's dropout RNG
+        if not main:
+            return
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
                    **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
                    **normalizer.tensors(), **rng_tensors,
-                   "rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()}
+                   "rng.generator": gen.get_state(), "rng.torch": own,
+                   **{f"rng.torch.rank{k}": v for k, v in enumerate(states) if k}}
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
         save_checkpoint(os.path.join(out, "checkpoints"), step, tensors,
@@ -139,41 +181,49 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                          "batches": batches.state(), "ema_updates": ema.updates,
                          "skipped_steps": skipped, "shape": list(data.shape),
                          "class_names": data.class_names, "rng": rng_meta,
-                         "threads": torch.get_num_threads()},
+                         "threads": torch.get_num_threads(), "world_size": ranks.world_size,
+                         **({"latents": data.latents} if data.latents else {})},
                         keep=cfg.keep_checkpoints)
 
     model.train()
-    run = TrainedRun(ema.model, cfg, normalizer, step, "ema", data.shape, data.class_names)
-    quality, floor = _quality_probe(run, data, device, cfg.seed)
-    log = open(os.path.join(out, "metrics.jsonl"), "a")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True,
-               desc=f"{cfg.objective} {cfg.data}", unit="step")
+    run = TrainedRun(ema.model, cfg, normalizer, step, "ema", data.shape, data.class_names,
+                     _decoder(data, device) if main else None, data.latents)
+    quality, floor = _quality_probe(run, data, device, cfg.seed) if main else (None, None)
+    log = open(os.path.join(out, "metrics.jsonl"), "a") if main else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
+               dynamic_ncols=True, desc=f"{cfg.objective} {cfg.data}", unit="step")
     start, window_start, window = time.perf_counter(), time.perf_counter(), []
     consecutive_bad, last_loss, saved_at = 0, math.nan, (step if resume else None)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    stop = StopSignals()
+    stop, stop_all = StopSignals(), False
     try:
         with stop:
-            while step < cfg.steps and stop.received is None:
+            while step < cfg.steps and not stop_all and (ranks.active or stop.received is None):
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.optim.lr_at(step, cfg.steps)
                 x, y = batches.next()
-                if cfg.hflip:
-                    x = flip(x, gen)
+                if data.latents:
+                    # a set encoded with mirror images trains on both (docs/latents.md)
+                    x = draw_latents(x, gen, data.latents["scaling_factor"],
+                                     data.latents.get("shift_factor"), True,
+                                     rows.total, rows.part)
+                elif cfg.hflip:
+                    x = flip_rows(x, gen, rows)
+                draws = objective.draw(cfg.batch_size, data.shape, generator=gen,
+                                       device=device, dtype=x.dtype)
                 optimizer.zero_grad(set_to_none=True)
-                losses, errs, times = [], [], []
-                for i in range(cfg.grad_accum):
-                    part = slice(i * len(x) // cfg.grad_accum, (i + 1) * len(x) // cfg.grad_accum)
-                    out_obj = objective(model, x[part], None if y is None else y[part],
-                                        generator=gen)
-                    (out_obj.loss / cfg.grad_accum).backward()
-                    losses.append(out_obj.loss.detach())
-                    errs.append(out_obj.err.mean())
-                    times.append((out_obj.r, out_obj.t))
+                loss_t, err_t, times = forward_backward(loss_module, x, y, draws, rows,
+                                                        cfg.grad_accum, cfg.precision)
+                stats = torch.stack([loss_t.float(), err_t.float(), torch.tensor(
+                    float(stop.received is not None), device=loss_t.device)])
+                if ranks.active:  # the global batch's mean loss; stop when any rank was told
+                    torch.distributed.all_reduce(stats)
+                    stats[:2] /= ranks.world_size
                 grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 # one device-to-host transfer per step for everything the loop reads
-                loss, mse, grad_norm = torch.stack([torch.stack(losses).mean(),
-                                                    torch.stack(errs).mean(), grad_norm_t]).tolist()
+                loss, mse, stop_votes, grad_norm = torch.cat(
+                    [stats, grad_norm_t.reshape(1).to(stats)]).tolist()
+                stop_all = stop_votes > 0
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     skipped += 1  # its gradients are cleared at the next step's start
                     consecutive_bad += 1
@@ -188,9 +238,10 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 ema.update(model)
                 step += 1
                 last_loss = loss
-                window.append((loss, mse, grad_norm))
+                if main:
+                    window.append((loss, mse, grad_norm))
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if main and (step % cfg.log_every == 0 or step == cfg.steps):
                     now = time.perf_counter()
                     mean = [sum(w[i] for w in window) / len(window) for i in range(3)]
                     record = {"step": step, "loss": mean[0], "mse": mean[1],
@@ -199,6 +250,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                               "lr": optimizer.param_groups[0]["lr"], "skipped": skipped,
                               "elapsed_s": now - start, "memory_mib": memory_mib(),
                               "threads": torch.get_num_threads()}
+                    if ranks.active:
+                        record["world_size"] = ranks.world_size
                     if quality is not None:
                         record.update(swd_1step=quality(), swd_floor=floor)
                     log.write(json.dumps(record) + "\n")
@@ -213,21 +266,40 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     checkpoint()
                     saved_at = step
-                if run.is_image and cfg.grid_every and step % cfg.grid_every == 0:
+                if main and run.is_image and cfg.grid_every and step % cfg.grid_every == 0:
                     _grid(out, run, device, step, writer)
-            if stop.received is not None and saved_at != step:
+            stopped = stop.received or ("SIGTERM" if stop_all else None)
+            if stopped is not None and saved_at != step:
                 checkpoint()
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
+        batches.close()
     seconds = time.perf_counter() - start
-    if stop.received is None:
+    if stopped is None and main:
         reference = data.x[:cfg.sample_num].numpy() if data.kind == "vectors" else None
         write_preview(os.path.join(out, "samples-1step.png"), run, device, reference, cfg.seed)
         write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
     if writer is not None:
         writer.close()
-    return TrainResult(out, step, last_loss, seconds, skipped, stop.received)
+    distributed.barrier()
+    return TrainResult(out, step, last_loss, seconds, skipped, stopped, model, ema.model)
+
+
+
+def _processes(ranks: distributed.Dist) -> str:
+    """``", in N processes"`` for the start-up line of a torchrun run."""
+    return f", in {ranks.world_size} processes (DDP)" if ranks.active else ""
+
+
+def _decoder(data: TrainingSet, device):
+    """For a latent set, a function from latents to images in [-1, 1] (the set's VAE), or
+    None when its VAE cannot be loaded here (then previews show nothing)."""
+    if not data.latents:
+        return None
+    from ..vae import latent_decoder
+    return latent_decoder(data.latents, device, required=False)
 
 
 def _quality_probe(run: TrainedRun, data: TrainingSet, device, seed: int):

@@ -3,12 +3,13 @@ and the pictures a run writes (scatter plot or image grid, loss curve)."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -88,6 +89,8 @@ class TrainedRun:
     weights: str  # "ema" or "raw"
     shape: tuple[int, ...] = ()
     class_names: list[str] | None = None
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images [-1, 1]
+    latents: dict | None = None  # a latent run's VAE facts (scaling_factor, vae, image_size...)
 
     def __repr__(self) -> str:
         return (f"TrainedRun(step={self.step}, weights={self.weights!r}, shape={self.shape}, "
@@ -101,6 +104,15 @@ class TrainedRun:
     @property
     def is_image(self) -> bool:
         return len(self.shape) == 3
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample :meth:`sample` returns: the decoded image's (3, S, S) for a
+        latent run with its VAE, else :attr:`shape`."""
+        if self.decoder is not None and self.latents and self.latents.get("image_size"):
+            size = int(self.latents["image_size"])
+            return (3, size, size)
+        return self.shape
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +129,7 @@ class TrainedRun:
     def sample(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
                device: torch.device | str | None = None, batch: int | None = None,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
-               classes: Classes = None) -> np.ndarray:
+               classes: Classes = None, decode: bool = True) -> np.ndarray:
         """``num`` samples in data units, float32 of shape (num, *shape), from noise seeded by
         ``seed``, in ``steps`` uniform steps or over ``schedule`` (e.g. ``[1.0, 0.5, 0.0]``).
 
@@ -126,18 +138,34 @@ class TrainedRun:
         ``None`` or ``"none"``: the null label, i.e. unconditional) or by ``labels``, a (num,)
         tensor of indices (not both). ``guidance`` != 1 adds classifier-free guidance at sampling
         time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step).
-        ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass."""
+        ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass.
+        A latent run with its VAE returns decoded images in [-1, 1] (``decode=False``: the
+        latents)."""
         chunks = list(self.iter_samples(num, steps, seed, schedule, device, batch, labels,
-                                        guidance, classes))
+                                        guidance, classes, decode=decode))
         return torch.cat(chunks).numpy().astype(np.float32)
 
     def iter_samples(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
                      device: torch.device | str | None = None, batch: int | None = None,
                      labels: torch.Tensor | None = None, guidance: float = 1.0,
-                     classes: Classes = None):
+                     classes: Classes = None, start: int = 0, stop: int | None = None,
+                     decode: bool = True):
         """The samples of :meth:`sample` (the same ones for the same arguments), as float32 CPU
-        tensors of at most ``batch`` rows, so callers can stream them with bounded memory."""
+        tensors of at most ``batch`` rows, so callers can stream them with bounded memory.
+        A latent run with a VAE (:attr:`decoder`) yields decoded images in [-1, 1] unless
+        ``decode`` is false (then the latents, in training scale).
+
+        Only rows ``[start, stop)`` of the ``num`` samples are made (``stop`` None: ``num``):
+        row i's noise depends on ``seed`` and i alone (:func:`sample_noise`), and its label is
+        row i of the labels built for all ``num`` rows, so disjoint ranges computed apart (one
+        per rank under torchrun) join into the samples of one call. Batches end at multiples of
+        ``batch`` counted from row 0, so ranges that start at such a multiple pass the network
+        the very batches one call does and join bit for bit (other splits may differ in the
+        last bit: a network's rounding can depend on the batch size)."""
         check(num >= 1, f"--num must be >= 1, got {num}")
+        stop = num if stop is None else stop
+        check(0 <= start <= stop <= num, f"need 0 <= start <= stop <= num ({num}), got "
+              f"start={start}, stop={stop}")
         if classes is not None:
             check(labels is None, "give classes= or labels=, not both")
             labels = parse_classes(classes, num, self, seed, option="classes")
@@ -156,16 +184,62 @@ class TrainedRun:
             check(labels is not None, "--guidance needs class labels; not with --class none")
             model = sampling_guidance(self.model, guidance, self.num_classes)
         batch = batch or (65536 if len(self.shape) == 1 else 256)
-        g = torch.Generator().manual_seed(seed)
-        for i in range(0, num, batch):
-            n = min(batch, num - i)
-            noise = torch.randn(n, *self.shape, generator=g).to(device)
+        i = start
+        for noise in iter_noise(self.shape, seed, start, stop, batch):
+            n = len(noise)
             y = None if labels is None else labels[i:i + n].to(device)
-            z = sample(model, noise, steps=steps, schedule=schedule, y=y)
-            yield self.normalizer.decode(z).float().cpu()
+            z = sample(model, noise.to(device), steps=steps, schedule=schedule, y=y)
+            i += n
+            z = self.normalizer.decode(z)
+            if decode and self.decoder is not None:
+                z = self.decoder(z)
+            yield z.float().cpu()
 
 
-def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "cpu") -> TrainedRun:
+# Rows of noise drawn from one generator: row i is row i % NOISE_CHUNK of chunk i // NOISE_CHUNK.
+NOISE_CHUNK = 256
+
+
+def chunk_generator(seed: int, k: int) -> torch.Generator:
+    """The CPU generator of noise chunk ``k`` for ``seed``: seeded by a hash of (seed, k)."""
+    digest = hashlib.blake2b(f"meanflow-noise:{int(seed)}:{int(k)}".encode(), digest_size=8)
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
+def iter_noise(shape: tuple[int, ...], seed: int, start: int, stop: int, batch: int):
+    """Standard normal noise for rows ``[start, stop)``, float32 CPU tensors split at the
+    multiples of ``batch`` (counted from row 0, so a range that starts mid-batch first yields
+    the rest of that batch). Chunk k (rows ``k * NOISE_CHUNK`` onwards) is always drawn whole
+    from :func:`chunk_generator` ``(seed, k)``, so a row's noise never depends on the range,
+    the batch, the device or the number of processes."""
+    check(batch >= 1, f"batch must be >= 1, got {batch}")
+    pending: list[torch.Tensor] = []
+    have = start % batch  # rows of the first batch that lie before start
+    for k in range(start // NOISE_CHUNK, -(-stop // NOISE_CHUNK)):
+        lo, hi = max(start, k * NOISE_CHUNK), min(stop, (k + 1) * NOISE_CHUNK)
+        chunk = torch.randn(NOISE_CHUNK, *shape, generator=chunk_generator(seed, k))
+        chunk = chunk[lo - k * NOISE_CHUNK:hi - k * NOISE_CHUNK]
+        while len(chunk):
+            take = min(batch - have, len(chunk))
+            pending.append(chunk[:take])
+            have, chunk = have + take, chunk[take:]
+            if have == batch:
+                yield torch.cat(pending)
+                pending, have = [], 0
+    if pending:
+        yield torch.cat(pending)
+
+
+def sample_noise(shape: tuple[int, ...], seed: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the noise :meth:`TrainedRun.sample` starts from, (stop - start,
+    *shape) float32 (see :func:`iter_noise`)."""
+    if stop <= start:
+        return torch.zeros(0, *shape)
+    return torch.cat(list(iter_noise(tuple(shape), seed, start, stop, stop - start)))
+
+
+def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "cpu",
+             vae: str | None = None) -> TrainedRun:
     """Load the newest good checkpoint of a ``meanflow train`` run directory.
 
     Args:
@@ -173,6 +247,8 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
         weights: ``"ema"`` (default, what ``meanflow sample`` uses) or ``"raw"``.
         device: where to put the network: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
             ``"auto"`` (cuda if available); :meth:`TrainedRun.sample` samples there.
+        vae: for a run trained on latents, the VAE directory to decode with (default: the one
+            recorded when the latents were encoded); samples are then images.
     """
     from .factory import resolve_device
 
@@ -189,8 +265,12 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
         raise MeanFlowError(f"checkpoint of {run_dir!r} does not match its configured network "
                             f"({str(exc).splitlines()[0]})") from None
     normalizer = Normalizer(tensors["data.mean"], tensors["data.std"])
+    decoder = None
+    if meta.get("latents"):
+        from ..vae import latent_decoder
+        decoder = latent_decoder(meta["latents"], device, vae, required=vae is not None)
     return TrainedRun(model.to(device).eval(), cfg, normalizer, int(meta["step"]), weights,
-                      shape, meta.get("class_names"))
+                      shape, meta.get("class_names"), decoder, meta.get("latents"))
 
 
 def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
@@ -256,7 +336,9 @@ def write_preview(path: str, run: TrainedRun, device, reference: np.ndarray | No
     if run.is_image:
         labels = grid_labels(cfg.grid_num, cfg.num_classes)
         images = run.sample(cfg.grid_num, steps=1, seed=seed, device=device, labels=labels)
-        scale = max(1, 64 // run.shape[1])
+        if images.shape[1] not in (1, 3):  # latents without their VAE: three channels shown
+            images = images[:, :3] / max(1e-8, float(np.abs(images).max()))
+        scale = max(1, 64 // images.shape[-1])
         image_grid_png(tmp, images, grid_columns(cfg.grid_num, cfg.num_classes), scale=scale,
                        class_names=run.class_names, labels=labels)
     else:

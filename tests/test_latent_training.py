@@ -1,0 +1,127 @@
+"""Training on VAE latents end to end: images -> `meanflow latents encode` -> `meanflow train`
+(streamed shards, a fresh posterior sample z = (mean + std * eps) * scale every step) ->
+`meanflow sample` (decoded by the VAE to uint8 images) -> `meanflow eval` (decoded before the
+features). Also: the streamed path equals the in-memory one, with and without worker
+processes, and resumes exactly. A tiny random AutoencoderKL stands in for the SD-VAE."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import run
+
+pytest.importorskip("diffusers")
+pytest.importorskip("PIL.Image")
+
+from test_fid import fake_fidelity, weights  # noqa: E402,F401
+from test_latents import SIZE, encode_args, image_dir, vae, vae_dir  # noqa: E402,F401
+from meanflow.train.checkpoint import load_latest_good  # noqa: E402
+
+TRAIN = ["--preset", "unet-small", "--set", "model.arch=dit", "--set", "model.size=T/2",
+         "--batch-size", "8", "--set", "log_every=2", "--set", "ckpt_every=3",
+         "--set", "grid_every=0", "--set", "grid_num=6", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory, image_dir, vae_dir):  # noqa: F811
+    out = str(tmp_path_factory.mktemp("lat") / "latents")
+    from meanflow.cli import main
+    assert main(list(encode_args(image_dir, vae_dir, out))) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory, latents):
+    out = str(tmp_path_factory.mktemp("runs") / "latent-run")
+    from meanflow.cli import main
+    assert main(["train", "--data", latents, "--out", out, "--steps", "6", *TRAIN]) == 0
+    return out
+
+
+def _weights(run_dir):
+    _, tensors, meta = load_latest_good(run_dir)
+    return tensors, meta
+
+
+def test_latent_run_records_the_vae_and_streams(latent_run, latents, vae_dir):  # noqa: F811
+    tensors, meta = _weights(latent_run)
+    assert meta["step"] == 6 and meta["shape"] == [4, SIZE // 2, SIZE // 2]
+    assert meta["latents"]["scaling_factor"] == pytest.approx(0.18215)
+    assert os.path.samefile(meta["latents"]["vae"], vae_dir)
+    # no per-channel standardisation of latents: the scale is the VAE's factor alone
+    assert torch.equal(tensors["data.mean"], torch.zeros_like(tensors["data.mean"]))
+    assert torch.equal(tensors["data.std"], torch.ones_like(tensors["data.std"]))
+    from PIL import Image
+    with Image.open(os.path.join(latent_run, "samples-1step.png")) as image:
+        assert image.mode == "RGB"
+
+
+def test_sample_decodes_to_uint8_images(latent_run, vae, tmp_path, capsys):  # noqa: F811
+    from meanflow.plotting import to_uint8
+    from meanflow.train import load_run
+    from meanflow.vae import decode
+
+    out = str(tmp_path / "s.npz")
+    code, _, err = run(capsys, "sample", "--run", latent_run, "--num", "6", "--out", out,
+                       "--class", "0,1,2")
+    assert code == 0, err
+    with np.load(out) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (6, SIZE, SIZE, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    trained = load_run(latent_run)
+    z = trained.sample(6, labels=torch.tensor(labels), decode=False)
+    assert z.shape == (6, 4, SIZE // 2, SIZE // 2)
+    expected = to_uint8(decode(vae, torch.from_numpy(z), 0.18215).numpy())
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_eval_decodes_before_the_features(latent_run, image_dir, fake_fidelity,  # noqa: F811
+                                          weights, capsys):  # noqa: F811
+    from meanflow.eval.frechet import fd_from_features
+    from meanflow.eval.inception import load_inception
+    from meanflow.latents_command import cropped_images
+    from meanflow.train import load_run
+
+    code, out, err = run(capsys, "eval", "--run", latent_run, "--reference", image_dir,
+                         "--num", "12", "--metric", "fid", "--inception-weights", weights,
+                         "--cache-dir", "none", "--quiet", "--class", "0,1,2")
+    assert code == 0, err
+    result = json.loads(out)
+    net, _ = load_inception(weights)
+    samples = load_run(latent_run).sample(12, labels=torch.arange(12) % 3)
+    assert samples.shape == (12, 3, SIZE, SIZE)  # decoded images, not latents
+    ref = cropped_images(image_dir, SIZE, 1000)
+    expected = fd_from_features(net.features(ref).numpy(),
+                                net.features(torch.from_numpy(samples)).numpy())
+    assert result["fid"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_streamed_resume_and_workers_are_exact(latents, tmp_path, capsys):
+    whole = str(tmp_path / "whole")
+    run(capsys, "train", "--data", latents, "--out", whole, "--steps", "6", *TRAIN,
+        "--set", "workers=0")
+    parts = str(tmp_path / "parts")
+    run(capsys, "train", "--data", latents, "--out", parts, "--steps", "3", *TRAIN,
+        "--set", "workers=1")
+    run(capsys, "train", "--data", latents, "--out", parts, "--steps", "6", *TRAIN,
+        "--set", "workers=1")
+    a, _ = _weights(whole)
+    b, _ = _weights(parts)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
+
+
+def test_streaming_an_in_memory_set_changes_nothing(tmp_path, capsys):
+    args = ["--data", "eight-gaussians", "--preset", "tiny", "--steps", "12", "--quiet",
+            "--set", "ckpt_every=6"]
+    run(capsys, "train", *args, "--out", str(tmp_path / "memory"))
+    run(capsys, "train", *args, "--out", str(tmp_path / "stream"), "--set", "stream=true",
+        "--set", "workers=1")
+    a, _ = _weights(str(tmp_path / "memory"))
+    b, _ = _weights(str(tmp_path / "stream"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
