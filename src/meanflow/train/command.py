@@ -224,8 +224,11 @@ def cmd_train(args) -> int:
     check(args.out is not None, "--out RUN_DIR is required (or pass --dry-run)")
     if saved_step is not None and saved_step == cfg.steps:
         return _complete(args, cfg, data)
+    from ..distributed import from_env
+
     choice = getattr(args, "thread_choice", None)
-    if choice is not None and not args.quiet and resolve_device(args.device).type == "cpu":
+    if (choice is not None and not args.quiet and resolve_device(args.device).type == "cpu"
+            and from_env().is_main):
         hint = "" if choice.reason == "as requested" else "; --threads N to choose"
         print(f"meanflow: {choice.threads} CPU thread{'s' * (choice.threads != 1)} "
               f"({choice.reason}{hint})", file=sys.stderr)
@@ -235,7 +238,6 @@ def cmd_train(args) -> int:
         print(f"meanflow: stopped by {result.stopped_by} after step {result.step}; the checkpoint "
               "is saved; rerun the same command to resume", file=sys.stderr)
         return 128 + int(getattr(signal, result.stopped_by))
-    from ..distributed import from_env
     if not from_env().is_main:
         return 0
     print(json.dumps({"run": result.run_dir, "step": result.step, "loss": result.final_loss,
