@@ -125,3 +125,11 @@ def test_streaming_an_in_memory_set_changes_nothing(tmp_path, capsys):
     a, _ = _weights(str(tmp_path / "memory"))
     b, _ = _weights(str(tmp_path / "stream"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
+
+
+def test_unconditional_training_on_labelled_latents(latents, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", latents, "--out", str(tmp_path / "u"),
+                       "--steps", "2", *TRAIN, "--unconditional")
+    assert code == 0, err
+    _, meta = _weights(str(tmp_path / "u"))
+    assert meta["config"]["num_classes"] == 0 and meta["class_names"] is None

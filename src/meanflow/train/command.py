@@ -93,7 +93,7 @@ def _train_settings(args) -> list:
 
 
 # keys that decide which samples open_training_data reads
-_DATA_KEYS = ("data", "data_dir", "image_size", "num_data", "seed")
+_DATA_KEYS = ("data", "data_dir", "image_size", "num_data", "seed", "stream")
 
 
 def _new_config(args, settings):

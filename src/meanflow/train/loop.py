@@ -202,6 +202,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.optim.lr_at(step, cfg.steps)
                 x, y = batches.next()
+                y = None if data.labels is None else y  # a reader's labels, unconditional run
                 if data.latents:
                     # a set encoded with mirror images trains on both (docs/latents.md)
                     x = draw_latents(x, gen, data.latents["scaling_factor"],
