@@ -92,3 +92,22 @@ def tiny_run(tmp_path_factory):
     assert main(["train", "--data", "eight-gaussians", "--out", out, "--preset", "tiny",
                  "--quiet"]) == 0
     return out
+
+
+def perturbed(model, scale: float = 0.05):
+    """``model`` with N(0, scale) added to every parameter (in place), so that zero- or
+    near-zero-initialised output layers do not hide any path through the network."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def jvp_inputs(shape: tuple[int, ...], b: int, dtype=torch.float64, seed: int = 0):
+    """Seeded ``(z, r, t, v)`` for a JVP check: ``t`` in [0.15, 0.95], ``0 <= r <= t``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, *shape, generator=g, dtype=dtype)
+    v = torch.randn(b, *shape, generator=g, dtype=dtype)
+    t = torch.rand(b, generator=g, dtype=dtype) * 0.8 + 0.15
+    r = t * torch.rand(b, generator=g, dtype=dtype)
+    return z, r, t, v, g

@@ -1,6 +1,8 @@
+import math
+
 import pytest
 import torch
-from conftest import assert_total_derivative_matches_fd
+from conftest import jvp_inputs, perturbed, assert_total_derivative_matches_fd
 
 from meanflow import MeanFlow, MeanFlowError
 from meanflow.nn import DIT_CONFIGS, DiT, dit
@@ -9,19 +11,11 @@ from meanflow.nn import DIT_CONFIGS, DiT, dit
 def _tiny(dtype=torch.float64, num_classes=10, perturb=True, seed=0, **kw):
     torch.manual_seed(seed)
     model = dit("T/2", input_size=8, in_channels=4, num_classes=num_classes, **kw).to(dtype)
-    if perturb:  # leave the adaLN-Zero init so that every path through the network matters
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturbed(model) if perturb else model
 
 
 def _inputs(b=4, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(b, 4, 8, 8, generator=g, dtype=dtype)
-    v = torch.randn(b, 4, 8, 8, generator=g, dtype=dtype)
-    t = torch.rand(b, generator=g, dtype=dtype) * 0.8 + 0.15
-    r = t * torch.rand(b, generator=g, dtype=dtype)
+    z, r, t, v, g = jvp_inputs((4, 8, 8), b, dtype, seed)
     y = torch.randint(0, 10, (b,), generator=g)
     return z, r, t, v, y
 
@@ -122,3 +116,29 @@ def test_bad_input_raises_meanflow_error(case):
             DiT(input_size=8, hidden=64, heads=5)
         elif case == "times":
             _tiny(dtype=torch.float32)(z, r[:3], t)
+
+
+def test_pos_embed_values_follow_the_authors_column_then_row_order():
+    """The authors' DiT (models/models_dit.py, get_2d_sincos_pos_embed from MAE): for token
+    p = i * G + j (row-major over (row i, column j)), channels [0, D/2) embed the column j and
+    [D/2, D) the row i, each as [sin(x w_k), cos(x w_k)] with w_k = 1 / 10000^(2k / (D/2))."""
+    from meanflow.nn.dit import sincos_2d
+
+    grid, dim = 4, 16
+    emb = sincos_2d(dim, grid).double()
+    half, quarter = dim // 2, dim // 4
+    assert emb.shape == (grid * grid, dim)
+    for i in range(grid):
+        for j in range(grid):
+            p = i * grid + j
+            for k in range(quarter):
+                w = 1.0 / 10000 ** (2 * k / half)
+                assert emb[p, k] == pytest.approx(math.sin(j * w), abs=1e-6)
+                assert emb[p, quarter + k] == pytest.approx(math.cos(j * w), abs=1e-6)
+                assert emb[p, half + k] == pytest.approx(math.sin(i * w), abs=1e-6)
+                assert emb[p, half + quarter + k] == pytest.approx(math.cos(i * w), abs=1e-6)
+    # patch (0, 1) moves along the first half, patch (1, 0) along the second
+    p01, p10, p00 = emb[1], emb[grid], emb[0]
+    assert not torch.allclose(p01[:half], p00[:half]) and torch.allclose(p01[half:], p00[half:])
+    assert torch.allclose(p10[:half], p00[:half]) and not torch.allclose(p10[half:], p00[half:])
+    assert torch.equal(_tiny(perturb=False).pos_embed, sincos_2d(64, 4).double())

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from meanflow import GuidedMeanFlow, MeanFlow, MeanFlowError, linear_path
+from meanflow import GuidedMeanFlow, MeanFlow, MeanFlowError, TimeSampler, linear_path
 from meanflow.nn import MLP
 from conftest import assert_jvp_modes_agree
 
@@ -141,7 +141,7 @@ def test_network_sees_dropped_labels_for_u_and_jvp():
     x, noise = _data(64)
     y = torch.randint(0, K, (64,), generator=torch.Generator().manual_seed(5))
     t = torch.full((64,), 0.5, dtype=torch.float64)
-    obj = GuidedMeanFlow(K, label_dropout=0.5, jvp="full")
+    obj = GuidedMeanFlow(K, label_dropout=0.5, jvp="full", drop_rows="any")
     out = obj(model, x, y, noise=noise, r=t / 2, t=t, generator=torch.Generator().manual_seed(4))
     expected = obj.drop_labels(y, torch.Generator().manual_seed(4))  # the first draw of a call
     assert 0 < int((expected == K).sum()) < 64
@@ -242,3 +242,55 @@ def test_sampling_guidance_by_hand_in_one_batched_call():
         sampling_guidance(model, -1.0, K)
     with pytest.raises(MeanFlowError, match="class labels"):
         guided(z, r, t)
+
+
+def test_null_labels_fall_on_r_equal_t_rows_as_the_authors():
+    """The authors drop Binomial(B, p) labels on the first rows of the batch, which are its
+    r = t rows (meanflow.py, cond_drop and sample_tr): every null row is an r = t row, the
+    share of null rows stays p and the share of r != t rows stays ``ratio``."""
+    n, p, ratio = 40_000, 0.1, 0.25
+    obj = GuidedMeanFlow(K, TimeSampler(ratio=ratio), label_dropout=p)
+    d = obj.draw(n, (2,), generator=torch.Generator().manual_seed(0))
+    equal = d.r == d.t
+    assert bool(equal[d.drop].all())
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(int(d.drop.sum()) - n * p) < 5 * sd
+    assert abs(float((~equal).float().mean()) - ratio) < 5 * math.sqrt(ratio * (1 - ratio) / n)
+    # which r = t rows are dropped varies from batch to batch
+    draws = [obj.draw(64, (2,), generator=torch.Generator().manual_seed(s)) for s in range(50)]
+    assert len({tuple(x.drop.nonzero().flatten().tolist()) for x in draws}) > 40
+    # "any": independent of the times
+    anyrow = GuidedMeanFlow(K, TimeSampler(ratio=ratio), label_dropout=p, drop_rows="any")
+    d = anyrow.draw(n, (2,), generator=torch.Generator().manual_seed(0))
+    share = float(((d.r < d.t) & d.drop).float().sum() / d.drop.sum())
+    assert abs(share - ratio) < 0.03
+
+
+def test_guidance_terms_run_without_dropout():
+    """The authors evaluate u(z, t, t | null) and u(z, t, t | y) with train=False: with a
+    dropout network the guided velocity is deterministic and equals the eval-mode one."""
+    from torch import nn
+
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.emb = nn.Embedding(K + 1, 2)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, z, r, t, y=None):
+            h = torch.cat([z, (t - r)[:, None]], 1).float()
+            return self.drop(self.lin(h) + self.emb(y))
+
+    torch.manual_seed(0)
+    net = Drop().train()
+    obj = GuidedMeanFlow(K, omega=1.5, kappa=0.3, label_dropout=0.0)
+    x = torch.randn(32, 2)
+    y = torch.randint(0, K, (32,))
+    t = torch.rand(32)
+    path = linear_path(x, torch.randn(32, 2), t)
+    a = obj.velocity(net, path, t, t, y)
+    b = obj.velocity(net, path, t, t, y)
+    assert torch.equal(a, b) and net.training  # deterministic, and train mode restored
+    net.eval()
+    assert torch.allclose(obj.velocity(net, path, t, t, y), a)

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     _features_parser(sub)
     from .latents_command import add_latents_parser
     add_latents_parser(sub)
+    from .convert_command import add_convert_parser
+    add_convert_parser(sub)
     for command in _leaf_parsers(sub):
         command.add_argument("--threads", default="auto", metavar="N",
                              help="CPU threads for PyTorch (default auto: one per core this "
@@ -138,10 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         from .threads import set_threads
 
         args.thread_choice = set_threads(args.threads)
+        from .convert_command import cmd_convert
         from .latents_command import cmd_latents
 
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                "features": cmd_features, "latents": cmd_latents}[args.command](args)
+                "features": cmd_features, "latents": cmd_latents,
+                "convert": cmd_convert}[args.command](args)
     except MeanFlowError as exc:
         print(f"meanflow: error: {exc}", file=sys.stderr)
         return 2

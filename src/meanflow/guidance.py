@@ -1,14 +1,16 @@
 """Classifier-free guidance folded into the MeanFlow training target (paper Sec. 4.2, appendix).
 
 A class-conditional network ``u(z, r, t | y)`` has a null label at index ``num_classes``. During
-training each label is replaced by the null label with probability ``label_dropout``; the
-network sees the dropped labels both for ``u`` and for the JVP. The conditional velocity ``v``
+training a fraction ``label_dropout`` of the labels is replaced by the null label; the network
+sees the dropped labels both for ``u`` and for the JVP. As in the authors' code, the dropped rows
+are r = t rows (``drop_rows="r=t"``: the number dropped is Binomial(B, label_dropout), chosen at
+random among the batch's r = t rows); ``drop_rows="any"`` drops each row independently. The conditional velocity ``v``
 is replaced by the guided velocity (the "improved CFG" of the appendix)
 
     v~ = omega * v + (1 - omega - kappa) * u(z_t, t, t | null) + kappa * u(z_t, t, t | y)
 
-where both network terms are evaluated with r = t (the instantaneous velocity) and are
-stop-gradients. ``v~`` is then used exactly where ``v`` was: as the JVP tangent ``(v~, 0, 1)``
+where both network terms are evaluated with r = t (the instantaneous velocity), are
+stop-gradients, and run in evaluation mode (no dropout), as the authors' ``train=False``. ``v~`` is then used exactly where ``v`` was: as the JVP tangent ``(v~, 0, 1)``
 and in the target ``u_tgt = sg(v~ - (t - r) du/dt)``. It applies only to samples whose ``t``
 lies in the closed interval ``[t_min, t_max]`` and whose label was not dropped; elsewhere
 ``v~ = v`` (so the null label learns the unconditional field).
@@ -26,11 +28,13 @@ omega = 0.2, kappa = 0.92 (w' = 2.5) with guidance interval t in [0, 0.75]; labe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .errors import check
 from .jvp import at_least_float32
-from .objective import Draws, MeanFlow, ObjectiveOutput
+from .objective import Draws, MeanFlow, ObjectiveOutput, _sub
 from .path import PathSample
 from .times import TimeSampler
 
@@ -44,15 +48,18 @@ class GuidedMeanFlow(MeanFlow):
             ``0 <= kappa < 1``); effective CFG scale ``omega / (1 - kappa)``. ``omega = 1,
             kappa = 0`` is unguided: ``v~ = v`` and no extra network evaluations.
         t_min, t_max: guidance is applied for ``t_min <= t <= t_max`` only.
-        label_dropout: probability of replacing a label by the null label, drawn from the
-            call's ``generator`` (no draw at all when it is 0).
+        label_dropout: fraction of labels replaced by the null label, drawn from the call's
+            ``generator`` (no draw at all when it is 0).
+        drop_rows: ``"r=t"`` (the authors'): Binomial(B, label_dropout) rows are dropped, chosen
+            among the r = t rows (all of them if there are fewer); ``"any"``: each row
+            independently with probability ``label_dropout``.
         time_sampler, p, c, jvp: as in :class:`MeanFlow`.
     """
 
     def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None, *,
                  omega: float = 1.0, kappa: float = 0.0, t_min: float = 0.0, t_max: float = 1.0,
-                 label_dropout: float = 0.1, p: float = 1.0, c: float = 1e-3,
-                 jvp: str = "subset", jvp_dtype: str = "float32") -> None:
+                 label_dropout: float = 0.1, drop_rows: str = "r=t", p: float = 1.0,
+                 c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32") -> None:
         super().__init__(time_sampler, p=p, c=c, jvp=jvp, jvp_dtype=jvp_dtype)
         check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
         check(omega > 0, f"guidance omega must be > 0, got {omega}")
@@ -60,6 +67,8 @@ class GuidedMeanFlow(MeanFlow):
         check(0 <= t_min <= t_max <= 1,
               f"guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{t_min}, {t_max}]")
         check(0 <= label_dropout <= 1, f"label dropout must be in [0, 1], got {label_dropout}")
+        check(drop_rows in ("r=t", "any"), f"drop_rows must be 'r=t' or 'any', got {drop_rows!r}")
+        self.drop_rows = drop_rows
         self.num_classes, self.omega, self.kappa = int(num_classes), float(omega), float(kappa)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.label_dropout = float(label_dropout)
@@ -79,11 +88,21 @@ class GuidedMeanFlow(MeanFlow):
         """Replace each label by the null label with probability ``label_dropout``."""
         return self.apply_drop(y, self.drop_mask(y.shape[0], generator, y.device))
 
-    def drop_mask(self, n: int, generator, device) -> torch.Tensor | None:
-        """Which of ``n`` labels become the null label (None when ``label_dropout`` is 0)."""
+    def drop_mask(self, n: int, generator, device, r: torch.Tensor | None = None,
+                  t: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Which of ``n`` labels become the null label (None when ``label_dropout`` is 0):
+        each independently, or with ``r``, ``t`` given and ``drop_rows="r=t"``,
+        Binomial(n, label_dropout) of them chosen at random among the rows with r = t."""
         if self.label_dropout == 0:
             return None
-        return torch.rand(n, generator=generator, device=device) < self.label_dropout
+        coin = torch.rand(n, generator=generator, device=device) < self.label_dropout
+        if self.drop_rows == "any" or r is None:
+            return coin
+        order = torch.rand(n, generator=generator, device=device)
+        order = torch.where(r == t, order, torch.full_like(order, 2.0))  # r != t rows last
+        rank = torch.empty(n, dtype=torch.long, device=device)
+        rank[torch.argsort(order)] = torch.arange(n, device=device)
+        return (rank < coin.sum()) & (r == t)
 
     def apply_drop(self, y: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
         """``y`` with the labels where ``drop`` is true replaced by the null label."""
@@ -91,17 +110,21 @@ class GuidedMeanFlow(MeanFlow):
 
     def draw(self, n: int, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Draws:
-        """As :meth:`MeanFlow.draw`, with the label-dropout mask drawn first (as a call does)."""
-        drop = self.drop_mask(n, generator, device)
+        """As :meth:`MeanFlow.draw`, with the label-dropout mask: drawn first for
+        ``drop_rows="any"``, after the times for ``"r=t"`` (it depends on them)."""
+        first = self.drop_mask(n, generator, device) if self.drop_rows == "any" else None
         draws = super().draw(n, shape, generator=generator, device=device, dtype=dtype)
-        draws.drop = drop
+        draws.drop = first if self.drop_rows == "any" else self.drop_mask(
+            n, generator, device, draws.r, draws.t)
         return draws
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
                  noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
                  t: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 drop: torch.Tensor | None = None) -> ObjectiveOutput:
-        """``drop``: the label-dropout mask from :meth:`draw`, drawn here when absent."""
+                 drop: torch.Tensor | None = None,
+                 cond: dict[str, torch.Tensor] | None = None) -> ObjectiveOutput:
+        """``drop``: the label-dropout mask from :meth:`draw`, drawn here when absent;
+        ``cond``: as in :meth:`MeanFlow.__call__`."""
         check(y is not None, "guided MeanFlow needs class labels y (shape (B,), dtype long)")
         check(isinstance(y, torch.Tensor) and y.dtype == torch.long,
               f"labels y must be a torch.long tensor, got {getattr(y, 'dtype', type(y).__name__)}")
@@ -110,11 +133,15 @@ class GuidedMeanFlow(MeanFlow):
               f"got {tuple(y.shape)}")
         check(bool(((y >= 0) & (y <= self.num_classes)).all()),
               f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null label)")
-        if drop is None:  # drawn first, as in draw()
-            drop = self.drop_mask(y.shape[0], generator, y.device)
+        if drop is None and noise is None and r is None and t is None:
+            d = self.draw(x.shape[0], tuple(x.shape[1:]), generator=generator, device=x.device,
+                          dtype=x.dtype)
+            noise, r, t, drop = d.noise, d.r, d.t, d.drop
+        elif drop is None:
+            drop = self.drop_mask(x.shape[0], generator, x.device, r, t)
         check(drop is None or tuple(drop.shape) == (x.shape[0],),
               f"drop mask must have shape ({x.shape[0]},), got {tuple(getattr(drop, 'shape', ()))}")
-        return self._loss(model, x, self.apply_drop(y, drop), noise, r, t, generator)
+        return self._loss(model, x, self.apply_drop(y, drop), noise, r, t, generator, cond)
 
     def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
                  y: torch.Tensor | None) -> torch.Tensor:
@@ -129,16 +156,31 @@ class GuidedMeanFlow(MeanFlow):
         z, ti, yi = path.z[idx], t[idx], y[idx]
         null = torch.full_like(yi, self.num_classes)
         out = at_least_float32(v).clone()
-        with torch.no_grad():
+        with torch.no_grad(), _evaluation_mode(model):
             if self.kappa != 0:  # both terms in one call
                 tt = torch.cat([ti, ti])
-                u_null, u_cond = model(torch.cat([z, z]), tt, tt, y=torch.cat([null, yi])).chunk(2)
+                twice = _sub(model, torch.cat([idx, idx]))
+                u_null, u_cond = twice(torch.cat([z, z]), tt, tt, y=torch.cat([null, yi])).chunk(2)
                 guide = ((1 - self.omega - self.kappa) * u_null.to(out.dtype)
                          + self.kappa * u_cond.to(out.dtype))
             else:
-                guide = (1 - self.omega) * model(z, ti, ti, y=null).to(out.dtype)
+                guide = (1 - self.omega) * _sub(model, idx)(z, ti, ti, y=null).to(out.dtype)
         out[idx] = self.omega * out[idx] + guide
         return out
+
+
+@contextmanager
+def _evaluation_mode(model):
+    """``model`` in eval mode (no dropout) for the guidance terms, as the authors' train=False;
+    plain callables pass through."""
+    was = getattr(model, "training", None)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        yield
+    finally:
+        if isinstance(model, torch.nn.Module) and was:
+            model.train()
 
 
 class GuidedFlowMatching(GuidedMeanFlow):

@@ -61,6 +61,28 @@ def _rows(a: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if a is None else a[idx]
 
 
+class Conditioned(torch.nn.Module):
+    """``model`` with per-row keyword inputs bound: ``Conditioned(net, {"aug": a})(z, r, t, y)``
+    calls ``net(z, r, t, y=y, aug=a)``; :meth:`rows` keeps the inputs of some rows, so the
+    objective can split a batch (e.g. the r != t rows for the JVP) without knowing them. Used
+    for EDM's augmentation labels (``cond`` of an objective call)."""
+
+    def __init__(self, net, cond: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.net, self.cond = net, cond
+
+    def forward(self, z, r, t, y=None):
+        return self.net(z, r, t, y=y, **self.cond)
+
+    def rows(self, idx: torch.Tensor) -> "Conditioned":
+        return Conditioned(self.net, {k: v[idx] for k, v in self.cond.items()})
+
+
+def _sub(model, idx: torch.Tensor):
+    """The model for rows ``idx`` of the batch (per-row inputs of a :class:`Conditioned`)."""
+    return model.rows(idx) if isinstance(model, Conditioned) else model
+
+
 @dataclass
 class ObjectiveOutput:
     """What one objective evaluation produced (all per-sample tensors have leading dim B)."""
@@ -126,11 +148,18 @@ class MeanFlow:
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
                  noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
                  t: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 drop: torch.Tensor | None = None) -> ObjectiveOutput:
+                 drop: torch.Tensor | None = None,
+                 cond: dict[str, torch.Tensor] | None = None) -> ObjectiveOutput:
+        """``cond``: more per-row network inputs (B, ...), passed to the model as keywords
+        (e.g. ``{"aug": labels}`` of EDM's augmentation)."""
         check(drop is None, "drop (a label-dropout mask) needs a class-conditional objective")
-        return self._loss(model, x, y, noise, r, t, generator)
+        return self._loss(model, x, y, noise, r, t, generator, cond)
 
-    def _loss(self, model, x, y, noise, r, t, generator) -> ObjectiveOutput:
+    def _loss(self, model, x, y, noise, r, t, generator, cond=None) -> ObjectiveOutput:
+        if cond:
+            check(all(v.shape[0] == x.shape[0] for v in cond.values()),
+                  "each cond input needs one row per sample")
+            model = Conditioned(model, cond)
         r, t, noise = self._inputs(x, noise, r, t, generator)
         path = linear_path(x, noise, t)
         v = self.velocity(model, path, r, t, y).detach()
@@ -154,9 +183,9 @@ class MeanFlow:
             return model(z, r, t, y=y), at_least_float32(v)
         idx_mf = distinct.nonzero().squeeze(1)
         idx_fm = (~distinct).nonzero().squeeze(1)
-        u_mf, tgt_mf = self._with_jvp(model, z[idx_mf], r[idx_mf], t[idx_mf], v[idx_mf],
-                                      _rows(y, idx_mf))
-        u_fm = model(z[idx_fm], r[idx_fm], t[idx_fm], y=_rows(y, idx_fm))
+        u_mf, tgt_mf = self._with_jvp(_sub(model, idx_mf), z[idx_mf], r[idx_mf], t[idx_mf],
+                                      v[idx_mf], _rows(y, idx_mf))
+        u_fm = _sub(model, idx_fm)(z[idx_fm], r[idx_fm], t[idx_fm], y=_rows(y, idx_fm))
         inverse = torch.argsort(torch.cat([idx_mf, idx_fm]))
         u = torch.cat([at_least_float32(u_mf), at_least_float32(u_fm)])[inverse]
         target = torch.cat([tgt_mf, at_least_float32(v[idx_fm])])[inverse]
@@ -167,7 +196,8 @@ class MeanFlow:
         if bool(distinct.any()):
             idx = distinct.nonzero().squeeze(1)
             with torch.no_grad():
-                _, tgt = self._with_jvp(model, z[idx], r[idx], t[idx], v[idx], _rows(y, idx))
+                _, tgt = self._with_jvp(_sub(model, idx), z[idx], r[idx], t[idx], v[idx],
+                                        _rows(y, idx))
             target[idx] = tgt.to(target.dtype)
         return model(z, r, t, y=y), target
 

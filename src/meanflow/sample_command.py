@@ -45,7 +45,10 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--schedule", metavar="T0,T1,...",
                    help="explicit decreasing times, e.g. 1,0.6,0 (overrides --steps)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed (default 0)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--weights", metavar="NAME",
+                   help="which weights: ema (default: the primary EMA), raw, or an extra EMA "
+                        "of the run (ema_extra) by decay or name, e.g. 0.99995 or ema-0.99995")
+    p.add_argument("--raw", action="store_true", help="the raw weights (= --weights raw)")
     p.add_argument("--class", dest="classes", metavar="LABELS",
                    help="class-conditional runs: one label, a comma list (cycled), 'random', "
                         "'none' (the null label: unguided, unconditional), class names allowed "
@@ -123,7 +126,7 @@ def cmd_sample(args) -> int:
     from .sampling import parse_schedule
     from .train import load_run
     from .train.factory import resolve_device
-    from .train.run import parse_classes
+    from .train.run import parse_classes, weights_option
 
     ext = os.path.splitext(args.out)[1].lower()
     check(ext in (".npy", ".png", ".npz"), f"--out must end in .npy, .png or .npz, got "
@@ -135,7 +138,7 @@ def cmd_sample(args) -> int:
     check(ext != ".png" or not distributed.from_env().active, "a .png grid is made by one "
           "process: run it without torchrun (under torchrun write .npy or .npz)")
     info, device = distributed.init(resolve_device(args.device))
-    run = load_run(args.run, "raw" if args.raw else "ema", device, vae=args.vae)
+    run = load_run(args.run, weights_option(args), device, vae=args.vae)
     check(ext != ".npz" or run.is_image, ".npz output holds uint8 images; this run samples "
           "vectors, use .npy")
     labels = parse_classes(args.classes, args.num, run, args.seed)

@@ -17,10 +17,10 @@ IMAGE_METRICS = ("fd", "fid", "pr", "swd")
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="compare samples with reference data (FD, FID, precision/"
                                     "recall, SWD)",
-                       description="Sample a run (EMA weights unless --raw) and print one JSON "
-                                   "line with the metrics against a reference set, their floor "
-                                   "(training data against the same reference), and the "
-                                   "settings that produced them.")
+                       description="Sample a run (the primary EMA unless --weights) and "
+                                   "print one JSON line with the metrics against a reference "
+                                   "set, their floor (training data against the same "
+                                   "reference), and the settings that produced them.")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory from train")
     p.add_argument("--reference", required=True, metavar="NAME_OR_PATH",
                    help="built-in distribution (fresh draws, independent of the training set), "
@@ -34,7 +34,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed (default 0)")
     p.add_argument("--projections", type=int, default=DEFAULT_PROJECTIONS, metavar="P",
                    help=f"random projections for SWD (default {DEFAULT_PROJECTIONS})")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--weights", metavar="NAME",
+                   help="which weights: ema (default: the primary EMA), raw, or an extra EMA "
+                        "of the run (ema_extra) by decay or name, e.g. 0.99995 or ema-0.99995")
+    p.add_argument("--raw", action="store_true", help="the raw weights (= --weights raw)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--vae", metavar="DIR", help="runs trained on latents: the diffusers VAE "
                    "directory to decode with (default: the one the latents were encoded with)")
@@ -92,13 +95,13 @@ def cmd_eval(args) -> int:
     from ..sampling import parse_schedule
     from ..train import load_run
     from ..train.factory import resolve_device
-    from ..train.run import parse_classes
+    from ..train.run import parse_classes, weights_option
     from . import energy_distance, sliced_wasserstein
 
     check(args.num >= 2, f"--num must be >= 2 (a covariance needs two samples), got {args.num}")
     check(args.projections >= 1, f"--projections must be >= 1, got {args.projections}")
     device = resolve_device(args.device)
-    run = load_run(args.run, "raw" if args.raw else "ema", device, vae=args.vae)
+    run = load_run(args.run, weights_option(args), device, vae=args.vae)
     metrics = tuple(m.strip() for m in (args.metric or ("fd,pr" if run.is_image else "swd"))
                     .split(","))
     unknown = [m for m in metrics if m not in IMAGE_METRICS]

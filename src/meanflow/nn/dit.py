@@ -37,8 +37,10 @@ DIT_CONFIGS = {
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding of a ``grid x grid`` token layout (row-major): (grid^2, dim).
-    Half of the channels encode the row, half the column, each as ``[sin(w_k x), cos(w_k x)]``
-    with ``w_k = 10000^(-k / (dim / 4))``."""
+    Token ``p = i * grid + j`` (row i, column j) gets ``[E(j), E(i)]``: the column in the first
+    half of the channels, the row in the second, as in DiT/MAE's ``get_2d_sincos_pos_embed``
+    (its ``meshgrid(grid_w, grid_h)`` puts w first), which the MeanFlow authors' DiT uses.
+    ``E(x) = [sin(w_k x), cos(w_k x)]`` with ``w_k = 10000^(-k / (dim / 4))``, k < dim / 4."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     coords = torch.arange(grid, dtype=torch.float64)
@@ -48,7 +50,7 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([embed(rows), embed(cols)], dim=1).float()
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,29 @@ def check_image_call(name: str, z: torch.Tensor, r: torch.Tensor, t: torch.Tenso
           f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
     if y is not None:
         check(y.shape == (b,), f"y must have shape ({b},), got {tuple(y.shape)}")
+
+
+def check_unet_args(in_channels: int, input_size: int, channels: int, channel_mult: tuple,
+                    blocks: int, dropout: float, channels_name: str, blocks_name: str) -> None:
+    """One-line errors for the arguments U-Nets share (ours and the SongUNet)."""
+    check(in_channels >= 1 and input_size >= 1 and channels >= 1,
+          f"in_channels, input_size and {channels_name} must be >= 1, "
+          f"got {in_channels}, {input_size}, {channels}")
+    check(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult),
+          f"channel_mult must be a non-empty tuple of ints >= 1, got {channel_mult}")
+    check(blocks >= 1, f"{blocks_name} must be >= 1, got {blocks}")
+    check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+
+
+def resolve_config(configs: dict, name: str, what: str, input_size: int, overrides: dict) -> dict:
+    """The keyword arguments of a named U-Net config with ``overrides`` applied; its
+    ``attention_downsample`` factors become ``attention_resolutions`` for ``input_size``."""
+    check(name in configs, f"unknown {what} config {name!r}; use one of {', '.join(configs)}")
+    cfg = {**configs[name], **overrides}
+    factors = tuple(cfg.pop("attention_downsample", ()))
+    if "attention_resolutions" not in overrides:
+        check(all(d >= 1 and input_size % d == 0 for d in factors),
+              f"input_size {input_size} is not divisible by the attention downsampling "
+              f"factors {factors} of {what} config {name!r}")
+        cfg["attention_resolutions"] = tuple(input_size // d for d in factors)
+    return cfg

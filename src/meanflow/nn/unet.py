@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
-from .embeddings import Conditioning, check_image_call
+from .embeddings import Conditioning, check_image_call, check_unet_args, resolve_config
 
 #: base channels, channel multipliers (one level each), ResBlocks per level, attention at
 #: ``input_size // d`` for each ``d`` in ``attention_downsample``, dropout, GroupNorm groups.
@@ -126,13 +126,8 @@ class UNet(nn.Module):
                  num_classes: int = 0, groups: int = 32, heads: int = 1) -> None:
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        check(in_channels >= 1 and input_size >= 1 and base_channels >= 1,
-              "in_channels, input_size and base_channels must be >= 1, "
-              f"got {in_channels}, {input_size}, {base_channels}")
-        check(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult),
-              f"channel_mult must be a non-empty tuple of ints >= 1, got {channel_mult}")
-        check(num_res_blocks >= 1, f"num_res_blocks must be >= 1, got {num_res_blocks}")
-        check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
+        check_unet_args(in_channels, input_size, base_channels, channel_mult, num_res_blocks, dropout,
+                        "base_channels", "num_res_blocks")
         check(num_classes >= 0, f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         levels = len(channel_mult)
         check(input_size % 2 ** (levels - 1) == 0,
@@ -206,13 +201,5 @@ def unet(name: str, in_channels: int = 3, input_size: int = 32, num_classes: int
          **overrides) -> UNet:
     """Build a U-Net by name (see :data:`UNET_CONFIGS`); keywords override the config. Pass
     ``attention_resolutions`` (absolute sizes) or ``attention_downsample`` (factors)."""
-    check(name in UNET_CONFIGS,
-          f"unknown U-Net config {name!r}; use one of {', '.join(UNET_CONFIGS)}")
-    cfg = {**UNET_CONFIGS[name], **overrides}
-    factors = tuple(cfg.pop("attention_downsample", ()))
-    if "attention_resolutions" not in overrides:
-        check(all(d >= 1 and input_size % d == 0 for d in factors),
-              f"input_size {input_size} is not divisible by the attention downsampling "
-              f"factors {factors} of U-Net config {name!r}")
-        cfg["attention_resolutions"] = tuple(input_size // d for d in factors)
+    cfg = resolve_config(UNET_CONFIGS, name, "U-Net", input_size, overrides)
     return UNet(in_channels=in_channels, input_size=input_size, num_classes=num_classes, **cfg)

@@ -2,8 +2,9 @@
 a checkpoint never executes code.
 
 A checkpoint ``step-00001000`` is two files in ``RUN/checkpoints/``: ``.safetensors`` with
-``model.*``, ``ema.*``, ``optim.<param index>.<state name>``, ``rng.*`` and ``data.*`` tensors,
-and ``.json`` with the step, config, optimizer hyper-parameters and counters. Both are written
+``model.*``, ``ema.*`` (the primary EMA; extras ``ema-<decay>.*``, named under ``emas`` in the
+JSON), ``optim.<param index>.<state name>``, ``rng.*`` and ``data.*`` tensors, and ``.json``
+with the step, config, optimizer hyper-parameters and counters. Both are written
 to a temporary name and renamed into place; the JSON is written last, so a checkpoint counts
 only once both are complete. Older checkpoints beyond ``keep`` are removed after a new one is
 complete.

@@ -23,7 +23,7 @@ OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-ARCHS = ("mlp", "unet", "dit")
+ARCHS = ("mlp", "unet", "songunet", "dit")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class GuidanceConfig:
     t_min: float = 0.0
     t_max: float = 1.0
     label_dropout: float = 0.1
+    drop_rows: str = "r=t"   # null labels only on r = t rows (the authors'), or "any"
 
 
 @dataclass
@@ -94,6 +95,9 @@ class TrainConfig:
     num_data: int = 100_000       # samples drawn from a built-in distribution
     normalize: bool = True        # standardize each dimension; samples are mapped back
     ema_decay: float = 0.999
+    ema_extra: str = ""           # extra EMA decays, comma-separated (e.g. "0.99995,0.9996")
+    ema_every: int = 1            # update the EMAs every k optimizer steps with decay^k
+    ema_warmup: bool = True       # decay min(d, (1+n)/(10+n)); false: constant d (authors)
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
@@ -101,6 +105,8 @@ class TrainConfig:
     data_dir: str = ""            # folder of fashion-mnist / cifar10 files
     image_size: int = 0           # resize folder images (digits: 8, 16 or 32); 0: native
     hflip: bool = False           # random horizontal flips of images
+    augment: str = ""             # augmentation pipeline: "" (none) or "edm-cifar10"
+    augment_p: float = 0.12       # its probability per transformation (EDM's p)
     conditional: bool = True      # use the data's labels when it has them
     data_shape: str = ""          # one sample's shape, e.g. 1x28x28 (set from the data)
     num_classes: int = 0          # classes the network is conditioned on (set from the data)
@@ -136,6 +142,10 @@ class TrainConfig:
             check(value >= 1, f"{name} must be >= 1, got {value}")
         check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        extras = self.ema_extras
+        check(len(set(extras) | {self.ema_decay}) == len(extras) + 1, f"ema_extra "
+              f"{self.ema_extra!r} repeats a decay (ema_decay is {self.ema_decay})")
+        check(self.ema_every >= 1, f"ema_every must be >= 1, got {self.ema_every}")
         check(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
         check(self.optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of "
               f"{', '.join(LR_SCHEDULES)}, got {self.optim.schedule!r}")
@@ -156,6 +166,7 @@ class TrainConfig:
         check(self.optim.fused in ("auto", "on", "off"), "optim.fused must be auto, on or off, "
               f"got {self.optim.fused!r}")
         check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        check(0 <= self.augment_p <= 1, f"augment_p must be in [0, 1], got {self.augment_p}")
         check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be "
               f"divisible by grad_accum {self.grad_accum}")
         check(self.grid_every >= 0, f"grid_every must be >= 0, got {self.grid_every}")
@@ -170,7 +181,22 @@ class TrainConfig:
               f"[{g.t_min}, {g.t_max}]")
         check(0 <= g.label_dropout <= 1, f"guidance.label_dropout must be in [0, 1], got "
               f"{g.label_dropout}")
+        check(g.drop_rows in ("r=t", "any"), f"guidance.drop_rows must be r=t or any, got "
+              f"{g.drop_rows!r}")
         parse_shape(self.data_shape)
+
+    @property
+    def ema_extras(self) -> tuple[float, ...]:
+        """The decays of ``ema_extra`` (each checked to lie in [0, 1))."""
+        decays = []
+        for item in filter(None, (v.strip() for v in str(self.ema_extra).split(","))):
+            try:
+                decays.append(float(item))
+            except ValueError:
+                decays.append(math.nan)
+            check(0.0 <= decays[-1] < 1.0, f"ema_extra needs comma-separated decays in [0, 1), "
+                  f"got {item!r}")
+        return tuple(decays)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,7 +220,16 @@ KEY_HELP = {
     "num_data": "points drawn from a built-in distribution as the training set",
     "normalize": "standardize each dimension with the training set's mean and std; samples "
                  "are mapped back",
-    "ema_decay": "EMA decay, warmed up as min(decay, (1+n)/(10+n)); sampling uses the EMA",
+    "ema_decay": "decay of the primary EMA, the weights sampling uses (warmed up as min(decay, "
+                 "(1+n)/(10+n)) unless ema_warmup=false); the authors use 0.9999 (ImageNet and "
+                 "CIFAR-10)",
+    "ema_extra": "extra EMAs kept beside the primary, comma-separated decays (e.g. "
+                 "\"0.99995,0.9996\", the authors' CIFAR-10 extras; their demo reports FID "
+                 "with 0.99995); sample one with `--weights 0.99995` (docs/reliability.md)",
+    "ema_every": "update the EMAs every k optimizer steps with decay^k applied to the current "
+                 "weights (the authors' CIFAR-10 code: 16; their ImageNet code: 1)",
+    "ema_warmup": "warm the decay up as min(decay, (1+n)/(10+n)); false: constant decay from "
+                  "step 1, as the authors",
     "log_every": "steps between metrics.jsonl records",
     "ckpt_every": "steps between checkpoints (one is always written at the end)",
     "keep_checkpoints": "newest checkpoints kept in checkpoints/",
@@ -203,6 +238,9 @@ KEY_HELP = {
     "image_size": "resize folder images to this square size; digits size 8, 16 or 32 "
                   "(0: native; digits 16)",
     "hflip": "flip each training image horizontally with probability 1/2",
+    "augment": "EDM's augmentation pipeline: `edm-cifar10` (the authors' CIFAR-10 setting, "
+               "docs/augmentation.md) or empty; its labels condition the network (SongUNet)",
+    "augment_p": "augmentation probability p of the pipeline (the authors: 0.12)",
     "conditional": "train class-conditional when the data has labels (`--unconditional` sets "
                    "false)",
     "data_shape": "one sample's shape, D or CxHxW; set from the data (presets give it for "
@@ -224,7 +262,8 @@ KEY_HELP = {
     "stream": "read batches from disk through DataLoader workers instead of holding the data "
               "set in memory (image folders; latent directories always stream)",
     "workers": "DataLoader worker processes of a streamed run (0: in the training process)",
-    "model.arch": "network: `mlp` (vectors), `unet` or `dit` (images, latents)",
+    "model.arch": "network: `mlp` (vectors), `unet`, `songunet` (the authors' CIFAR-10 "
+                  "DDPM++ U-Net) or `dit` (images, latents)",
     "model.hidden": "MLP width",
     "model.depth": "MLP hidden layers",
     "model.size": "U-Net config (tiny, small, cifar10-paper) or DiT SIZE/PATCH (T, S, B, M, L, "
@@ -241,6 +280,9 @@ KEY_HELP = {
     "time.r_mean": "logit-normal mean of r's draw (None: same as t)",
     "time.r_std": "logit-normal std of r's draw (None: same as t)",
     "time.ratio": "fraction of samples with r != t (0: flow-matching targets only)",
+    "time.order": "`sorted` (t = max, r = min of the two draws; the paper's) or `official-v1` "
+                  "(t unsorted, mask, then r = min(t, r): the authors' improved CIFAR-10 "
+                  "sampler; docs/method.md)",
     "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",
     "loss.c": "adaptive weight constant c",
     "loss.jvp": "`subset` (JVP only on r != t samples, its output reused for the loss), "
@@ -264,6 +306,8 @@ KEY_HELP = {
     "guidance.t_min": "guidance applies for t_min <= t <= t_max",
     "guidance.t_max": "guidance applies for t_min <= t <= t_max",
     "guidance.label_dropout": "probability of replacing a label by the null label",
+    "guidance.drop_rows": "`r=t` (default, the authors': the null-label rows are r = t rows, "
+                          "label_dropout of the batch) or `any` (each row independently)",
 }
 
 

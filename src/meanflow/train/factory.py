@@ -7,24 +7,28 @@ from torch import nn
 
 from ..errors import MeanFlowError, check
 from ..guidance import GuidedFlowMatching, GuidedMeanFlow
-from ..nn import MLP, UNET_CONFIGS, dit, unet
+from ..nn import MLP, SONGUNET_CONFIGS, UNET_CONFIGS, dit, songunet, unet
 from ..objective import FlowMatching, MeanFlow
 from .config import TrainConfig
 
 
-def _unet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _overrides(cfg: TrainConfig, configs: dict, default: str, what: str,
+               channels: str, blocks: str) -> tuple[str, dict]:
+    """``(size name, overrides)`` of a U-Net-like network from ``model.size``,
+    ``model.channels``, ``model.blocks`` and ``model.dropout`` (0 / -1: the config's)."""
     m = cfg.model
-    name = m.size or "small"
-    check(name in UNET_CONFIGS, f"unknown U-Net model.size {name!r}; use one of "
-          f"{', '.join(UNET_CONFIGS)}")
+    name = m.size or default
+    check(name in configs, f"unknown {what} model.size {name!r}; use one of "
+          f"{', '.join(configs)}")
+    pairs = ((channels, m.channels), (blocks, m.blocks), ("dropout", m.dropout))
+    return name, {key: value for key, value in pairs
+                  if (value >= 0 if key == "dropout" else value)}
+
+
+def _unet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    name, overrides = _overrides(cfg, UNET_CONFIGS, "small", "U-Net", "base_channels",
+                                 "num_res_blocks")
     channels, size = shape[0], shape[1]
-    overrides = {}
-    if m.channels:
-        overrides["base_channels"] = m.channels
-    if m.blocks:
-        overrides["num_res_blocks"] = m.blocks
-    if m.dropout >= 0:
-        overrides["dropout"] = m.dropout
     # fewer levels for sizes that the config's levels do not divide (e.g. 30 = 2 x 15)
     mult = tuple(UNET_CONFIGS[name]["channel_mult"])
     while len(mult) > 1 and size % 2 ** (len(mult) - 1):
@@ -35,6 +39,19 @@ def _unet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Modu
     overrides["attention_resolutions"] = tuple(size // d for d in factors)
     return unet(name, in_channels=channels, input_size=size, num_classes=num_classes,
                 **overrides)
+
+
+def _songunet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The authors' CIFAR-10 DDPM++ U-Net (``model.size`` cifar10-paper by default); the
+    channels, blocks and dropout overrides apply as for the U-Net."""
+    name, overrides = _overrides(cfg, SONGUNET_CONFIGS, "cifar10-paper", "SongUNet",
+                                 "model_channels", "num_blocks")
+    if cfg.augment:  # one label input per transformation the pipeline can apply
+        from ..data.augment import AugmentPipe, augment_config
+        active = tuple(AugmentPipe(**augment_config(cfg.augment)).active_labels)
+        overrides.update(augment_dim=len(active), augment_columns=active)
+    return songunet(name, in_channels=shape[0], input_size=shape[1], num_classes=num_classes,
+                    **overrides)
 
 
 def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
@@ -49,10 +66,12 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
           f"(C, H, W), got samples of shape {shape}; vectors use model.arch=mlp")
     if m.arch == "unet":
         return _unet(cfg, shape, num_classes)
+    if m.arch == "songunet":
+        return _songunet(cfg, shape, num_classes)
     if m.arch == "dit":
         return dit(m.size or "B/2", input_size=shape[1], in_channels=shape[0],
                    num_classes=num_classes)
-    raise MeanFlowError(f"unknown model.arch {m.arch!r}; available: mlp, unet, dit")
+    raise MeanFlowError(f"unknown model.arch {m.arch!r}; available: mlp, unet, songunet, dit")
 
 
 def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
@@ -60,7 +79,8 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
     if num_classes > 0:
         g = cfg.guidance
         kwargs = dict(omega=g.omega, kappa=g.kappa, t_min=g.t_min, t_max=g.t_max,
-                      label_dropout=g.label_dropout, p=cfg.loss.p, c=cfg.loss.c)
+                      label_dropout=g.label_dropout, drop_rows=g.drop_rows, p=cfg.loss.p,
+                      c=cfg.loss.c)
         if cfg.objective == "flow-matching":
             return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
         return GuidedMeanFlow(num_classes, cfg.time, jvp=cfg.loss.jvp,
@@ -69,6 +89,23 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
         return FlowMatching(cfg.time, p=cfg.loss.p, c=cfg.loss.c)
     return MeanFlow(cfg.time, p=cfg.loss.p, c=cfg.loss.c, jvp=cfg.loss.jvp,
                     jvp_dtype=cfg.loss.jvp_dtype)
+
+
+def build_augment(cfg: TrainConfig, model: nn.Module, kind: str):
+    """EDM's augmentation pipeline named by ``cfg.augment`` (None when empty), after checking
+    that the data are images and that the network takes its labels (``aug=``)."""
+    if not cfg.augment:
+        return None
+    import inspect
+
+    from ..data.augment import AugmentPipe, augment_config
+
+    check(kind == "images", f"augment={cfg.augment} needs image data, not {kind}")
+    check("aug" in inspect.signature(model.forward).parameters
+          and getattr(model, "augment_dim", 0) > 0, f"augment={cfg.augment} feeds "
+          "its labels to the network, which must take aug= (the SongUNet: "
+          "model.arch=songunet); or drop --set augment")
+    return AugmentPipe(**{**augment_config(cfg.augment), "p": cfg.augment_p})
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

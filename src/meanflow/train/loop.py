@@ -35,7 +35,8 @@ from .checkpoint import load_latest_good, load_optimizer, optimizer_tensors, pre
     save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
-from .factory import build_model, build_objective, build_optimizer, count_parameters
+from .factory import (build_augment, build_model, build_objective, build_optimizer,
+                      count_parameters)
 from .reliability import (StopSignals, all_finite, memory_mib, restore_host_rng, host_rng_state,
                           trim_metrics)
 from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
@@ -118,6 +119,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         "loss.jvp=detached runs the network twice, so dropout masks would differ between the "
         "JVP and the loss; use loss.jvp=subset or set model.dropout=0")
     objective = build_objective(cfg, cfg.num_classes)
+    augment = build_augment(cfg, model, data.kind)
     optimizer = build_optimizer(cfg, model)
     if progress and main:
         tqdm.write(f"meanflow: preset {cfg.preset!r}: {type(model).__name__} with "
@@ -125,7 +127,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                    f"{cfg.data} of shape {cfg.data_shape}"
                    f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}"
                    f"{_cpu_threads(device)}{_processes(ranks)}", file=sys.stderr)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_extras, cfg.ema_every, cfg.ema_warmup)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step, skipped = 0, 0
     writer_cls = _tensorboard() if cfg.tensorboard and main else None
@@ -136,14 +138,14 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         check(saved == data.shape, f"the data now has samples of shape {data.shape} but run "
               f"{out!r} was trained on {saved}; resume with the same data")
         model.load_state_dict(prefixed(tensors, "model"))
-        ema.model.load_state_dict(prefixed(tensors, "ema"))
+        ema.load(tensors, meta)
         load_optimizer(optimizer, tensors, meta["optimizer"])
         gen.set_state(tensors["rng.generator"].to(gen.get_state().device))
         own = f"rng.torch.rank{ranks.rank}" if ranks.rank else "rng.torch"
         torch.set_rng_state(tensors.get(own, tensors["rng.torch"]))
         restore_host_rng(meta.get("rng"), tensors)
         batches.load_state(meta["batches"])
-        ema.updates, step, skipped = meta["ema_updates"], meta["step"], meta["skipped_steps"]
+        step, skipped = meta["step"], meta["skipped_steps"]
         check(step < cfg.steps, f"run {out!r} already finished {plural(step, 'step')}; pass a "
               "larger --steps to continue training")
         if main:
@@ -162,15 +164,15 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
-        check(all_finite(model) and all_finite(ema.model), f"refusing to save step {step}: the "
-              "weights hold NaN or Inf; the previous checkpoint is kept")
+        check(all_finite(model) and all(map(all_finite, ema.models.values())), f"refusing to "
+              f"save step {step}: the weights hold NaN or Inf; the previous checkpoint is kept")
         rng_meta, rng_tensors = host_rng_state()
         own = torch.get_rng_state()
         states = distributed.gather_objects(own)  # every rank's dropout RNG
         if not main:
             return
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
+                   **ema.tensors(),  # ema.* (primary), ema-<decay>.* (extras)
                    **normalizer.tensors(), **rng_tensors,
                    "rng.generator": gen.get_state(), "rng.torch": own,
                    **{f"rng.torch.rank{k}": v for k, v in enumerate(states) if k}}
@@ -178,7 +180,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         tensors.update(optim_tensors)
         save_checkpoint(os.path.join(out, "checkpoints"), step, tensors,
                         {"config": cfg.to_dict(), "optimizer": optim_meta,
-                         "batches": batches.state(), "ema_updates": ema.updates,
+                         "batches": batches.state(), **ema.state(),
                          "skipped_steps": skipped, "shape": list(data.shape),
                          "class_names": data.class_names, "rng": rng_meta,
                          "threads": torch.get_num_threads(), "world_size": ranks.world_size,
@@ -210,11 +212,15 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                                      rows.total, rows.part)
                 elif cfg.hflip:
                     x = flip_rows(x, gen, rows)
+                cond = None
+                if augment is not None:  # EDM's pipeline; its labels condition the network
+                    x, aug = augment(x, gen, total=rows.total, part=rows.part)
+                    cond = {"aug": aug}
                 draws = objective.draw(cfg.batch_size, data.shape, generator=gen,
                                        device=device, dtype=x.dtype)
                 optimizer.zero_grad(set_to_none=True)
                 loss_t, err_t, times = forward_backward(loss_module, x, y, draws, rows,
-                                                        cfg.grad_accum, cfg.precision)
+                                                        cfg.grad_accum, cfg.precision, cond)
                 stats = torch.stack([loss_t.float(), err_t.float(), torch.tensor(
                     float(stop.received is not None), device=loss_t.device)])
                 if ranks.active:  # the global batch's mean loss; stop when any rank was told

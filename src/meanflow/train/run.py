@@ -86,7 +86,7 @@ class TrainedRun:
     config: TrainConfig
     normalizer: Normalizer
     step: int
-    weights: str  # "ema" or "raw"
+    weights: str  # "ema" (the primary EMA), "raw" or an extra EMA's name, e.g. "ema-0.99995"
     shape: tuple[int, ...] = ()
     class_names: list[str] | None = None
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images [-1, 1]
@@ -244,7 +244,9 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
 
     Args:
         run_dir: the run directory (``--out`` of ``meanflow train``).
-        weights: ``"ema"`` (default, what ``meanflow sample`` uses) or ``"raw"``.
+        weights: ``"ema"`` (default: the primary EMA, what ``meanflow sample`` uses),
+            ``"raw"``, or an extra EMA of the run (``ema_extra``) by name or decay:
+            ``"ema-0.99995"`` or ``"0.99995"``.
         device: where to put the network: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
             ``"auto"`` (cuda if available); :meth:`TrainedRun.sample` samples there.
         vae: for a run trained on latents, the VAE directory to decode with (default: the one
@@ -253,14 +255,14 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
     from .factory import resolve_device
 
     check(os.path.isdir(run_dir), f"run directory {run_dir!r} does not exist")
-    check(weights in ("ema", "raw"), f"weights must be 'ema' or 'raw', got {weights!r}")
     device = resolve_device(device) if isinstance(device, str) else device
     _, tensors, meta = load_latest_good(run_dir)
     cfg = TrainConfig.from_dict(meta["config"])
+    weights = weights_name(weights, meta.get("emas") or {"ema": cfg.ema_decay}, run_dir)
     shape = tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),)
     model = build_model(cfg, shape, cfg.num_classes)
     try:
-        model.load_state_dict(prefixed(tensors, "model" if weights == "raw" else "ema"))
+        model.load_state_dict(prefixed(tensors, "model" if weights == "raw" else weights))
     except RuntimeError as exc:
         raise MeanFlowError(f"checkpoint of {run_dir!r} does not match its configured network "
                             f"({str(exc).splitlines()[0]})") from None
@@ -271,6 +273,30 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
         decoder = latent_decoder(meta["latents"], device, vae, required=vae is not None)
     return TrainedRun(model.to(device).eval(), cfg, normalizer, int(meta["step"]), weights,
                       shape, meta.get("class_names"), decoder, meta.get("latents"))
+
+
+def weights_name(weights: str, emas: dict[str, float], run_dir: str = "") -> str:
+    """The checkpoint name of ``weights``: ``"raw"``, or the name in ``emas`` (name -> decay:
+    ``"ema"`` the primary, ``"ema-<decay>"`` the extras) of an EMA given by name or decay."""
+    text = str(weights).strip()
+    if text == "raw" or text in emas:
+        return text
+    try:
+        decay = float(text.removeprefix("ema-"))
+    except ValueError:
+        decay = None
+    for name, value in emas.items():
+        if decay is not None and float(value) == decay:
+            return name
+    choices = ", ".join(["raw"] + [f"{n} ({v})" if n == "ema" else n for n, v in emas.items()])
+    raise MeanFlowError(f"weights {text!r} are not in run {run_dir!r}; choose one of {choices}")
+
+
+def weights_option(args) -> str:
+    """The weights ``--weights NAME`` / ``--raw`` of ``meanflow sample`` and ``eval`` ask for."""
+    check(not (args.raw and args.weights not in (None, "raw")),
+          f"--raw and --weights {args.weights} ask for different weights; give one")
+    return "raw" if args.raw else (args.weights or "ema")
 
 
 def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:

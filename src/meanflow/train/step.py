@@ -56,8 +56,9 @@ class LossModule(nn.Module):
         self.objective = objective
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                cond: dict[str, torch.Tensor] | None = None,
                 **draws: torch.Tensor | None) -> ObjectiveOutput:
-        return self.objective(self.model, x, y, **draws)
+        return self.objective(self.model, x, y, cond=cond, **draws)
 
 
 @dataclass
@@ -87,12 +88,14 @@ def flip_rows(x: torch.Tensor, gen: torch.Generator, rows: Rows) -> torch.Tensor
 
 
 def forward_backward(loss_module: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-                     draws: Draws, rows: Rows, grad_accum: int, precision: str
+                     draws: Draws, rows: Rows, grad_accum: int, precision: str,
+                     cond: dict[str, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run this rank's micro-batches and backpropagate their gradients (summed so that the
     all-reduced average is the full batch's mean-loss gradient). ``x``, ``y`` are this rank's
     rows, ``draws`` the global batch's. Returns this rank's mean loss and mean unweighted error
-    (0-d tensors) and the micro-batches' ``(r, t)``."""
+    (0-d tensors) and the micro-batches' ``(r, t)``. ``cond``: more per-row network inputs of
+    this rank's rows (EDM's augmentation labels)."""
     draws = draws.rows(rows.part)
     losses, errs, times = [], [], []
     sync = getattr(loss_module, "no_sync", None)
@@ -102,6 +105,7 @@ def forward_backward(loss_module: nn.Module, x: torch.Tensor, y: torch.Tensor | 
         inner = sync() if sync is not None and i < grad_accum - 1 else nullcontext()
         with inner, torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = loss_module(x[part], None if y is None else y[part],
+                              {k: v[part] for k, v in cond.items()} if cond else None,
                               **draws.rows(part).kwargs())
         # each micro-batch holds len(part) / len(x) of this rank's rows
         (out.loss * ((part.stop - part.start) / len(x))).backward()

@@ -1,0 +1,386 @@
+"""``meanflow convert``: the MeanFlow authors' released checkpoints as meanflow runs.
+
+* ``--from authors-jax``: a flax msgpack file of their JAX code (github.com/Gsunshine/meanflow):
+  the ``checkpoint`` file inside an Orbax ``checkpoint_<step>/`` folder written with aggregated
+  arrays (what ``flax.training.checkpoints.save_checkpoint_multiprocess`` does for host numpy
+  arrays with orbax-checkpoint 0.4.x, their pinned version), or a legacy
+  ``flax.serialization.to_bytes`` file. It is read here with a small msgpack decoder (numpy
+  only; no jax, flax, orbax or msgpack package needed). Arrays stored by Tensorstore (zarr or
+  OCDBT folders) are refused with a message: reading them needs tensorstore.
+* ``--from authors-torch``: a py-meanflow checkpoint (github.com/Gsunshine/py-meanflow,
+  ``checkpoint-last.pth``: ``{"model": MeanFlow.state_dict(), "optimizer", "lr_schedule",
+  "epoch", "args"}``), read with ``torch.load(weights_only=True)`` (``argparse.Namespace``, the
+  type of ``args``, is the only class allowed besides tensors).
+
+The output is a run directory that ``meanflow sample --run`` reads (``config.json`` and
+``checkpoints/step-N.{safetensors,json}``), or, for ``--out FILE.safetensors``, the EMA state
+dict of our network alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import MeanFlowError, check
+
+CONVERT_EPILOG = """\
+examples:
+  meanflow convert --from authors-jax --checkpoint ckpt/checkpoint_1200000 --out runs/mf-b4
+  meanflow sample --run runs/mf-b4 --num 64 --vae vae/sd-vae-ft-mse --out b4.png
+  meanflow convert --from authors-torch --checkpoint checkpoint-last.pth --out runs/cifar
+  meanflow convert --from authors-jax --checkpoint ckpt.msgpack --out dit.safetensors
+
+See docs/convert.md for the formats and what cannot be converted.
+"""
+
+SOURCES = ("authors-jax", "authors-torch")
+
+
+def add_convert_parser(sub) -> None:
+    """Register ``meanflow convert`` on the sub-command set ``sub``."""
+    p = sub.add_parser("convert", help="convert the MeanFlow authors' released checkpoints",
+                       description="Map the parameters of the authors' JAX DiT (flax msgpack) or "
+                                   "py-meanflow U-Net (PyTorch .pth) onto our networks and write "
+                                   "a run directory that `meanflow sample --run` reads (or a "
+                                   ".safetensors state dict). Prints one JSON line.",
+                       epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES,
+                   help="authors-jax: github.com/Gsunshine/meanflow (DiT on SD-VAE latents); "
+                        "authors-torch: github.com/Gsunshine/py-meanflow (CIFAR-10 U-Net)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="authors-jax: a checkpoint_<step> folder, the folder holding them (the "
+                        "newest is used) or a msgpack file; authors-torch: the .pth file")
+    p.add_argument("--out", required=True, metavar="DIR_OR_FILE",
+                   help="run directory to write, or FILE.safetensors for the EMA state dict "
+                        "only")
+    p.add_argument("--arch", choices=("dit", "unet", "songunet"),
+                   help="network (default: dit for authors-jax; for authors-torch songunet, "
+                        "EDM's DDPM++ U-Net (model.arch songunet), also spelled unet)")
+    p.add_argument("--weights", metavar="NAME",
+                   help="which weights become the run's EMA: authors-jax ema_params (default) "
+                        "or params; authors-torch net_ema1 (default when present: their demo "
+                        "samples with it), net_ema, net_ema2 or net")
+    p.add_argument("--image-size", type=int, default=32, metavar="S",
+                   help="authors-jax: the latent size the DiT was trained on (not stored in "
+                        "the weights; default 32, their ImageNet 256x256 latents)")
+    p.add_argument("--vae", default="", metavar="DIR",
+                   help="authors-jax: diffusers VAE folder recorded for decoding samples "
+                        "(their latents: sd-vae-ft-mse, scaled by 0.18215); `meanflow sample "
+                        "--vae` can give it later")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+# ---------------------------------------------------------------------------------------------
+# msgpack (the subset flax writes), numpy only
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        check(self.pos + n <= len(self.data), "the msgpack file is truncated")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def value(self) -> Any:
+        b = self.uint(1)
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self._map(b & 0x0F)
+        if 0x90 <= b <= 0x9F:
+            return [self.value() for _ in range(b & 0x0F)]
+        if 0xA0 <= b <= 0xBF:
+            return self.take(b & 0x1F).decode("utf-8")
+        simple = {0xC0: None, 0xC2: False, 0xC3: True}
+        if b in simple:
+            return simple[b]
+        if b in (0xC4, 0xC5, 0xC6):                    # bin 8/16/32
+            return self.take(self.uint(1 << (b - 0xC4)))
+        if b in (0xC7, 0xC8, 0xC9):                    # ext 8/16/32
+            n = self.uint(1 << (b - 0xC7))
+            return self._ext(struct.unpack(">b", self.take(1))[0], self.take(n))
+        if b in (0xCA, 0xCB):
+            return struct.unpack(">f" if b == 0xCA else ">d", self.take(4 if b == 0xCA else 8))[0]
+        if 0xCC <= b <= 0xCF:
+            return self.uint(1 << (b - 0xCC))
+        if 0xD0 <= b <= 0xD3:
+            n = 1 << (b - 0xD0)
+            return int.from_bytes(self.take(n), "big", signed=True)
+        if 0xD4 <= b <= 0xD8:                          # fixext 1..16
+            code = struct.unpack(">b", self.take(1))[0]
+            return self._ext(code, self.take(1 << (b - 0xD4)))
+        if b in (0xD9, 0xDA, 0xDB):
+            return self.take(self.uint(1 << (b - 0xD9))).decode("utf-8")
+        if b in (0xDC, 0xDD):
+            return [self.value() for _ in range(self.uint(2 if b == 0xDC else 4))]
+        if b in (0xDE, 0xDF):
+            return self._map(self.uint(2 if b == 0xDE else 4))
+        raise MeanFlowError(f"byte 0x{b:02x} at offset {self.pos - 1} is not msgpack; is this "
+                            "a flax msgpack checkpoint?")
+
+    def _map(self, n: int) -> dict:
+        out = {}
+        for _ in range(n):
+            key = self.value()
+            out[key.decode() if isinstance(key, bytes) else str(key)] = self.value()
+        return out
+
+    @staticmethod
+    def _ext(code: int, payload: bytes) -> Any:
+        if code in (1, 3):                             # flax ndarray / numpy scalar
+            shape, dtype, buffer = _Reader(payload).value()
+            array = _ndarray(buffer, dtype.decode() if isinstance(dtype, bytes) else dtype)
+            array = array.reshape(tuple(shape))
+            return array if code == 1 else array[()]
+        if code == 2:                                  # complex
+            real, imag = _Reader(payload).value()
+            return complex(real, imag)
+        raise MeanFlowError(f"unknown msgpack extension type {code}; not a flax checkpoint")
+
+
+def _ndarray(buffer: bytes, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # numpy has no bfloat16: widen the 16 bits into float32
+        bits = np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32)
+    try:
+        return np.frombuffer(buffer, dtype=np.dtype(dtype))
+    except TypeError:
+        raise MeanFlowError(f"array dtype {dtype!r} in the checkpoint is not supported") from None
+
+
+def _unchunk(tree: Any) -> Any:
+    """flax stores arrays over 2**30 bytes as {'__msgpack_chunked_array__', 'shape', 'chunks'}."""
+    if isinstance(tree, dict):
+        if "__msgpack_chunked_array__" in tree:
+            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
+            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+            return np.concatenate(chunks).reshape(shape)
+        return {k: _unchunk(v) for k, v in tree.items()}
+    return tree
+
+
+def read_flax_msgpack(path: str) -> Any:
+    """The tree of a flax msgpack file (``flax.serialization.msgpack_restore`` without flax)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    reader = _Reader(data)
+    tree = reader.value()
+    check(reader.pos == len(data), f"{path!r} has {len(data) - reader.pos} bytes after the "
+          "msgpack value; is it a flax msgpack checkpoint?")
+    return _unchunk(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# locating the authors' files
+
+
+def _step_of(name: str) -> int:
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def find_jax_file(path: str) -> str:
+    """The msgpack file to read for ``--checkpoint path`` (see the option's help)."""
+    check(os.path.exists(path), f"--checkpoint {path!r} does not exist")
+    if os.path.isfile(path):
+        return path
+    steps = [p for p in glob.glob(os.path.join(path, "checkpoint_*")) if _step_of(p) >= 0]
+    if not os.path.exists(os.path.join(path, "checkpoint")) and steps:
+        path = max(steps, key=_step_of)
+        if os.path.isfile(path):
+            return path
+    names = set(os.listdir(path))
+    tensorstore = ({"manifest.ocdbt", "d"} & names or any(n.startswith("ocdbt.process") for n in
+                   names) or glob.glob(os.path.join(path, "*", ".zarray")))
+    if tensorstore:
+        raise MeanFlowError(f"{path!r} holds arrays written by Tensorstore (OCDBT or zarr: Orbax "
+                            "without aggregated arrays); reading them needs tensorstore, which "
+                            "meanflow does not use: restore it with orbax and save it with "
+                            "flax.serialization.to_bytes, then convert that file")
+    check("checkpoint" in names, f"no 'checkpoint' file in {path!r}; give a checkpoint_<step> "
+          "folder, its parent or a flax msgpack file")
+    return os.path.join(path, "checkpoint")
+
+
+def _placeholders(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _placeholders(v, f"{prefix}{k}/")]
+    return [prefix.rstrip("/")] if isinstance(tree, str) and tree.startswith("PLACEHOLDER") \
+        else []
+
+
+def jax_params(tree: Any, weights: str) -> dict:
+    """The DiT parameter tree (what their ``MeanFlow.net`` holds) of a restored checkpoint."""
+    check(isinstance(tree, dict), "the msgpack file does not hold a dict of parameters")
+    if "x_embedder" in tree:
+        return tree
+    if "net" in tree and isinstance(tree["net"], dict):
+        return tree["net"]
+    check(weights in tree, f"no {weights!r} in the checkpoint (top-level keys: "
+          f"{', '.join(sorted(tree))}); try --weights params or ema_params")
+    node = tree[weights]
+    node = node.get("params", node) if "net" not in node else node
+    check(isinstance(node, dict) and isinstance(node.get("net"), dict),
+          f"no {weights}/net in the checkpoint; is it one of the authors' JAX runs?")
+    return node["net"]
+
+
+def load_torch(path: str) -> dict:
+    """A py-meanflow checkpoint, loaded without running code."""
+    check(os.path.isfile(path), f"--checkpoint {path!r} is not a file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MeanFlowError(f"cannot load {path!r} with torch.load(weights_only=True): "
+                            f"{first[:200]}") from None
+    check(isinstance(obj, dict), f"{path!r} does not hold a dict")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# the conversion
+
+
+def _jax_model(args, info: dict):
+    from .nn import dit
+    from .nn.convert import dit_spec, dit_state_dict, load_strict
+
+    file = find_jax_file(args.checkpoint)
+    tree = read_flax_msgpack(file)
+    stored = _placeholders(tree)
+    check(not stored, f"{file!r} leaves {len(stored)} arrays to Tensorstore (e.g. "
+          f"{stored[0] if stored else ''}); reading them needs tensorstore (see docs/convert.md)")
+    weights = args.weights or "ema_params"
+    check(weights in ("ema_params", "params"), f"--weights for authors-jax is ema_params or "
+          f"params, got {weights!r}")
+    params = jax_params(tree, weights)
+    spec = dit_spec(params)
+    check(args.image_size % spec["patch"] == 0, f"--image-size {args.image_size} is not "
+          f"divisible by the patch size {spec['patch']}")
+    shape = (spec["in_channels"], args.image_size, args.image_size)
+    nets = {}
+    names = {"ema": weights, "model": "params" if weights == "ema_params" and "params" in tree
+             else weights}
+    for role, key in names.items():
+        p = params if key == weights else jax_params(tree, key)
+        model = dit(spec["size"], input_size=args.image_size, in_channels=spec["in_channels"],
+                    num_classes=spec["num_classes"])
+        load_strict(model, dit_state_dict(p), f"the authors' DiT ({key})")
+        nets[role] = model
+    info.update(file=file, spec=spec, weights=names)
+    step = tree.get("step") if isinstance(tree, dict) else None
+    info["step"] = int(np.asarray(step)) if step is not None else 0
+    latents = {"scaling_factor": 0.18215, "shift_factor": None, "vae": args.vae,
+               "image_size": args.image_size * 8, "flips": False, "source": "authors-jax"}
+    return nets, shape, spec["num_classes"], {"arch": "dit", "size": spec["size"]}, latents
+
+
+def _torch_model(args, info: dict):
+    from .nn.convert import load_strict, unet_state_dict
+
+    obj = load_torch(args.checkpoint)
+    state = obj.get("model", obj)
+    check(isinstance(state, dict) and all(isinstance(k, str) for k in state),
+          f"{args.checkpoint!r} holds no state dict (keys: {', '.join(map(str, obj))[:200]})")
+    prefixes = {k.split(".", 1)[0] for k in state if "." in k}
+    weights = args.weights or ("net_ema1" if "net_ema1" in prefixes else "net_ema")
+    check(weights in prefixes, f"--weights {weights!r} is not in the checkpoint; it holds "
+          f"{', '.join(sorted(prefixes))}")
+    from .nn.songunet import songunet, songunet_for_authors
+
+    # a run of model.size cifar10-paper always has the augmentation mapping (augment_dim 6);
+    # a checkpoint trained without --use_edm_aug gets it as zeros (sampling passes no labels)
+    with torch.device("meta"):
+        aug_shape = songunet("cifar10-paper").map_augment.weight.shape
+    nets, shape, cfg_model, added = {}, (3, 32, 32), {}, []
+    for role, key in {"ema": weights, "model": "net" if "net" in prefixes else weights}.items():
+        sd = unet_state_dict(state, key + ".")
+        if "map_augment.weight" not in sd:
+            sd["map_augment.weight"] = torch.zeros(aug_shape)
+            added.append(f"{key}.map_augment.weight (zeros)")
+        model, shape, cfg_model = songunet_for_authors(sd)
+        load_strict(model, sd, f"py-meanflow's SongUNet ({key})")
+        nets[role] = model
+    if added:
+        info["added"] = added
+    epoch = obj.get("epoch")
+    info.update(file=args.checkpoint, weights={"ema": weights},
+                step=int(epoch) + 1 if isinstance(epoch, int) else 0)
+    return nets, shape, 0, cfg_model, None
+
+
+def convert(args) -> dict:
+    """Run the conversion of ``args`` (the parsed options); returns the summary printed."""
+    from safetensors.torch import save_file
+
+    from .train.checkpoint import save_checkpoint
+    from .train.config import TrainConfig
+    from .train.run import Normalizer
+
+    arch = args.arch or ("dit" if args.source == "authors-jax" else "songunet")
+    arch = "songunet" if arch == "unet" else arch
+    check((arch == "dit") == (args.source == "authors-jax"), f"--arch {arch} does not fit "
+          f"--from {args.source}: the authors' JAX code has a DiT, py-meanflow a SongUNet")
+    to_file = args.out.endswith(".safetensors")
+    if os.path.exists(args.out):
+        check(args.overwrite, f"{args.out!r} already exists; pass --overwrite to replace it or "
+              "choose another name")
+        check(to_file or os.path.isdir(args.out), f"--out {args.out!r} is a file; give a "
+              "directory (or a name ending in .safetensors)")
+    info: dict = {"from": args.source, "checkpoint": os.path.abspath(args.checkpoint)}
+    build = _jax_model if args.source == "authors-jax" else _torch_model
+    nets, shape, num_classes, model_cfg, latents = build(args, info)
+    ema = {k: v.detach().contiguous() for k, v in nets["ema"].state_dict().items()}
+    if to_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        save_file(ema, args.out, metadata={"meanflow_convert": json.dumps(
+            {**info, "shape": list(shape), "model": model_cfg, "num_classes": num_classes})})
+        return {"out": args.out, "tensors": len(ema), **_summary(info)}
+    cfg = TrainConfig()
+    cfg.data, cfg.preset, cfg.normalize = f"converted:{args.source}", "converted", False
+    cfg.data_shape, cfg.num_classes = "x".join(map(str, shape)), num_classes
+    for key, value in model_cfg.items():
+        setattr(cfg.model, key, value)
+    if os.path.isdir(args.out):
+        for old in glob.glob(os.path.join(args.out, "checkpoints", "step-*")):
+            os.remove(old)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+    tensors = {**{f"model.{k}": v for k, v in nets["model"].state_dict().items()},
+               **{f"ema.{k}": v for k, v in ema.items()},
+               **Normalizer.identity(tuple(shape)).tensors()}
+    meta = {"config": cfg.to_dict(), "shape": list(shape), "class_names": None,
+            "converted_from": info, **({"latents": latents} if latents else {})}
+    stem = save_checkpoint(os.path.join(args.out, "checkpoints"), info["step"], tensors, meta)
+    return {"out": args.out, "checkpoint": stem + ".safetensors", **_summary(info)}
+
+
+def _summary(info: dict) -> dict:
+    spec = info.get("spec", {})
+    return {"from": info["from"], "step": info["step"], "weights": info["weights"],
+            **({"model": spec} if spec else {})}
+
+
+def cmd_convert(args) -> int:
+    """``meanflow convert``: see :func:`add_convert_parser` and docs/convert.md."""
+    print(json.dumps(convert(args)))
+    return 0
