@@ -245,3 +245,36 @@ def test_per_row_cond_inputs_follow_their_rows():
     u = z * w + aug * (t - r)[:, None] + t[:, None]
     target = v - (t - r)[:, None] * (w * v + aug + 1)
     assert torch.allclose(outs[0].u, u) and torch.allclose(outs[0].target, target)
+
+
+def test_a_training_step_syncs_with_the_host_once_per_data_dependent_split():
+    """Reading a value of a tensor (``bool()``, ``int()``, ``.item()``: aten's
+    ``_local_scalar_dense``) stalls a GPU. With its checks off (as the trainer runs it), the
+    objective reads one value, the number of r != t rows, and a guided one a second, the
+    number of rows guided."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from meanflow import GuidedMeanFlow
+    from meanflow.nn import MLP
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 2), torch.randint(0, 3, (64,))
+    for objective, model, expected in (
+            (MeanFlow(TimeSampler(ratio=0.5)), MLP(2, hidden=16, depth=2), 1),
+            (GuidedMeanFlow(3, TimeSampler(ratio=0.5), omega=1.5),
+             MLP(2, hidden=16, depth=2, num_classes=3), 2)):
+        objective.check_inputs = False
+        draws = objective.draw(64, (2,), generator=torch.Generator().manual_seed(1))
+        with Count() as count:
+            objective(model, x, y if expected == 2 else None, **draws.kwargs()).loss.backward()
+        assert count.reads == expected

@@ -5,10 +5,24 @@ For ``u = model(z, r, t, y)`` the MeanFlow identity needs the total derivative
     du/dt = v . d_z u + 0 . d_r u + 1 . d_t u,
 
 one Jacobian-vector product with tangent ``(v, 0, 1)`` on ``(z, r, t)`` (paper Eq. 8).
-It runs in float32 with autocast disabled (bf16 in the JVP is a known source of late NaNs) and
-with PyTorch's math attention backend, because the flash and memory-efficient kernels have no
-forward-mode derivative. The primal output keeps its autograd graph, so the loss can be taken
-on it without a second forward pass.
+It runs in float32 with autocast disabled (bf16 in the JVP is a known source of late NaNs) and,
+for the exact back-ends, with PyTorch's math attention backend, because the flash and
+memory-efficient kernels have no forward-mode derivative. The primal output keeps its autograd
+graph, so the loss can be taken on it without a second forward pass.
+
+Back-ends (``backend=``; docs/method.md, "JVP back-ends"):
+
+* ``"func"``: ``torch.func.jvp`` (exact; about 3 forward passes of cost).
+* ``"forward-ad"``: ``torch.autograd.forward_ad`` dual tensors (exact; same numbers as func).
+* ``"finite-difference"``: ``u = u(z, r, t)`` from one ordinary forward with graph, and with
+  no graph, along ``(v, 0, 1)`` with step ``h``,
+
+      forward:  du/dt ~ (u(z + s v, r, t + s) - u) / s,   s = h, or -h where t + h > 1;
+      central:  du/dt ~ (u(z + a v, r, t + a) - u(z - b v, r, t - b)) / (a + b),
+                a = min(h, 1 - t), b = min(h, t)  (symmetric, 2nd order, away from the ends).
+
+  Default steps (measured in float32 against the exact JVP, docs/method.md): ``FD_STEP``.
+  Each pass draws its own dropout masks, so the training loop refuses it with dropout.
 """
 
 from __future__ import annotations
@@ -16,7 +30,15 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import torch
+from torch.autograd import forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .errors import check
+from .path import broadcast_time
+
+JVP_BACKENDS = ("func", "forward-ad", "finite-difference")
+FD_SCHEMES = ("forward", "central")
+FD_STEP = {"forward": 1e-3, "central": 3e-3}
 
 
 def at_least_float32(a: torch.Tensor) -> torch.Tensor:
@@ -26,10 +48,15 @@ def at_least_float32(a: torch.Tensor) -> torch.Tensor:
 
 def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                      v: torch.Tensor, y: torch.Tensor | None = None, *,
-                     autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     autocast: bool = False, backend: str = "func", fd_step: float | None = None,
+                     fd_scheme: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(u, du/dt)``: the network output (differentiable) and its total derivative
     along tangent ``(v, 0, 1)`` (detached), both in at least float32. ``autocast=True`` keeps
-    the surrounding autocast (e.g. bf16) inside the JVP instead of float32."""
+    the surrounding autocast (e.g. bf16) inside the JVP instead of float32. ``backend``: one
+    of ``JVP_BACKENDS``; ``fd_step`` (None: ``FD_STEP[fd_scheme]``) and ``fd_scheme`` are
+    used by ``"finite-difference"`` only."""
+    check(backend in JVP_BACKENDS, f"JVP backend must be one of {', '.join(JVP_BACKENDS)}, "
+          f"got {backend!r}")
     z, r, t, v = (at_least_float32(a) for a in (z, r, t, v))
 
     def fn(z_, r_, t_):
@@ -38,6 +65,31 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
     with ExitStack() as stack:
         if not autocast:
             stack.enter_context(torch.autocast(device_type=z.device.type, enabled=False))
+        if backend == "finite-difference":
+            u = fn(z, r, t)
+            dudt = _finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
+            return at_least_float32(u), at_least_float32(dudt)
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        if backend == "func":
+            u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        else:
+            with fwAD.dual_level():
+                out = fn(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)))
+                u, dudt = fwAD.unpack_dual(out)
+            dudt = torch.zeros_like(u) if dudt is None else dudt
     return at_least_float32(u), at_least_float32(dudt.detach())
+
+
+@torch.no_grad()
+def _finite_difference(fn, z, r, t, v, u, h, scheme):
+    check(scheme in FD_SCHEMES, f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, "
+          f"got {scheme!r}")
+    h = FD_STEP[scheme] if h is None else h
+    check(0 < h <= 0.5, f"fd_step must be in (0, 0.5], got {h}")
+    if scheme == "forward":
+        s = torch.where(t + h > 1, -h, h).to(t.dtype)
+        return (fn(z + broadcast_time(s, z) * v, r, t + s) - u) / broadcast_time(s, u)
+    a, b = (1 - t).clamp(max=h), t.clamp(max=h)
+    plus = fn(z + broadcast_time(a, z) * v, r, t + a)
+    minus = fn(z - broadcast_time(b, z) * v, r, t - b)
+    return (plus - minus) / broadcast_time(a + b, u)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .errors import MeanFlowError, check
-from .jvp import at_least_float32, total_derivative
+from .jvp import FD_SCHEMES, JVP_BACKENDS, at_least_float32, total_derivative
 from .path import PathSample, broadcast_time, linear_path
 from .times import TimeSampler
 
@@ -113,10 +113,16 @@ class MeanFlow:
             autograd graph on the ``r < t`` samples and then one ordinary forward on the whole
             batch for the loss: cheaper, but those samples go through the network twice, so
             stochastic layers (dropout) see different masks in the two passes.
+        jvp_backend: how ``du/dt`` is computed: ``"func"`` (default, ``torch.func.jvp``),
+            ``"forward-ad"`` (dual tensors; the same numbers) or ``"finite-difference"``
+            (a difference along ``(v, 0, 1)`` with step ``fd_step``, scheme ``fd_scheme``;
+            :func:`meanflow.jvp.total_derivative`, docs/method.md "JVP back-ends").
     """
 
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
-                 c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32") -> None:
+                 c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32",
+                 jvp_backend: str = "func", fd_step: float | None = None,
+                 fd_scheme: str = "forward") -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
         check(jvp in JVP_MODES, f"jvp mode must be one of {', '.join(JVP_MODES)}, got {jvp!r}")
@@ -124,6 +130,13 @@ class MeanFlow:
         check(jvp_dtype in JVP_DTYPES, f"jvp_dtype must be one of {', '.join(JVP_DTYPES)}, "
               f"got {jvp_dtype!r}")
         self.p, self.c, self.jvp, self.jvp_dtype = p, c, jvp, jvp_dtype
+        self.check_inputs = True  # value checks cost host syncs; the trainer turns them off
+        check(jvp_backend in JVP_BACKENDS, f"jvp_backend must be one of "
+              f"{', '.join(JVP_BACKENDS)}, got {jvp_backend!r}")
+        check(fd_scheme in FD_SCHEMES, f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, "
+              f"got {fd_scheme!r}")
+        check(fd_step is None or 0 < fd_step <= 0.5, f"fd_step must be in (0, 0.5], got {fd_step}")
+        self.jvp_backend, self.fd_step, self.fd_scheme = jvp_backend, fd_step, fd_scheme
 
     # -- hooks for subclasses (guidance replaces the velocity) ---------------------------------
     def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
@@ -177,12 +190,13 @@ class MeanFlow:
         distinct = r < t
         if self.jvp == "detached":
             return self._detached(model, z, r, t, v, y, distinct)
-        if bool(distinct.all()):
+        count = int(distinct.sum())  # the step's one host sync in the objective
+        if count == len(r):
             return self._with_jvp(model, z, r, t, v, y)
-        if not bool(distinct.any()):
+        if count == 0:
             return model(z, r, t, y=y), at_least_float32(v)
-        idx_mf = distinct.nonzero().squeeze(1)
-        idx_fm = (~distinct).nonzero().squeeze(1)
+        order = torch.argsort(distinct.to(torch.int8), descending=True, stable=True)
+        idx_mf, idx_fm = order[:count], order[count:]
         u_mf, tgt_mf = self._with_jvp(_sub(model, idx_mf), z[idx_mf], r[idx_mf], t[idx_mf],
                                       v[idx_mf], _rows(y, idx_mf))
         u_fm = _sub(model, idx_fm)(z[idx_fm], r[idx_fm], t[idx_fm], y=_rows(y, idx_fm))
@@ -202,7 +216,9 @@ class MeanFlow:
         return model(z, r, t, y=y), target
 
     def _with_jvp(self, model, z, r, t, v, y):
-        u, dudt = total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast")
+        u, dudt = total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast",
+                                   backend=self.jvp_backend, fd_step=self.fd_step,
+                                   fd_scheme=self.fd_scheme)
         target = at_least_float32(v) - broadcast_time(t - r, dudt) * dudt
         return u, target.detach()
 
@@ -220,7 +236,9 @@ class MeanFlow:
         b = x.shape[0]
         check(r.shape == (b,) and t.shape == (b,),
               f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
-        check(bool(((0 <= r) & (r <= t) & (t <= 1)).all()), "times must satisfy 0 <= r <= t <= 1")
+        if self.check_inputs:  # a host sync: the trainer, whose draws are valid, turns it off
+            check(bool(((0 <= r) & (r <= t) & (t <= 1)).all()),
+                  "times must satisfy 0 <= r <= t <= 1")
         return r, t, noise
 
 
@@ -243,5 +261,6 @@ class FlowMatching(MeanFlow):
 
     def _inputs(self, x, noise, r, t, generator):
         r, t, noise = super()._inputs(x, noise, r, t, generator)
-        check(bool((r == t).all()), "flow matching needs r == t for every sample")
+        check(not self.check_inputs or bool((r == t).all()),
+              "flow matching needs r == t for every sample")
         return r, t, noise

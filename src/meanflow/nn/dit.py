@@ -10,18 +10,19 @@ with times in [0, 1] fed to the sinusoidal features as they are (no x1000 scalin
 when ``num_classes > 0``, use a table with one extra row for the learned null label (index
 ``num_classes``), used when ``y`` is None; dropping labels for guidance is the caller's job.
 All modulation layers and the final Linear start at zero, so the network outputs exactly 0.
-Attention calls ``scaled_dot_product_attention`` without choosing a backend (the JVP helper
-selects the math one). With ``input_size=32, in_channels=4, num_classes=1000`` the sizes in
-:data:`DIT_CONFIGS` give about 131M (B/2), 308M (M/2), 459M (L/2) and 676M (XL/2) parameters.
+Attention is :func:`.attention.attention`: SDPA's fast kernel forward with its own chunked
+forward-mode and backward rules, so it needs no math backend inside the JVP. With
+``input_size=32, in_channels=4, num_classes=1000`` the sizes in :data:`DIT_CONFIGS` give
+about 131M (B/2), 308M (M/2), 459M (L/2) and 676M (XL/2) parameters.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
+from .attention import attention
 from .embeddings import Conditioning, check_image_call
 
 #: depth, hidden width and attention heads; "T" is a tiny size for tests and toy runs.
@@ -67,7 +68,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

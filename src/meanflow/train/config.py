@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MeanFlowError, check
+from ..jvp import FD_SCHEMES, JVP_BACKENDS
 from ..times import TimeSampler
 
 OBJECTIVES = ("meanflow", "flow-matching")
@@ -61,6 +62,9 @@ class LossConfig:
     c: float = 1e-3
     jvp: str = "subset"
     jvp_dtype: str = "float32"  # or "autocast": the JVP in the run's precision (e.g. bf16)
+    jvp_backend: str = "func"  # or "forward-ad", "finite-difference" (docs/method.md)
+    fd_step: float = 0.0  # finite-difference step h (0: the scheme's measured default)
+    fd_scheme: str = "forward"  # or "central"
 
 
 @dataclass
@@ -163,6 +167,12 @@ class TrainConfig:
               f"got {self.precision!r}")
         check(self.loss.jvp_dtype in ("float32", "autocast"), "loss.jvp_dtype must be float32 "
               f"or autocast, got {self.loss.jvp_dtype!r}")
+        check(self.loss.jvp_backend in JVP_BACKENDS, "loss.jvp_backend must be one of "
+              f"{', '.join(JVP_BACKENDS)}, got {self.loss.jvp_backend!r}")
+        check(self.loss.fd_scheme in FD_SCHEMES, "loss.fd_scheme must be one of "
+              f"{', '.join(FD_SCHEMES)}, got {self.loss.fd_scheme!r}")
+        check(0 <= self.loss.fd_step <= 0.5, "loss.fd_step must be in [0, 0.5] (0: default), "
+              f"got {self.loss.fd_step}")
         check(self.optim.fused in ("auto", "on", "off"), "optim.fused must be auto, on or off, "
               f"got {self.optim.fused!r}")
         check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
@@ -290,6 +300,11 @@ KEY_HELP = {
                 "then one plain forward; fastest, see docs/method.md); same loss and gradients",
     "loss.jvp_dtype": "`float32` (default: the JVP with autocast off, as the authors) or "
                       "`autocast` (the JVP in the run's precision, e.g. bf16)",
+    "loss.jvp_backend": "how du/dt is computed: `func` (default, torch.func.jvp), `forward-ad` "
+                        "(dual tensors, same numbers) or `finite-difference` (1-2 extra no-grad "
+                        "forwards, approximate; refused with dropout; docs/method.md)",
+    "loss.fd_step": "finite-difference step h (0: 1e-3 forward, 3e-3 central; measured)",
+    "loss.fd_scheme": "finite-difference scheme: `forward` (1 extra forward) or `central` (2)",
     "optim.fused": "fused Adam kernel: `auto` (on CUDA), `on`, `off`",
     "optim.name": "`adam` or `adamw`",
     "optim.lr": "peak learning rate",

@@ -84,11 +84,17 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
         if cfg.objective == "flow-matching":
             return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
         return GuidedMeanFlow(num_classes, cfg.time, jvp=cfg.loss.jvp,
-                              jvp_dtype=cfg.loss.jvp_dtype, **kwargs)
+                              jvp_dtype=cfg.loss.jvp_dtype, **_jvp_options(cfg), **kwargs)
     if cfg.objective == "flow-matching":
         return FlowMatching(cfg.time, p=cfg.loss.p, c=cfg.loss.c)
     return MeanFlow(cfg.time, p=cfg.loss.p, c=cfg.loss.c, jvp=cfg.loss.jvp,
-                    jvp_dtype=cfg.loss.jvp_dtype)
+                    jvp_dtype=cfg.loss.jvp_dtype, **_jvp_options(cfg))
+
+
+def _jvp_options(cfg: TrainConfig) -> dict:
+    """The JVP back-end options of ``cfg.loss`` (``fd_step`` 0: the scheme's default)."""
+    return dict(jvp_backend=cfg.loss.jvp_backend, fd_step=cfg.loss.fd_step or None,
+                fd_scheme=cfg.loss.fd_scheme)
 
 
 def build_augment(cfg: TrainConfig, model: nn.Module, kind: str):
