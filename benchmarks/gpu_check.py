@@ -44,6 +44,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import maybe  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import TimeSampler, sample
@@ -325,8 +328,7 @@ def table(res: dict) -> str:
             pr = row.get("peak_ratio_to_flow_matching")
             lines.append(f"| {row['objective']} | {row['ms_per_step']:.1f} | "
                          f"{row['images_per_s']:.0f} | {row['ratio_to_flow_matching']:.2f}x | "
-                         f"{'-' if peak is None else f'{peak:.0f}'} | "
-                         f"{'-' if pr is None else f'{pr:.2f}x'} |")
+                         f"{maybe(peak)} | {maybe(pr, '.2f', 'x')} |")
     sa = res.get("sampling")
     if sa:
         lines += ["", f"sampling (batch {sa['batch']}, bf16): one step "

@@ -1,0 +1,58 @@
+"""Smoke test of the speed benchmarks (benchmarks/train_step.py, benchmarks/sample_speed.py):
+smallest settings, CPU, as subprocesses; checks the JSON they write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start(script: str, out: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", script),
+                             "--device", "cpu", "--threads", "1", "--out", out, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _results(proc: subprocess.Popen, out: str) -> dict:
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log
+    assert os.path.exists(os.path.join(out, "table.md"))
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_train_step_and_sample_speed_write_their_fields(tmp_path):
+    train_out, sample_out = str(tmp_path / "train"), str(tmp_path / "sample")
+    train = _start("train_step.py", train_out, "--networks", "tiny", "--rounds", "1",
+                   "--steps-per-round", "1", "--warmup", "1", "--ratios", "0.25", "--modes",
+                   "full", "--no-backends", "--memory-steps", "1")
+    samp = _start("sample_speed.py", sample_out, "--network", "tiny", "--batch", "32",
+                  "--rounds", "1", "--euler-steps", "2", "--stream-num", "300")
+    result = _results(train, train_out)
+    (net,) = result["networks"]
+    assert net["network"] == "tiny"
+    names = [row["name"] for row in net["rows"]]
+    assert names[0] == "flow matching" and len(names) == 2
+    for row in net["rows"]:
+        for key in ("ms_median", "ms_q1", "ms_q3", "ratio", "peak_mib", "memory_ratio"):
+            assert isinstance(row[key], float), (key, row)
+        assert row["ms_median"] > 0
+    assert net["rows"][0]["ratio"] == 1.0
+    assert net["rows"][1]["jvp"] == "full" and net["rows"][1]["r_ne_t"] == 0.25
+    assert result["load_before"] and result["threads"] == 1
+
+    result = _results(samp, sample_out)
+    rows = result["speed"]["rows"]
+    assert [row["name"] for row in rows] == ["bare network forward", "meanflow.sample, 1 step",
+                                             "flow-matching Euler, 2 steps"]
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["throughput_ratio_to_forward"] > 0
+    assert result["speed"]["one_step_ratio"] == rows[1]["throughput_ratio_to_forward"]
+    small, big = result["stream"]["runs"]
+    assert (small["num"], big["num"]) == (30, 300)
+    assert big["rows_in_file"] == 300 and big["peak_growth_mib"] >= 0
+    assert isinstance(result["stream"]["bounded"], bool)
