@@ -130,3 +130,27 @@ def test_config_keys_reach_the_objective_and_are_validated():
     cfg.loss.jvp_backend = "jax"
     with pytest.raises(MeanFlowError):
         cfg.validate()
+
+
+def test_finite_differences_do_not_split_the_batch():
+    """The finite-difference objective runs one forward with graph on the whole batch (as flow
+    matching) and one no-grad pass on the r != t rows only (forward scheme)."""
+    from meanflow import MeanFlow, TimeSampler
+    from meanflow.nn import MLP
+
+    calls = []
+
+    class Counting(MLP):
+        def forward(self, z, r, t, y=None):
+            calls.append((len(z), torch.is_grad_enabled()))
+            return super().forward(z, r, t, y=y)
+
+    torch.manual_seed(0)
+    model = Counting(2, hidden=16, depth=2)
+    objective = MeanFlow(TimeSampler(ratio=0.5), jvp_backend="finite-difference")
+    draws = objective.draw(32, (2,), generator=torch.Generator().manual_seed(0))
+    out = objective(model, torch.randn(32, 2), **draws.kwargs())
+    distinct = int((draws.r < draws.t).sum())
+    assert 0 < distinct < 32
+    assert calls == [(32, True), (distinct, False)]
+    out.loss.backward()

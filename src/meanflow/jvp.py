@@ -67,7 +67,7 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
             stack.enter_context(torch.autocast(device_type=z.device.type, enabled=False))
         if backend == "finite-difference":
             u = fn(z, r, t)
-            dudt = _finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
+            dudt = finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
             return at_least_float32(u), at_least_float32(dudt)
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         if backend == "func":
@@ -81,7 +81,9 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
 
 
 @torch.no_grad()
-def _finite_difference(fn, z, r, t, v, u, h, scheme):
+def finite_difference(fn, z, r, t, v, u, h, scheme):
+    """``du/dt`` along ``(v, 0, 1)`` by a ``scheme`` ("forward" or "central") difference of
+    step ``h`` (None: ``FD_STEP[scheme]``), given ``u = fn(z, r, t)`` (no graph)."""
     check(scheme in FD_SCHEMES, f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, "
           f"got {scheme!r}")
     h = FD_STEP[scheme] if h is None else h

@@ -28,7 +28,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from .errors import MeanFlowError, check
-from .jvp import FD_SCHEMES, JVP_BACKENDS, at_least_float32, total_derivative
+from .jvp import (FD_SCHEMES, JVP_BACKENDS, at_least_float32, finite_difference,
+                  total_derivative)
 from .path import PathSample, broadcast_time, linear_path
 from .times import TimeSampler
 
@@ -190,6 +191,8 @@ class MeanFlow:
         distinct = r < t
         if self.jvp == "detached":
             return self._detached(model, z, r, t, v, y, distinct)
+        if self.jvp_backend == "finite-difference" and not torch.is_autocast_enabled(z.device.type):
+            return self._finite_difference(model, z, r, t, v, y, distinct)
         count = int(distinct.sum())  # the step's one host sync in the objective
         if count == len(r):
             return self._with_jvp(model, z, r, t, v, y)
@@ -203,6 +206,23 @@ class MeanFlow:
         inverse = torch.argsort(torch.cat([idx_mf, idx_fm]))
         u = torch.cat([at_least_float32(u_mf), at_least_float32(u_fm)])[inverse]
         target = torch.cat([tgt_mf, at_least_float32(v[idx_fm])])[inverse]
+        return u, target
+
+    def _finite_difference(self, model, z, r, t, v, y, distinct):
+        """Finite differences without splitting the batch: one forward with graph on every
+        row, as flow matching does, then the difference passes (no graph) on the r != t rows
+        only, reusing that forward's output as ``u(z, r, t)``."""
+        u = model(z, r, t, y=y)
+        target = at_least_float32(v).clone()
+        count = int(distinct.sum())  # one host sync
+        if count:
+            idx = torch.argsort(distinct.to(torch.int8), descending=True, stable=True)[:count]
+            sub, y_sub = _sub(model, idx), _rows(y, idx)
+            zi, ri, ti, vi = (at_least_float32(a[idx]) for a in (z, r, t, v))
+            dudt = finite_difference(lambda z_, r_, t_: sub(z_, r_, t_, y=y_sub), zi, ri, ti, vi,
+                                     at_least_float32(u.detach()[idx]), self.fd_step,
+                                     self.fd_scheme)
+            target[idx] = (vi - broadcast_time(ti - ri, dudt) * dudt).to(target.dtype)
         return u, target
 
     def _detached(self, model, z, r, t, v, y, distinct):
