@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import re
 import statistics
@@ -46,7 +45,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import maybe  # noqa: E402
+from results_io import interleaved_times, maybe, md_table, sync  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import TimeSampler, sample
@@ -55,11 +54,6 @@ from meanflow.jvp import total_derivative
 from meanflow.nn.dit import dit
 
 CLASSES = 1000
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def card_name(device: torch.device) -> str:
@@ -230,15 +224,7 @@ def check_step_time(args, device, model, opt, batch) -> dict:
             step()
             sync(device)
             peaks[name] = (torch.cuda.max_memory_allocated(device) / 2**20, base / 2**20)
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            for _ in range(args.steps_per_round):
-                sync(device)
-                start = time.perf_counter()
-                step()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times(steps, device, args.rounds, args.steps_per_round)
     fm = statistics.median(times["flow matching"])
     rows = []
     for name, values in times.items():
@@ -277,15 +263,7 @@ def check_sampling(args, device, model) -> dict:
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            for _ in range(args.steps_per_round):
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times(fns, device, args.rounds, args.steps_per_round)
     med = {name: statistics.median(v) for name, v in times.items()}
     finite = bool(torch.isfinite(one_step()).all())
     model.train()
@@ -303,16 +281,14 @@ def table(res: dict) -> str:
              f"{'(tiny)' if res['tiny'] else ''}"]
     j = res.get("jvp")
     if j:
-        lines += ["", "| JVP check (float64 network) | relative error | pass |", "|---|---|---|",
-                  f"| fp64 JVP vs central FD (eps {j['fd_eps']:g}) | "
-                  f"{j['fp64_vs_fd_rel_err']:.2e} | "
-                  f"{'yes' if j['fp64_pass'] else 'NO'} (< {j['threshold']:g}) |",
-                  f"| fp32 JVP vs fp64 JVP | {j['fp32_vs_fp64_rel_err']:.2e} | |"]
-        if "fp32_tf32_vs_fp64_rel_err" in j:
-            lines.append("| fp32 JVP with TF32 vs fp64 JVP | "
-                         f"{j['fp32_tf32_vs_fp64_rel_err']:.2e} | |")
-        lines.append("| bf16-autocast JVP vs fp64 JVP | "
-                     f"{j['bf16_autocast_vs_fp64_rel_err']:.2e} | |")
+        checks = [(f"fp64 JVP vs central FD (eps {j['fd_eps']:g})", "fp64_vs_fd_rel_err",
+                   f"{'yes' if j['fp64_pass'] else 'NO'} (< {j['threshold']:g})"),
+                  ("fp32 JVP vs fp64 JVP", "fp32_vs_fp64_rel_err", ""),
+                  ("fp32 JVP with TF32 vs fp64 JVP", "fp32_tf32_vs_fp64_rel_err", ""),
+                  ("bf16-autocast JVP vs fp64 JVP", "bf16_autocast_vs_fp64_rel_err", "")]
+        lines += [""] + md_table(["JVP check (float64 network)", "relative error", "pass"],
+                                 [[label, f"{j[key]:.2e}", verdict]
+                                  for label, key, verdict in checks if key in j])
     tr = res.get("train")
     if tr:
         lines += ["", f"training: batch {tr['batch']}, {tr['steps']} steps, bf16 + fp32 JVP: loss "
@@ -321,14 +297,12 @@ def table(res: dict) -> str:
                   f"{'finite' if tr['finite'] else 'NaN/Inf: FAIL'}, {tr['seconds']:.0f} s"]
     st = res.get("step_time")
     if st:
-        lines += ["", f"| step (batch {st['batch']}, bf16 autocast) | ms/step | images/s | ratio "
-                  "| peak MiB | peak ratio |", "|---|---|---|---|---|---|"]
-        for row in st["rows"]:
-            peak = row.get("peak_mib")
-            pr = row.get("peak_ratio_to_flow_matching")
-            lines.append(f"| {row['objective']} | {row['ms_per_step']:.1f} | "
-                         f"{row['images_per_s']:.0f} | {row['ratio_to_flow_matching']:.2f}x | "
-                         f"{maybe(peak)} | {maybe(pr, '.2f', 'x')} |")
+        lines += [""] + md_table(
+            [f"step (batch {st['batch']}, bf16 autocast)", "ms/step", "images/s", "ratio",
+             "peak MiB", "peak ratio"],
+            [[row["objective"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:.0f}",
+              f"{row['ratio_to_flow_matching']:.2f}x", maybe(row.get("peak_mib")),
+              maybe(row.get("peak_ratio_to_flow_matching"), ".2f", "x")] for row in st["rows"]])
     sa = res.get("sampling")
     if sa:
         lines += ["", f"sampling (batch {sa['batch']}, bf16): one step "
@@ -385,7 +359,7 @@ def main() -> None:
     model = build(args, device)
     opt = optimizer(model, device)
     batch = choose_batch(args, device, model, opt)
-    model, opt = build(args, device), None  # a fresh network for the training run
+    model = build(args, device)  # a fresh network (and optimizer) for the training run
     opt = optimizer(model, device)
     res["train"] = check_training(args, device, model, opt, batch)
     save()

@@ -31,6 +31,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import md_row, md_table  # noqa: E402
+
 RUNS = [  # name, seed, extra --set overrides
     ("fp32", 0, []),
     ("bf16 (fp32 JVP, default)", 0, ["precision=bf16"]),
@@ -109,15 +112,14 @@ def main() -> None:
     lines = [f"DiT-{args.size} on 4x16x16 Gaussian-mixture latents (10 classes), batch "
              f"{args.batch}, {args.steps} steps, {args.threads} thread(s); final = mean of the "
              f"last {args.last} records (log_every {args.log_every})", "",
-             "| run | final loss | final mse | skipped steps | NaN | seconds |",
-             "|---|---|---|---|---|---|"]
+             *md_table(["run", "final loss", "final mse", "skipped steps", "NaN", "seconds"])]
     for name, r in rows.items():
         if r["returncode"] != 0:
-            lines.append(f"| {name} | failed | | | | |")
+            lines.append(md_row(name, "failed", "", "", "", ""))
             continue
-        lines.append(f"| {name} | {r['loss']:.4f} (sd {r['loss_sd']:.4f}) | {r['mse']:.2f} "
-                     f"(sd {r['mse_sd']:.2f}) | {r['skipped']} | {'yes' if r['nan'] else 'no'} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(md_row(name, f"{r['loss']:.4f} (sd {r['loss_sd']:.4f})",
+                            f"{r['mse']:.2f} (sd {r['mse_sd']:.2f})", r["skipped"],
+                            "yes" if r["nan"] else "no", f"{r['seconds']:.0f}"))
     verdict = {}
     if ok:
         base, other = rows["fp32"], rows["fp32 seed 1"]

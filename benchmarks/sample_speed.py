@@ -36,21 +36,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import save_results, status_mib  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-_status_mib = status_mib
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from results_io import interleaved_times, md_table, save_results, status_mib  # noqa: E402
 
 
 def speed(args, device: torch.device) -> dict:
-    sys.path.insert(0, HERE)
     from train_step import build  # the same network definitions as the training benchmark
 
     from meanflow import sample
@@ -77,15 +66,7 @@ def speed(args, device: torch.device) -> dict:
     for name in names:
         for _ in range(args.warmup):
             calls[name]()
-    sync(device)
-    times = {name: [] for name in names}
-    for k in range(args.rounds):
-        for name in names[k % len(names):] + names[:k % len(names)]:
-            sync(device)
-            start = time.perf_counter()
-            calls[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(calls, device, args.rounds, rotate=True)
     rows = []
     for name in names:
         med = statistics.median(times[name])
@@ -113,7 +94,7 @@ def stream_worker(run_dir: str, num: int, path: str) -> dict:
     shape = (num, *to_uint8(first.numpy()).shape[1:])
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status_mib("VmRSS")
+    before = status_mib("VmRSS")
     start = time.perf_counter()
 
     def blocks():
@@ -122,7 +103,7 @@ def stream_worker(run_dir: str, num: int, path: str) -> dict:
 
     write_npz(path, blocks(), shape, None)
     seconds = time.perf_counter() - start
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     with np.load(path) as z:
         rows = int(z["arr_0"].shape[0])
     return {"num": num, "rows_in_file": rows, "file_mib": os.path.getsize(path) / 2 ** 20,
@@ -167,23 +148,20 @@ def markdown(result: dict) -> str:
              f"{result['load_before']}, after: {result['load_after']}.", ""]
     if result.get("speed"):
         sp = result["speed"]
-        lines += [f"**{sp['description']}**", "",
-                  "| sampler | s / batch (median) | min-max s | images/s | "
-                  "throughput / bare forward |", "|---|---|---|---|---|"]
-        for row in sp["rows"]:
-            lines.append(f"| {row['name']} | {row['s_per_batch']:.4f} | {row['s_min']:.4f}-"
-                         f"{row['s_max']:.4f} | {row['images_per_s']:.0f} | "
-                         f"{row['throughput_ratio_to_forward']:.3f} |")
-        lines.append("")
+        lines += [f"**{sp['description']}**", ""] + md_table(
+            ["sampler", "s / batch (median)", "min-max s", "images/s",
+             "throughput / bare forward"],
+            [[row["name"], f"{row['s_per_batch']:.4f}", f"{row['s_min']:.4f}-{row['s_max']:.4f}",
+              f"{row['images_per_s']:.0f}", f"{row['throughput_ratio_to_forward']:.3f}"]
+             for row in sp["rows"]]) + [""]
     if result.get("stream"):
         st = result["stream"]
-        lines += [f"**Streaming to .npz ({st['run']})**", "",
-                  "| samples | samples/s | file MiB | peak RSS growth MiB | "
-                  "all samples as float32 MiB |", "|---|---|---|---|---|"]
-        for run in st["runs"]:
-            lines.append(f"| {run['num']:,} | {run['samples_per_s']:.0f} | "
-                         f"{run['file_mib']:.1f} | {run['peak_growth_mib']:.1f} | "
-                         f"{run['all_samples_float32_mib']:.1f} |")
+        lines += [f"**Streaming to .npz ({st['run']})**", ""] + md_table(
+            ["samples", "samples/s", "file MiB", "peak RSS growth MiB",
+             "all samples as float32 MiB"],
+            [[f"{run['num']:,}", f"{run['samples_per_s']:.0f}", f"{run['file_mib']:.1f}",
+              f"{run['peak_growth_mib']:.1f}", f"{run['all_samples_float32_mib']:.1f}"]
+             for run in st["runs"]])
         lines += ["", f"Bounded memory: {'yes' if st['bounded'] else 'NO'} (peak excess of the "
                   f"large run over the small one: {st['excess_mib']:.1f} MiB).", ""]
     return "\n".join(lines)

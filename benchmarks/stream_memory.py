@@ -35,6 +35,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import md_row, md_table, read_kib  # noqa: E402
+
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 ROLLUP = ("Pss", "Pss_Anon", "Pss_File")
 
@@ -70,19 +73,6 @@ def write_latents(out: str, count: int, shape=(4, 32, 32), shard_size: int = 409
 
 
 # -------------------------------------------------------------------------- the sampler
-def _read_kb(path: str, keys) -> dict[str, int]:
-    found = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name in keys:
-                    found[name] = int(rest.split()[0])
-    except (OSError, ValueError):
-        pass
-    return found
-
-
 def _children(pid: int) -> list[int]:
     kids = []
     try:
@@ -106,10 +96,10 @@ class Sampler(threading.Thread):
         while not self.done.is_set():
             now = time.perf_counter() - self.start_time
             for role, pid in [("main", self.pid)] + [("worker", c) for c in _children(self.pid)]:
-                row = _read_kb(f"/proc/{pid}/status", FIELDS)
+                row = read_kib(f"/proc/{pid}/status", FIELDS)
                 if "RssAnon" not in row:
                     continue
-                row.update(_read_kb(f"/proc/{pid}/smaps_rollup", ROLLUP))
+                row.update(read_kib(f"/proc/{pid}/smaps_rollup", ROLLUP))
                 self.rows.append({"t": round(now, 3), "role": role, "pid": pid, **row})
             self.done.wait(self.interval)
 
@@ -255,9 +245,8 @@ def markdown(result: dict) -> str:
         f"(moments (N, 2, 2, C, H, W) float32, {data['bytes_per_sample'] // 1024} KiB per "
         f"sample), {data['gib_on_disk']:.2f} GiB on disk = {data['factor']:g}x a "
         f"{data['budget_mib']} MiB budget.",
-        "",
-        "| phase | process | field | peak MiB | median MiB | first 10% | last 10% |",
-        "|---|---|---|---|---|---|---|"]
+        "", *md_table(["phase", "process", "field", "peak MiB", "median MiB", "first 10%",
+                       "last 10%"])]
     for phase in ("reader-mmap", "reader-pread", "train", "in-memory-1/10"):
         info = result.get(phase)
         if not info:
@@ -269,8 +258,8 @@ def markdown(result: dict) -> str:
             for field in ("RssAnon", "RssFile", "VmRSS", "Pss"):
                 s = summary.get(field)
                 if s:
-                    lines.append(f"| {phase} | {label} | {field} | {s['peak']} | {s['median']} "
-                                 f"| {s['first10']} | {s['last10']} |")
+                    lines.append(md_row(phase, label, field, s["peak"], s["median"],
+                                        s["first10"], s["last10"]))
     train = result.get("train", {})
     lines += ["", f"Training: {train.get('steps')} steps of batch {train.get('batch_size')} "
               f"({train.get('epochs', 0):.2f} epochs) in {train.get('seconds', 0):.0f} s; "

@@ -37,11 +37,13 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import maybe, save_results, status_mib  # noqa: E402
+from results_io import (interleaved_times, maybe, md_row, md_table, save_results,  # noqa: E402
+                        status_mib, sync)
 
 from meanflow import FlowMatching, MeanFlow, TimeSampler
 
@@ -60,7 +62,7 @@ def build(network: str, device: torch.device, args) -> tuple[torch.nn.Module, to
                                                               torch.Tensor | None, str]:
     """``(model, x, y, description)`` of one network and its batch, seeded."""
     from meanflow.train import TrainConfig
-    from meanflow.train.factory import build_model
+    from meanflow.train.factory import build_model, count_parameters
     from meanflow.train.presets import configure
 
     torch.manual_seed(0)
@@ -93,8 +95,7 @@ def build(network: str, device: torch.device, args) -> tuple[torch.nn.Module, to
     x = torch.randn(batch, *shape, generator=gen).to(device)
     if classes:
         y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-    params = sum(p.numel() for p in model.parameters())
-    return model, x, y, f"{desc}, {params / 1e6:.2f}M parameters"
+    return model, x, y, f"{desc}, {count_parameters(model) / 1e6:.2f}M parameters"
 
 
 def default_backend() -> str | None:
@@ -141,14 +142,6 @@ def make_step(objective, model, opt, x, y, seed: int):
     return step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-_status_mib = status_mib
-
-
 def memory_worker(network: str, row: dict, args) -> dict:
     """Peak resident memory a training step of one row adds above the steady state, measured in
     this fresh process (CPU): ``--warmup`` steps first (Adam's state, lazy library buffers),
@@ -162,10 +155,10 @@ def memory_worker(network: str, row: dict, args) -> dict:
         step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status_mib("VmRSS")
+    before = status_mib("VmRSS")
     for _ in range(args.memory_steps):
         step()
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     return {"peak_rss_mib": peak, "rss_before_mib": before, "peak_growth_mib": peak - before}
 
 
@@ -184,24 +177,20 @@ def bench_network(network: str, device: torch.device, args) -> dict:
     for step in steps:  # warm-up, not timed
         for _ in range(args.warmup):
             step()
-    sync(device)
-    times = [[] for _ in table]
     peaks = [0.0 for _ in table]
-    order = list(range(len(table)))
-    for k in range(args.rounds):
-        rotated = order[k % len(order):] + order[:k % len(order)]
-        for i in rotated:
-            if device.type == "cuda":
-                sync(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                steps[i]()
-            sync(device)
-            times[i].append((time.perf_counter() - start) / args.steps_per_round)
-            if device.type == "cuda":
-                peaks[i] = max(peaks[i], (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20)
+
+    @contextmanager
+    def cuda_peak(i: int):  # the peak CUDA memory of row i's steps above what was allocated
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield
+        sync(device)
+        peaks[i] = max(peaks[i], (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20)
+
+    times = interleaved_times(dict(enumerate(steps)), device, args.rounds, args.steps_per_round,
+                              rotate=True, block=True,
+                              probe=cuda_peak if device.type == "cuda" else None)
     results = []
     for i, row in enumerate(table):
         ratios = [a / b for a, b in zip(times[i], times[0])]
@@ -260,17 +249,13 @@ def markdown(result: dict) -> str:
              f"steps; load average before: {result['load_before']}, after: "
              f"{result['load_after']}. Memory: {mem_kind}.", ""]
     for net in result["networks"]:
-        lines += [f"**{net['description']}**", "",
-                  "| objective | ms/step (median) | IQR ms | ratio to FM (IQR) | "
-                  "peak MiB | memory ratio |", "|---|---|---|---|---|---|"]
-        for row in net["rows"]:
-            mem = row.get("peak_mib")
-            mr = row.get("memory_ratio")
-            lines.append(f"| {row['name']} | {row['ms_median']:.2f} | {row['ms_q1']:.2f}-"
-                         f"{row['ms_q3']:.2f} | {row['ratio']:.2f} ({row['ratio_q1']:.2f}-"
-                         f"{row['ratio_q3']:.2f}) | "
-                         f"{maybe(mem)} | {maybe(mr, '.2f')} |")
-        lines.append("")
+        lines += [f"**{net['description']}**", ""] + md_table(
+            ["objective", "ms/step (median)", "IQR ms", "ratio to FM (IQR)", "peak MiB",
+             "memory ratio"],
+            [[row["name"], f"{row['ms_median']:.2f}", f"{row['ms_q1']:.2f}-{row['ms_q3']:.2f}",
+              f"{row['ratio']:.2f} ({row['ratio_q1']:.2f}-{row['ratio_q3']:.2f})",
+              maybe(row.get("peak_mib")), maybe(row.get("memory_ratio"), ".2f")]
+             for row in net["rows"]]) + [""]
     return "\n".join(lines)
 
 
@@ -289,8 +274,7 @@ def summary_markdown(result: dict) -> str:
         mem = fm.get("peak_mib") is not None
         lines += [f"**{net['description']}**: flow matching {fm['ms_median']:.1f} ms/step"
                   + (f", peak {fm['peak_mib']:.0f} MiB" if mem else ""), "",
-                  "| MeanFlow variant | " + " | ".join(f"{f:.0%} r != t" for f in fracs) + " |",
-                  "|---|" + "---|" * len(fracs)]
+                  *md_table(["MeanFlow variant"] + [f"{f:.0%} r != t" for f in fracs])]
         for label in variants:
             cells = []
             for f in fracs:
@@ -300,7 +284,7 @@ def summary_markdown(result: dict) -> str:
                 if row.get("memory_ratio") is not None:
                     cell += f" (mem {row['memory_ratio']:.2f}x)"
                 cells.append(cell)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(md_row(label, *cells))
         lines.append("")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Smoke test of the speed benchmarks (benchmarks/train_step.py, benchmarks/sample_speed.py):
-smallest settings, CPU, as subprocesses; checks the JSON they write."""
+smallest settings, CPU, as subprocesses; checks the JSON they write. Also the shared helpers of
+benchmarks/results_io.py (tables, interleaved timing, /proc memory fields)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +59,58 @@ def test_train_step_and_sample_speed_write_their_fields(tmp_path):
     assert (small["num"], big["num"]) == (30, 300)
     assert big["rows_in_file"] == 300 and big["peak_growth_mib"] >= 0
     assert isinstance(result["stream"]["bounded"], bool)
+
+
+def _results_io():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import results_io
+    finally:
+        sys.path.pop(0)
+    return results_io
+
+
+def test_markdown_table_rows_keep_their_format():
+    rio = _results_io()
+    assert rio.md_table(["a", "b", "c"], [["x", 1.5, ""], [None, "", "z"]]) == [
+        "| a | b | c |", "|---|---|---|", "| x | 1.5 | |", "| None | | z |"]
+    assert rio.md_row("x", rio.maybe(None), rio.maybe(2.345, ".2f", "x")) == "| x | - | 2.35x |"
+
+
+def test_interleaved_times_order_counts_and_probe():
+    import torch
+
+    rio = _results_io()
+    log = []
+    calls = {name: (lambda n=name: log.append(n)) for name in "abc"}
+
+    class Probe:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            log.append("<" + self.name)
+
+        def __exit__(self, *exc):
+            log.append(self.name + ">")
+
+    cpu = torch.device("cpu")
+    times = rio.interleaved_times(calls, cpu, rounds=3, repeats=2, rotate=True, probe=Probe)
+    assert log == ["<a", "a", "a", "a>", "<b", "b", "b", "b>", "<c", "c", "c", "c>",
+                   "<b", "b", "b", "b>", "<c", "c", "c", "c>", "<a", "a", "a", "a>",
+                   "<c", "c", "c", "c>", "<a", "a", "a", "a>", "<b", "b", "b", "b>"]
+    assert {name: len(v) for name, v in times.items()} == {"a": 6, "b": 6, "c": 6}
+    log.clear()
+    times = rio.interleaved_times(calls, cpu, rounds=2, repeats=3, block=True)
+    assert log == list("aaabbbcccaaabbbccc")
+    assert all(len(v) == 2 and min(v) >= 0 for v in times.values())
+
+
+def test_read_kib_and_status_mib():
+    rio = _results_io()
+    found = rio.read_kib("/proc/self/status", ("VmRSS", "VmHWM"))
+    assert set(found) == {"VmRSS", "VmHWM"} and found["VmHWM"] >= found["VmRSS"] > 0
+    assert rio.status_mib("VmRSS") > 0
+    assert rio.read_kib("/proc/self/no-such-file", ("VmRSS",)) == {}
+    with pytest.raises(KeyError):
+        rio.status_mib("NoSuchField")

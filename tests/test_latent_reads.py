@@ -57,11 +57,12 @@ def test_reading_maps_nothing(tmp_path):
 
 
 def test_a_truncated_shard_is_one_clear_line(tmp_path):
-    write_latents(str(tmp_path / "lat"))
+    everything = write_latents(str(tmp_path / "lat"))
     path = tmp_path / "lat" / "moments-00001.npy"
     path.write_bytes(path.read_bytes()[:-100])
     shards = LatentShards(str(tmp_path / "lat"))
     assert shards.moments(np.array([0, 4])).shape == (2, 2, 2, 2, 4, 4)  # shard 0 is fine
+    assert np.array_equal(shards.moments(np.array([0, 4])), everything[[0, 4]])
     with pytest.raises(MeanFlowError, match=r"moments-00001\.npy: .*truncated") as info:
         shards.moments(np.array([6]))
     assert "\n" not in str(info.value)

@@ -283,6 +283,8 @@ def test_flat_folder_no_flip_float16(tmp_path, vae_dir, capsys):
     assert shards.num_classes == 0 and shards.dtype == "float16"
     assert np.load(os.path.join(out, "moments-00000.npy")).dtype == np.float16
     assert shards.moments(np.array([2, 0])).dtype == np.float32
+    stored = np.load(os.path.join(out, "moments-00000.npy"))
+    assert np.array_equal(shards.moments(np.array([2, 0])), stored[[2, 0]].astype(np.float32))
 
 
 def test_encode_errors_are_one_line(tmp_path, image_dir, vae_dir, capsys):
@@ -338,6 +340,8 @@ def test_draw_latents_is_the_reparameterised_sample():
     # float16 moments are sampled in float32
     half = draw_latents(moments.half(), torch.Generator().manual_seed(5), 1.0)
     assert half.dtype == torch.float32
+    assert torch.equal(half, draw_latents(moments.half().float(),
+                                          torch.Generator().manual_seed(5), 1.0))
 
 
 def test_draw_latents_statistics_and_flip_choice():

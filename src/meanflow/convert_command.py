@@ -218,11 +218,12 @@ def find_jax_file(path: str) -> str:
     return os.path.join(path, "checkpoint")
 
 
-def _placeholders(tree: Any, prefix: str = "") -> list[str]:
-    if isinstance(tree, dict):
-        return [p for k, v in tree.items() for p in _placeholders(v, f"{prefix}{k}/")]
-    return [prefix.rstrip("/")] if isinstance(tree, str) and tree.startswith("PLACEHOLDER") \
-        else []
+def _placeholders(tree: dict) -> list[str]:
+    """Paths of the leaves Orbax left to Tensorstore (strings ``PLACEHOLDER://...``)."""
+    from .nn.convert import flatten_tree
+
+    return [path for path, leaf in flatten_tree(tree).items()
+            if isinstance(leaf, str) and leaf.startswith("PLACEHOLDER")]
 
 
 def jax_params(tree: Any, weights: str) -> dict:
@@ -286,7 +287,7 @@ def _jax_model(args, info: dict):
         load_strict(model, dit_state_dict(p), f"the authors' DiT ({key})")
         nets[role] = model
     info.update(file=file, spec=spec, weights=names)
-    step = tree.get("step") if isinstance(tree, dict) else None
+    step = tree.get("step")  # a dict: jax_params checked it
     info["step"] = int(np.asarray(step)) if step is not None else 0
     latents = {"scaling_factor": 0.18215, "shift_factor": None, "vae": args.vae,
                "image_size": args.image_size * 8, "flips": False, "source": "authors-jax"}

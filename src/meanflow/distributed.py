@@ -91,15 +91,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_object(obj, src: int = 0):
-    """``obj`` as rank ``src`` has it, on every rank (returned unchanged in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -34,7 +34,7 @@ import torch
 
 from .errors import check
 from .jvp import at_least_float32
-from .objective import Draws, MeanFlow, ObjectiveOutput, _sub
+from .objective import Draws, MeanFlow, ObjectiveOutput, SingleTime, _sub, rows_first
 from .path import PathSample
 from .times import TimeSampler
 
@@ -152,10 +152,10 @@ class GuidedMeanFlow(MeanFlow):
         if not self.guided:
             return v
         mask = (t >= self.t_min) & (t <= self.t_max) & (y != self.num_classes)
-        count = int(mask.sum())  # one host sync
+        count, order = rows_first(mask)
         if count == 0:
             return v
-        idx = torch.argsort(mask.to(torch.int8), descending=True, stable=True)[:count]
+        idx = order[:count]
         z, ti, yi = path.z[idx], t[idx], y[idx]
         null = torch.full_like(yi, self.num_classes)
         out = at_least_float32(v).clone()
@@ -186,7 +186,7 @@ def _evaluation_mode(model):
             model.train()
 
 
-class GuidedFlowMatching(GuidedMeanFlow):
+class GuidedFlowMatching(SingleTime, GuidedMeanFlow):
     """Class-conditional flow matching (r = t, one time draw) with the same label dropout and
     guided velocity ``v~`` as :class:`GuidedMeanFlow`: the baseline to compare it with."""
 
@@ -194,16 +194,6 @@ class GuidedFlowMatching(GuidedMeanFlow):
                  **kwargs) -> None:
         kwargs.pop("jvp", None)
         super().__init__(num_classes, time_sampler, **kwargs)
-
-    def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.time_sampler.single(n, generator=generator, device=device)
-        return t, t
-
-    def _inputs(self, x, noise, r, t, generator):
-        r, t, noise = MeanFlow._inputs(self, x, noise, r, t, generator)
-        check(not self.check_inputs or bool((r == t).all()),
-              "flow matching needs r == t for every sample")
-        return r, t, noise
 
 
 def sampling_guidance(model, scale: float, num_classes: int):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from .data.images import list_image_folder
+from .data.images import list_image_folder, read_image
 from .data.latents import FORMAT, META_NAME, VERSION, read_meta
 from .errors import MeanFlowError, check
 
@@ -108,23 +108,19 @@ class _CropDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray | None, str]:
-        from PIL import Image, UnidentifiedImageError
-
         from .vae import adm_center_crop
 
-        path = self.files[index]
         try:
-            with Image.open(path) as image:
-                image.load()
-                crop = adm_center_crop(image, self.size)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-            return None, (f"{path}: cannot read the image ({exc.__class__.__name__}); it is "
-                          "corrupt or not a PNG/JPEG, fix or remove it")
+            image, _ = read_image(self.files[index])
+        except MeanFlowError as exc:
+            return None, str(exc)
+        crop = adm_center_crop(image, self.size)
         return np.asarray(crop, np.uint8).transpose(2, 0, 1).copy(), ""
 
 
-def cropped_images(folder: str, size: int, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` images of ``folder`` (a seeded random choice, or all when fewer), ADM-cropped
+def cropped_images(folder: str, size: int, count: int | None = None,
+                   seed: int = 0) -> torch.Tensor:
+    """``count`` images of ``folder`` (a seeded random choice; all when None or fewer), ADM-cropped
     to ``size`` as for encoding, as float32 (n, 3, S, S) in [-1, 1]: the training images of a
     latent run, e.g. for an evaluation's floor."""
     files, _, _ = list_image_folder(folder)
@@ -313,4 +309,4 @@ def encode_folder(data: str, vae_path: str, out: str, image_size: int = 256,
             "seconds": round(time.perf_counter() - start_time, 2)}
 
 
-__all__ = ["add_latents_parser", "cmd_latents", "encode_folder", "list_image_folder"]
+__all__ = ["add_latents_parser", "cmd_latents", "encode_folder", "cropped_images"]

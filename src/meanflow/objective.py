@@ -79,6 +79,12 @@ class Conditioned(torch.nn.Module):
         return Conditioned(self.net, {k: v[idx] for k, v in self.cond.items()})
 
 
+def rows_first(mask: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(count, order)``: how many rows ``mask`` selects (the one host sync) and a row order
+    with those rows first, each group in its original order."""
+    return int(mask.sum()), torch.argsort(mask.to(torch.int8), descending=True, stable=True)
+
+
 def _sub(model, idx: torch.Tensor):
     """The model for rows ``idx`` of the batch (per-row inputs of a :class:`Conditioned`)."""
     return model.rows(idx) if isinstance(model, Conditioned) else model
@@ -189,16 +195,14 @@ class MeanFlow:
         if self.jvp == "full":
             return self._with_jvp(model, z, r, t, v, y)
         distinct = r < t
-        if self.jvp == "detached":
-            return self._detached(model, z, r, t, v, y, distinct)
-        if self.jvp_backend == "finite-difference" and not torch.is_autocast_enabled(z.device.type):
-            return self._finite_difference(model, z, r, t, v, y, distinct)
-        count = int(distinct.sum())  # the step's one host sync in the objective
+        if self.jvp == "detached" or (self.jvp_backend == "finite-difference"
+                                      and not torch.is_autocast_enabled(z.device.type)):
+            return self._target_apart(model, z, r, t, v, y, distinct)
+        count, order = rows_first(distinct)
         if count == len(r):
             return self._with_jvp(model, z, r, t, v, y)
         if count == 0:
             return model(z, r, t, y=y), at_least_float32(v)
-        order = torch.argsort(distinct.to(torch.int8), descending=True, stable=True)
         idx_mf, idx_fm = order[:count], order[count:]
         u_mf, tgt_mf = self._with_jvp(_sub(model, idx_mf), z[idx_mf], r[idx_mf], t[idx_mf],
                                       v[idx_mf], _rows(y, idx_mf))
@@ -208,37 +212,36 @@ class MeanFlow:
         target = torch.cat([tgt_mf, at_least_float32(v[idx_fm])])[inverse]
         return u, target
 
-    def _finite_difference(self, model, z, r, t, v, y, distinct):
-        """Finite differences without splitting the batch: one forward with graph on every
-        row, as flow matching does, then the difference passes (no graph) on the r != t rows
-        only, reusing that forward's output as ``u(z, r, t)``."""
+    def _target_apart(self, model, z, r, t, v, y, distinct):
+        """One forward with graph on every row, as flow matching does, for the loss; the
+        targets of the r != t rows apart, without graph: by the JVP back-end (``jvp="detached"``)
+        or, for finite differences, by the difference passes alone, reusing that forward's
+        output as ``u(z, r, t)``. The r != t rows pass through the network twice."""
         u = model(z, r, t, y=y)
         target = at_least_float32(v).clone()
-        count = int(distinct.sum())  # one host sync
+        count, order = rows_first(distinct)
         if count:
-            idx = torch.argsort(distinct.to(torch.int8), descending=True, stable=True)[:count]
+            idx = order[:count]
             sub, y_sub = _sub(model, idx), _rows(y, idx)
             zi, ri, ti, vi = (at_least_float32(a[idx]) for a in (z, r, t, v))
-            dudt = finite_difference(lambda z_, r_, t_: sub(z_, r_, t_, y=y_sub), zi, ri, ti, vi,
-                                     at_least_float32(u.detach()[idx]), self.fd_step,
-                                     self.fd_scheme)
+            if self.jvp_backend == "finite-difference":
+                dudt = finite_difference(lambda z_, r_, t_: sub(z_, r_, t_, y=y_sub), zi, ri,
+                                         ti, vi, at_least_float32(u.detach()[idx]),
+                                         self.fd_step, self.fd_scheme)
+            else:
+                with torch.no_grad():
+                    _, dudt = self._derivative(sub, zi, ri, ti, vi, y_sub)
             target[idx] = (vi - broadcast_time(ti - ri, dudt) * dudt).to(target.dtype)
         return u, target
 
-    def _detached(self, model, z, r, t, v, y, distinct):
-        target = at_least_float32(v).clone()
-        if bool(distinct.any()):
-            idx = distinct.nonzero().squeeze(1)
-            with torch.no_grad():
-                _, tgt = self._with_jvp(_sub(model, idx), z[idx], r[idx], t[idx], v[idx],
-                                        _rows(y, idx))
-            target[idx] = tgt.to(target.dtype)
-        return model(z, r, t, y=y), target
+    def _derivative(self, model, z, r, t, v, y):
+        """``(u, du/dt)`` by this objective's JVP back-end and precision."""
+        return total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast",
+                                backend=self.jvp_backend, fd_step=self.fd_step,
+                                fd_scheme=self.fd_scheme)
 
     def _with_jvp(self, model, z, r, t, v, y):
-        u, dudt = total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast",
-                                   backend=self.jvp_backend, fd_step=self.fd_step,
-                                   fd_scheme=self.fd_scheme)
+        u, dudt = self._derivative(model, z, r, t, v, y)
         target = at_least_float32(v) - broadcast_time(t - r, dudt) * dudt
         return u, target.detach()
 
@@ -262,18 +265,9 @@ class MeanFlow:
         return r, t, noise
 
 
-class FlowMatching(MeanFlow):
-    """Flow matching with the same interface: r = t everywhere, target ``v``, no JVP.
-
-    Times are one draw ``t ~ D_t`` of the sampler's distribution (:meth:`TimeSampler.single`),
-    the standard flow-matching choice; the MeanFlow sampler's own r = t samples use the max of
-    two draws, as in the authors' code. The adaptive weighting is kept (set ``p = 0`` for the
-    plain squared error).
-    """
-
-    def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
-                 c: float = 1e-3, **_) -> None:
-        super().__init__(time_sampler, p=p, c=c, jvp="subset")
+class SingleTime:
+    """Mixin of the flow-matching objectives: r = t everywhere, t one draw ``t ~ D_t``
+    (:meth:`TimeSampler.single`), and given times refused unless r == t."""
 
     def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.time_sampler.single(n, generator=generator, device=device)
@@ -284,3 +278,17 @@ class FlowMatching(MeanFlow):
         check(not self.check_inputs or bool((r == t).all()),
               "flow matching needs r == t for every sample")
         return r, t, noise
+
+
+class FlowMatching(SingleTime, MeanFlow):
+    """Flow matching with the same interface: r = t everywhere, target ``v``, no JVP.
+
+    Times are one draw ``t ~ D_t`` of the sampler's distribution (:meth:`TimeSampler.single`),
+    the standard flow-matching choice; the MeanFlow sampler's own r = t samples use the max of
+    two draws, as in the authors' code. The adaptive weighting is kept (set ``p = 0`` for the
+    plain squared error).
+    """
+
+    def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
+                 c: float = 1e-3) -> None:
+        super().__init__(time_sampler, p=p, c=c, jvp="subset")

@@ -13,13 +13,13 @@ diffusers is optional (``pip install 'meanflow[latents]'``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import TYPE_CHECKING
 
 import torch
 
+from .data.latents import read_json
 from .errors import MeanFlowError, check
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,12 +42,7 @@ def find_vae_dir(path: str) -> str:
     config_path = os.path.join(path, "config.json")
     check(os.path.isfile(config_path), f"{path!r} is not a diffusers VAE folder (it holds no "
           f"config.json); {_FETCH_HINT}")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise MeanFlowError(f"{config_path}: cannot read the VAE config ({exc.__class__.__name__})"
-                            "; download the VAE again") from None
+    config = read_json(config_path, "the VAE config", "download the VAE again")
     kind = config.get("_class_name") if isinstance(config, dict) else None
     check(kind == "AutoencoderKL", f"{config_path} describes a {kind or 'non-diffusers'} model, "
           f"not an AutoencoderKL; pass the folder of a diffusers VAE such as "

@@ -259,7 +259,7 @@ class AugmentPipe:
         the same way whatever the number of processes (data-parallel training)."""
         check(images.ndim == 4, f"augmentation needs images (N, C, H, W), not shape "
                                 f"{tuple(images.shape)}")
-        N, C, H, W = images.shape
+        N, _, H, W = images.shape
         dev = images.device
         gdev = generator.device
         total = N if total is None else total

@@ -40,10 +40,20 @@ def is_latents_dir(path: str) -> bool:
     if not os.path.isfile(meta):
         return False
     try:
-        with open(meta, encoding="utf-8") as handle:
-            return json.load(handle).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        parsed = read_json(meta, "it", "")
+    except MeanFlowError:
         return False
+    return isinstance(parsed, dict) and parsed.get("format") == FORMAT
+
+
+def read_json(path: str, what: str, fix: str):
+    """The parsed JSON file ``path``, or one line: ``PATH: cannot read WHAT (error); FIX``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise MeanFlowError(f"{path}: cannot read {what} ({exc.__class__.__name__}); {fix}"
+                            ) from None
 
 
 def read_meta(path: str) -> dict:
@@ -54,17 +64,21 @@ def read_meta(path: str) -> dict:
           "`meanflow latents encode --data IMAGES --vae VAE_DIR --out LATENTS`")
     check(os.path.isfile(meta_path), f"{path!r} is not a latents directory (no {META_NAME}); "
           "create one with `meanflow latents encode`")
-    try:
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise MeanFlowError(f"{meta_path}: cannot read it ({exc.__class__.__name__}); rerun "
-                            "`meanflow latents encode ...` to rewrite it") from None
+    meta = read_json(meta_path, "it", "rerun `meanflow latents encode ...` to rewrite it")
     check(isinstance(meta, dict) and meta.get("format") == FORMAT, f"{meta_path} is not a "
           f"{FORMAT} file; point at a folder written by `meanflow latents encode`")
     check(meta.get("version") == VERSION, f"{meta_path} has format version "
           f"{meta.get('version')!r}; this meanflow reads version {VERSION}, encode again")
     return meta
+
+
+def _meta_field(key: str, kind, doc: str = "") -> property:
+    """A read-only property: ``kind(meta[key])``, or None where latents.json has null."""
+    def get(self):
+        value = self.meta.get(key)
+        return None if value is None else kind(value)
+
+    return property(get, doc=doc or f"``{key}`` of latents.json.")
 
 
 class LatentShards:
@@ -96,19 +110,13 @@ class LatentShards:
                           f"{os.path.join(self.path, name)!r} is missing; rerun `meanflow "
                           "latents encode ...` with the same settings to write it again")
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, _ShardFile] = {}
         self._pid = os.getpid()
         self._labels: np.ndarray | None = None
 
     # ------------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
+    def __getstate__(self) -> dict:  # open files stay behind; _shard opens them again
+        return {**self.__dict__, "_maps": {}}
 
     # ---------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -118,45 +126,16 @@ class LatentShards:
         return (f"LatentShards({self.path!r}, count={self.count}, shape={self.shape}, "
                 f"flips={self.flips})")
 
-    @property
-    def count(self) -> int:
-        return int(self.meta["count"])
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one latent."""
-        return tuple(int(d) for d in self.meta["shape"])
-
-    @property
-    def flips(self) -> int:
-        """F: 2 when each image was also encoded flipped, else 1."""
-        return int(self.meta["flips"])
-
-    @property
-    def dtype(self) -> str:
-        return str(self.meta["dtype"])
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.meta["scaling_factor"])
-
-    @property
-    def shift_factor(self) -> float | None:
-        shift = self.meta.get("shift_factor")
-        return None if shift is None else float(shift)
-
-    @property
-    def vae(self) -> str:
-        return str(self.meta["vae"])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.meta["image_size"])
-
-    @property
-    def class_names(self) -> list[str] | None:
-        names = self.meta.get("class_names")
-        return None if names is None else list(names)
+    count = _meta_field("count", int)
+    shape = _meta_field("shape", lambda dims: tuple(int(d) for d in dims),
+                        "(C, H, W) of one latent.")
+    flips = _meta_field("flips", int, "F: 2 when each image was also encoded flipped, else 1.")
+    dtype = _meta_field("dtype", str, "Storage type of the moments: float32 or float16.")
+    scaling_factor = _meta_field("scaling_factor", float)
+    shift_factor = _meta_field("shift_factor", float, "The VAE's shift, None when it has none.")
+    vae = _meta_field("vae", str, "Absolute folder of the VAE that encoded the latents.")
+    image_size = _meta_field("image_size", int)
+    class_names = _meta_field("class_names", list, "Class names, None for a flat folder.")
 
     @property
     def num_classes(self) -> int:
@@ -211,12 +190,15 @@ class LatentShards:
         return torch.from_numpy(self.moments(indices)), y
 
 
+_SHARD_FIX = "delete it and rerun `meanflow latents encode ...`"
+
+
 class _ShardFile:
     """A ``moments-K.npy`` shard opened for reading rows by offset (``os.preadv``): nothing is
     mapped, so reading leaves no pages in the process's resident memory."""
 
     def __init__(self, path: str, expected: tuple[int, ...]) -> None:
-        fix = "delete it and rerun `meanflow latents encode ...`"
+        fix = _SHARD_FIX
         self.path = path
         try:
             self.handle = open(path, "rb", buffering=0)
@@ -249,7 +231,7 @@ class _ShardFile:
                 self.handle.seek(offset + done)
                 n = self.handle.readinto(view[done:])
             check(n > 0, f"{self.path}: ended early at byte {offset + done}; it is truncated, "
-                  "delete it and rerun `meanflow latents encode ...`")
+                  f"{_SHARD_FIX}")
             done += n
 
     def rows(self, local: np.ndarray) -> np.ndarray:
@@ -299,5 +281,5 @@ def draw_latents(moments: torch.Tensor, generator: torch.Generator | None,
     return (mean + std * eps - (shift_factor or 0.0)) * scaling_factor
 
 
-__all__ = ["LatentShards", "is_latents_dir", "read_meta", "draw_latents", "FORMAT", "VERSION",
+__all__ = ["LatentShards", "is_latents_dir", "read_meta", "read_json", "draw_latents", "FORMAT", "VERSION",
            "META_NAME"]

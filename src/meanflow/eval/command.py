@@ -248,12 +248,8 @@ def _image_reference(name: str, run):
     same = name == cfg.data
     split = "test" if name in ("fashion-mnist", "cifar10") else "train"
     if run.latents:  # a folder of images, cropped as the encoded ones were
-        from ..latents_command import cropped_images, list_image_folder
-        size = run.sample_shape[-1]
-        ref = cropped_images(name, size, len(list_image_folder(name)[0]))
-        check(tuple(ref.shape[1:]) == run.sample_shape, f"reference {name!r} holds images of "
-              f"shape {tuple(ref.shape[1:])}, the run decodes to {run.sample_shape}")
-        return ref
+        from ..latents_command import cropped_images
+        return cropped_images(name, run.sample_shape[-1])  # (n, 3, S, S), as decoded
     ref = open_data(name, directory=cfg.data_dir if same else "", size=cfg.image_size,
                     split=split)
     check(ref.shape == run.shape, f"reference {name!r} holds samples of shape {ref.shape}, the "

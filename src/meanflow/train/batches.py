@@ -1,5 +1,5 @@
 """What the loop draws from: the training set opened from the config, shuffled batches whose
-position is all a checkpoint needs, and random flips from the run's generator."""
+position is all a checkpoint needs."""
 
 from __future__ import annotations
 
@@ -91,9 +91,3 @@ def record_data(cfg: TrainConfig, data: TrainingSet) -> None:
     if not cfg.conditional:
         data.labels, data.class_names = None, None
     cfg.data_shape, cfg.num_classes = format_shape(data.shape), data.num_classes
-
-
-def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each image (B, C, H, W) left-right with probability 1/2."""
-    mask = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)

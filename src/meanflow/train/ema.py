@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import check
+from .checkpoint import prefixed
 
 PRIMARY = "ema"
 
@@ -55,10 +56,6 @@ class EMA:
     @property
     def model(self) -> nn.Module:
         return self.models[PRIMARY]
-
-    @property
-    def decay(self) -> float:
-        return self.decays[PRIMARY]
 
     def factor(self, decay: float, n: int) -> float:
         """``d_n^k``: the weight the update at step ``n`` (a multiple of ``every``) gives the
@@ -98,8 +95,7 @@ class EMA:
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore what :meth:`tensors` and :meth:`state` saved."""
         for name, m in self.models.items():
-            state = {k[len(name) + 1:]: v for k, v in tensors.items()
-                     if k.startswith(name + ".")}
+            state = prefixed(tensors, name)
             check(bool(state), f"the checkpoint holds no EMA {name!r}; resume with the "
                   "ema_decay and ema_extra it was trained with")
             m.load_state_dict(state)

@@ -298,7 +298,6 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     return TrainResult(out, step, last_loss, seconds, skipped, stopped, model, ema.model)
 
 
-
 def _processes(ranks: distributed.Dist) -> str:
     """``", in N processes"`` for the start-up line of a torchrun run."""
     return f", in {ranks.world_size} processes (DDP)" if ranks.active else ""

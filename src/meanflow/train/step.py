@@ -107,9 +107,9 @@ def forward_backward(loss_module: nn.Module, x: torch.Tensor, y: torch.Tensor | 
             out = loss_module(x[part], None if y is None else y[part],
                               {k: v[part] for k, v in cond.items()} if cond else None,
                               **draws.rows(part).kwargs())
-        # each micro-batch holds len(part) / len(x) of this rank's rows
-        (out.loss * ((part.stop - part.start) / len(x))).backward()
-        losses.append(out.loss.detach() * ((part.stop - part.start) / len(x)))
+        share = (part.stop - part.start) / len(x)  # of this rank's rows
+        (out.loss * share).backward()
+        losses.append(out.loss.detach() * share)
         errs.append(out.err.sum() / len(x))
         times.append((out.r, out.t))
     return torch.stack(losses).sum(), torch.stack(errs).sum(), times
