@@ -1,6 +1,10 @@
 """Run by tests/test_distributed.py, once per process (under torchrun, or alone): train from
 the ``meanflow train`` arguments given and save this rank's final weights to
-``$MEANFLOW_TEST_DUMP/rank{RANK}.safetensors``. Not a test module itself."""
+``$MEANFLOW_TEST_DUMP/rank{RANK}.safetensors``. Not a test module itself.
+
+With ``MEANFLOW_TEST_KILL_AT=K``, rank 1 of the first attempt (torchrun's restart count 0)
+sends itself SIGKILL when it reaches its K-th checkpoint, before joining it: a crash at a known
+step, so the restart test never races the end of the run."""
 
 import faulthandler
 import os
@@ -9,13 +13,32 @@ import sys
 
 from safetensors.torch import save_file
 
+from meanflow import distributed
 from meanflow.cli import build_parser
 from meanflow.threads import set_threads
 from meanflow.train.command import _train_config
 from meanflow.train.loop import train
 
+
+
+def _kill_at_checkpoint(k: int) -> None:
+    """Die by SIGKILL at the k-th checkpoint's gather (every rank calls it once per save)."""
+    gather, calls = distributed.gather_objects, [0]
+
+    def gather_or_die(obj):
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return gather(obj)
+
+    distributed.gather_objects = gather_or_die
+
+
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1)
+    if (os.environ.get("MEANFLOW_TEST_KILL_AT") and os.environ.get("RANK") == "1"
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        _kill_at_checkpoint(int(os.environ["MEANFLOW_TEST_KILL_AT"]))
     args = build_parser().parse_args(["train", *sys.argv[1:]])
     set_threads(args.threads)
     cfg, data, resume, overwrite, _ = _train_config(args)
