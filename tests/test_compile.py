@@ -4,8 +4,9 @@ itself can be compiled on this PyTorch.
 Findings on PyTorch 2.13 (CPU), which these tests pin:
 - ``torch.func.jvp`` over a ``torch.compile``-d module, called from eager code, is not traced
   (dynamo: "Calling torch.func.jvp(compiled_fn) function from eager mode is not supported",
-  pytorch/pytorch#128711): it runs eagerly, and when it is the first call it marks the
-  network's frames as skipped, so a bare ``torch.compile(model)`` compiled nothing at all.
+  pytorch/pytorch#128711): the network runs eagerly (when the JVP is the first call, dynamo
+  marks the network's frame as skipped and compiles at most small frames inside its layers),
+  so a bare ``torch.compile(model)`` gains nothing.
   The trainer therefore wraps the network in ``CompiledForward`` (train/loop.py): plain forwards
   compiled, calls inside the JVP eager.
 - Compiling a function that contains ``torch.func.jvp`` works for the forward, but the backward
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from meanflow import MeanFlow, TimeSampler
+from meanflow.errors import MeanFlowError
 from meanflow.nn import MLP
 from meanflow.train import TrainConfig, configure, train
 
@@ -101,21 +103,36 @@ def test_jvp_inside_compile():
 
 
 def test_objective_on_compiled_module_runs_jvp_eagerly():
-    """What a bare ``torch.compile(model)`` does under the objective: the JVP is not traced
-    (if a future PyTorch traces it, the trainer's CompiledForward can go)."""
+    """What a bare ``torch.compile(model)`` does under the objective with ``torch.func``: the
+    JVP is not traced (if a future PyTorch traces it, the trainer's CompiledForward can go),
+    and the loss is still the eager one."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = MLP(2, hidden=32, depth=2)
-    out = MeanFlow(TimeSampler(ratio=1.0))(torch.compile(model), torch.randn(32, 2),
-                                           generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(out.loss)
+    x = torch.randn(32, 2)
+    objective = MeanFlow(TimeSampler(ratio=1.0), jvp_backend="func")
+    out = objective(torch.compile(model), x, generator=torch.Generator().manual_seed(0))
     unsupported = sum(n for k, n in counters["unimplemented"].items() if "functorch" in k)
-    compiled_frames = counters["frames"]["ok"]
     torch._dynamo.reset()
+    eager = objective(model, x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.loss, eager.loss, rtol=RTOL, atol=1e-6)
     if unsupported == 0:
         pytest.skip("this PyTorch traced torch.func.jvp over a compiled module: "
                     "CompiledForward in train/loop.py may no longer be needed")
-    assert compiled_frames == 0
+
+
+def test_compiled_module_under_dual_tensors_is_refused():
+    """A compiled module returns its output without the forward-AD tangent (PyTorch 2.13): the
+    forward-ad back-end must say so instead of training on du/dt = 0."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.compile(MLP(2, hidden=32, depth=2))
+    objective = MeanFlow(TimeSampler(ratio=1.0), jvp_backend="forward-ad")
+    try:
+        with pytest.raises(MeanFlowError, match="no forward-mode tangent"):
+            objective(model, torch.randn(32, 2), generator=torch.Generator().manual_seed(0))
+    finally:
+        torch._dynamo.reset()

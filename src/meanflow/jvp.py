@@ -8,12 +8,16 @@ one Jacobian-vector product with tangent ``(v, 0, 1)`` on ``(z, r, t)`` (paper E
 It runs in float32 with autocast disabled (bf16 in the JVP is a known source of late NaNs) and,
 for the exact back-ends, with PyTorch's math attention backend, because the flash and
 memory-efficient kernels have no forward-mode derivative. The primal output keeps its autograd
-graph, so the loss can be taken on it without a second forward pass.
+graph, so the loss can be taken on it without a second forward pass; the layers of
+:mod:`meanflow.nn.forward_mode` compute the tangent without recording a graph
+(``tangents_without_graph``), since ``du/dt`` is returned detached.
 
 Back-ends (``backend=``; docs/method.md, "JVP back-ends"):
 
-* ``"func"``: ``torch.func.jvp`` (exact; about 3 forward passes of cost).
-* ``"forward-ad"``: ``torch.autograd.forward_ad`` dual tensors (exact; same numbers as func).
+* ``"forward-ad"`` (default): ``torch.autograd.forward_ad`` dual tensors (exact; about 2
+  forward passes of cost with the layers of :mod:`meanflow.nn.forward_mode`).
+* ``"func"``: ``torch.func.jvp`` (exact; the same numbers; each op pays functorch's wrapping,
+  measurably slower on small CPU networks).
 * ``"finite-difference"``: ``u = u(z, r, t)`` from one ordinary forward with graph, and with
   no graph, along ``(v, 0, 1)`` with step ``h``,
 
@@ -34,6 +38,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import check
+from .nn.forward_mode import tangents_without_graph
 from .path import broadcast_time
 
 JVP_BACKENDS = ("func", "forward-ad", "finite-difference")
@@ -48,7 +53,7 @@ def at_least_float32(a: torch.Tensor) -> torch.Tensor:
 
 def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                      v: torch.Tensor, y: torch.Tensor | None = None, *,
-                     autocast: bool = False, backend: str = "func", fd_step: float | None = None,
+                     autocast: bool = False, backend: str = "forward-ad", fd_step: float | None = None,
                      fd_scheme: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(u, du/dt)``: the network output (differentiable) and its total derivative
     along tangent ``(v, 0, 1)`` (detached), both in at least float32. ``autocast=True`` keeps
@@ -70,13 +75,16 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
             dudt = finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
             return at_least_float32(u), at_least_float32(dudt)
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(tangents_without_graph())  # du/dt is detached below
         if backend == "func":
             u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
         else:
             with fwAD.dual_level():
                 out = fn(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)))
                 u, dudt = fwAD.unpack_dual(out)
-            dudt = torch.zeros_like(u) if dudt is None else dudt
+            check(dudt is not None, "the network's output carries no forward-mode tangent (a "
+                  "torch.compile-d module drops dual tensors): pass the module uncompiled (the "
+                  "trainer compiles with --set compile=true) or use jvp_backend=func")
     return at_least_float32(u), at_least_float32(dudt.detach())
 
 

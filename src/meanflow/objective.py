@@ -120,15 +120,15 @@ class MeanFlow:
             autograd graph on the ``r < t`` samples and then one ordinary forward on the whole
             batch for the loss: cheaper, but those samples go through the network twice, so
             stochastic layers (dropout) see different masks in the two passes.
-        jvp_backend: how ``du/dt`` is computed: ``"func"`` (default, ``torch.func.jvp``),
-            ``"forward-ad"`` (dual tensors; the same numbers) or ``"finite-difference"``
+        jvp_backend: how ``du/dt`` is computed: ``"forward-ad"`` (default, dual tensors),
+            ``"func"`` (``torch.func.jvp``; the same numbers) or ``"finite-difference"``
             (a difference along ``(v, 0, 1)`` with step ``fd_step``, scheme ``fd_scheme``;
             :func:`meanflow.jvp.total_derivative`, docs/method.md "JVP back-ends").
     """
 
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
                  c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32",
-                 jvp_backend: str = "func", fd_step: float | None = None,
+                 jvp_backend: str = "forward-ad", fd_step: float | None = None,
                  fd_scheme: str = "forward") -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")

@@ -40,6 +40,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .forward_mode import forward_mode_active
+
 __all__ = ["attention", "attention_jvp", "DEFAULT_CHUNK"]
 
 #: queries per block in the JVP and backward rules.
@@ -114,12 +116,15 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # absent tangents arrive as None, not zeros
         q, k, v = inputs
         ctx.save_for_backward(q, k, v, output)
         ctx.save_for_forward(q, k, v, output)
 
     @staticmethod
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
         q, k, v, out = ctx.saved_tensors
         dq, dk, dv = _attention_backward(q, k, v, out, grad)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -133,5 +138,9 @@ class _Attention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` for (B, H, N, D) inputs: SDPA's fast kernel forward, a
     chunked forward-mode rule (usable in ``torch.func.jvp`` / ``forward_ad``) and a chunked
-    backward. See the module docstring for the equations."""
+    backward. See the module docstring for the equations. Outside forward-mode transforms
+    (:func:`meanflow.nn.forward_mode.forward_mode_active`) it is plain SDPA, forward and
+    backward."""
+    if not forward_mode_active():
+        return F.scaled_dot_product_attention(q, k, v)
     return _Attention.apply(q, k, v)

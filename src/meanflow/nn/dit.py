@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import check
 from .attention import attention
 from .embeddings import Conditioning, check_image_call
+from .forward_mode import Conv2d, GELU, LayerNorm, Linear, SiLU
 
 #: depth, hidden width and attention heads; "T" is a tiny size for tests and toy runs.
 DIT_CONFIGS = {
@@ -62,8 +63,8 @@ class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.qkv = Linear(hidden, 3 * hidden)
+        self.proj = Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -79,12 +80,12 @@ class Block(nn.Module):
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         width = int(hidden * mlp_ratio)
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.GELU(approximate="tanh"),
-                                 nn.Linear(width, hidden))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.norm2 = LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(Linear(hidden, width), GELU(approximate="tanh"),
+                                 Linear(width, hidden))
+        self.ada = nn.Sequential(SiLU(), Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
@@ -95,9 +96,9 @@ class Block(nn.Module):
 class FinalLayer(nn.Module):
     def __init__(self, hidden: int, out_dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-        self.linear = nn.Linear(hidden, out_dim)
+        self.norm = LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(SiLU(), Linear(hidden, 2 * hidden))
+        self.linear = Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.ada(c).chunk(2, dim=1)
@@ -120,7 +121,7 @@ class DiT(nn.Module):
         check(num_classes >= 0, f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         self.input_size, self.in_channels, self.patch = input_size, in_channels, patch
         self.num_classes, self.grid = num_classes, input_size // patch
-        self.patchify = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+        self.patchify = Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", sincos_2d(hidden, self.grid), persistent=False)
         self.cond = Conditioning(hidden, num_classes)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))

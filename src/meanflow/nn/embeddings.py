@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import check
+from .forward_mode import Linear, SiLU
 
 TIME_INPUTS = {
     "t,t-r": ("t", "t-r"),
@@ -70,7 +71,7 @@ class TimestepEmbedder(nn.Module):
         half = freq_dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("freqs", freqs.float(), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(Linear(2 * half, hidden), SiLU(), Linear(hidden, hidden))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         angles = s[:, None] * self.freqs.to(s.dtype)

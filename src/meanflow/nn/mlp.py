@@ -10,11 +10,11 @@ Labels, when ``num_classes > 0``, use a learned table with one extra row for the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
 from .embeddings import TimeEmbedding
+from .forward_mode import Linear, silu
 
 
 class MLP(nn.Module):
@@ -27,10 +27,10 @@ class MLP(nn.Module):
         self.time = TimeEmbedding(time_input, time_dim)
         self.label = nn.Embedding(num_classes + 1, label_dim) if num_classes > 0 else None
         cond_dim = self.time.out_dim + (label_dim if num_classes > 0 else 0)
-        self.inp = nn.Linear(dim + cond_dim, hidden)
-        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
-        self.cond = nn.ModuleList(nn.Linear(cond_dim, hidden, bias=False) for _ in range(depth - 1))
-        self.out = nn.Linear(hidden, dim)
+        self.inp = Linear(dim + cond_dim, hidden)
+        self.layers = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth - 1))
+        self.cond = nn.ModuleList(Linear(cond_dim, hidden, bias=False) for _ in range(depth - 1))
+        self.out = Linear(hidden, dim)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,7 +40,7 @@ class MLP(nn.Module):
                 y = torch.full((z.shape[0],), self.num_classes, device=z.device, dtype=torch.long)
             parts.append(self.label(y))
         c = torch.cat(parts, dim=1)
-        h = F.silu(self.inp(torch.cat([z, c], dim=1)))
+        h = silu(self.inp(torch.cat([z, c], dim=1)))
         for layer, cond in zip(self.layers, self.cond):
-            h = F.silu(layer(h) + cond(c))
+            h = silu(layer(h) + cond(c))
         return self.out(h)

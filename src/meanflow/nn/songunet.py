@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
+from .attention import attention
 from .embeddings import check_image_call, check_unet_args, resolve_config
+from .forward_mode import Conv2d, GroupNorm, Linear, silu
 
 #: channels, multipliers per level, blocks per level, attention at ``input_size // d`` for each
 #: ``d`` in ``attention_downsample``, dropout, time-embedding width factor, augmentation labels.
@@ -71,14 +73,14 @@ def _init(layer: nn.Module, gain: float = 1.0) -> nn.Module:
 
 
 def _conv(cin: int, cout: int, kernel: int, gain: float = 1.0) -> nn.Conv2d:
-    return _init(nn.Conv2d(cin, cout, kernel, padding=kernel // 2), gain)
+    return _init(Conv2d(cin, cout, kernel, padding=kernel // 2), gain)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
     groups = min(32, channels // 4)
     check(groups >= 1 and channels % groups == 0, f"SongUNet: {channels} channels cannot be "
           f"split into min(32, C // 4) = {groups} GroupNorm groups; pick other channel counts")
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    return GroupNorm(groups, channels, eps=1e-6)
 
 
 def _resample(x: torch.Tensor, fir: torch.Tensor, mode: str | None) -> torch.Tensor:
@@ -102,7 +104,7 @@ class SongBlock(nn.Module):
         self.register_buffer("fir", fir.clone(), persistent=False)
         self.norm0 = _norm(cin)
         self.conv0 = _conv(cin, cout, 3)
-        self.affine = _init(nn.Linear(emb_dim, cout))
+        self.affine = _init(Linear(emb_dim, cout))
         self.norm1 = _norm(cout)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _conv(cout, cout, 3, gain=1e-5)
@@ -113,8 +115,8 @@ class SongBlock(nn.Module):
             self.proj = _conv(cout, cout, 1, gain=1e-5)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(_resample(F.silu(self.norm0(x)), self.fir, self.resample))
-        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        h = self.conv0(_resample(silu(self.norm0(x)), self.fir, self.resample))
+        h = silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
         h = self.conv1(self.dropout(h))
         if self.skip is not None:
             x = self.skip(_resample(x, self.fir, self.resample))
@@ -123,7 +125,7 @@ class SongBlock(nn.Module):
             b, c, hgt, wid = x.shape
             qkv = self.qkv(self.norm2(x)).reshape(b, 3, 1, c, hgt * wid)
             q, k, v = qkv.transpose(-1, -2).unbind(1)
-            a = F.scaled_dot_product_attention(q, k, v)            # (B, 1, HW, C), one head
+            a = attention(q, k, v)                                 # (B, 1, HW, C), one head
             a = a.transpose(-1, -2).reshape(b, c, hgt, wid).contiguous()  # (forward AD of
             x = (self.proj(a) + x) * SKIP_SCALE                # GroupNorm needs it contiguous)
         return x
@@ -173,11 +175,11 @@ class SongUNet(nn.Module):
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
         emb_dim = model_channels * channel_mult_emb
-        self.map_augment = (_init(nn.Linear(augment_dim, 2 * noise, bias=False))
+        self.map_augment = (_init(Linear(augment_dim, 2 * noise, bias=False))
                             if augment_dim else None)
         self.label = nn.Embedding(num_classes + 1, 2 * noise) if num_classes else None
-        self.map_layer0 = _init(nn.Linear(2 * noise, emb_dim))
-        self.map_layer1 = _init(nn.Linear(emb_dim, emb_dim))
+        self.map_layer0 = _init(Linear(2 * noise, emb_dim))
+        self.map_layer1 = _init(Linear(emb_dim, emb_dim))
 
         def block(cin, cout, **kw):
             return SongBlock(cin, cout, emb_dim, dropout, fir, **kw)
@@ -237,7 +239,7 @@ class SongUNet(nn.Module):
             if y is None:
                 y = torch.full((z.shape[0],), self.num_classes, device=z.device, dtype=torch.long)
             emb = emb + self.label(y)
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
         skips = []
         for name, layer in self.enc.items():
             x = layer(x, emb) if isinstance(layer, SongBlock) else layer(z)
@@ -248,7 +250,7 @@ class SongUNet(nn.Module):
             elif isinstance(layer, SongBlock):
                 x = layer(x, emb)
             elif name.endswith("aux_norm"):
-                x = F.silu(layer(x))
+                x = silu(layer(x))
             else:
                 x = layer(x)
         return x

@@ -13,8 +13,9 @@ The conditioning vector is :class:`meanflow.nn.embeddings.Conditioning` (two tim
 ``y`` is None): ``c = Emb_t(t) + Emb_h(t - r) (+ Emb_y(y))``. Each ResBlock maps ``SiLU(c)`` to a
 per-channel scale and shift applied after its second GroupNorm (ADM's scale-shift norm). The
 second conv of every ResBlock, the attention output projections and the output conv start at
-zero, so the network outputs exactly 0 at init. Attention calls ``scaled_dot_product_attention``
-without choosing a backend (the JVP helper selects the math one).
+zero, so the network outputs exactly 0 at init. Attention is :func:`meanflow.nn.attention.attention`
+(SDPA's kernel forward, a chunked forward-mode rule) and the convolutions, norms and linear
+layers are :mod:`meanflow.nn.forward_mode`'s, whose JVP rules skip the weights' zero tangents.
 
 Sizes (:data:`UNET_CONFIGS`, attention given there as a downsampling factor of the input):
 "small" has 1.8M parameters at 28x28x1; "cifar10-paper" has 58.5M at 32x32x3 (unconditional),
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import check
+from .attention import attention
 from .embeddings import Conditioning, check_image_call, check_unet_args, resolve_config
+from .forward_mode import Conv2d, GroupNorm, Linear, SiLU, silu
 
 #: base channels, channel multipliers (one level each), ResBlocks per level, attention at
 #: ``input_size // d`` for each ``d`` in ``attention_downsample``, dropout, GroupNorm groups.
@@ -44,7 +47,7 @@ UNET_CONFIGS = {
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, zero: bool = False) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+    conv = Conv2d(cin, cout, 3, stride=stride, padding=1)
     if zero:
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
@@ -57,18 +60,18 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm1 = GroupNorm(groups, cin)
         self.conv1 = conv3x3(cin, cout)
-        self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.emb = Linear(emb_dim, 2 * cout)
+        self.norm2 = GroupNorm(groups, cout)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(cout, cout, zero=True)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(silu(self.norm1(x)))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        h = silu(self.norm2(h) * (1 + scale) + shift)
         return self.skip(x) + self.conv2(self.dropout(h))
 
 
@@ -78,9 +81,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, ch: int, heads: int, groups: int) -> None:
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.norm = GroupNorm(groups, ch)
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.proj = Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -88,7 +91,7 @@ class AttentionBlock(nn.Module):
         b, ch, hgt, wid = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, ch // self.heads, hgt * wid)
         q, k, v = qkv.transpose(-1, -2).unbind(1)                  # (B, heads, HW, ch/heads)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, ch, hgt, wid))
 
 
@@ -179,13 +182,13 @@ class UNet(nn.Module):
                 if level > 0 and i == num_res_blocks:
                     stage.append(Upsample(ch))
                 self.up.append(stage)
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm(groups, ch), SiLU(),
                                  conv3x3(ch, in_channels, zero=True))
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         check_image_call("UNet", z, r, t, y, self.in_channels, self.input_size)
-        emb = F.silu(self.cond(r.to(z.dtype), t.to(z.dtype), y))
+        emb = silu(self.cond(r.to(z.dtype), t.to(z.dtype), y))
         h = self.conv_in(z)
         hs = [h]
         for stage in self.down:

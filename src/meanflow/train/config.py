@@ -62,7 +62,7 @@ class LossConfig:
     c: float = 1e-3
     jvp: str = "subset"
     jvp_dtype: str = "float32"  # or "autocast": the JVP in the run's precision (e.g. bf16)
-    jvp_backend: str = "func"  # or "forward-ad", "finite-difference" (docs/method.md)
+    jvp_backend: str = "forward-ad"  # or "func", "finite-difference" (docs/method.md)
     fd_step: float = 0.0  # finite-difference step h (0: the scheme's measured default)
     fd_scheme: str = "forward"  # or "central"
 
@@ -300,8 +300,8 @@ KEY_HELP = {
                 "then one plain forward; fastest, see docs/method.md); same loss and gradients",
     "loss.jvp_dtype": "`float32` (default: the JVP with autocast off, as the authors) or "
                       "`autocast` (the JVP in the run's precision, e.g. bf16)",
-    "loss.jvp_backend": "how du/dt is computed: `func` (default, torch.func.jvp), `forward-ad` "
-                        "(dual tensors, same numbers) or `finite-difference` (1-2 extra no-grad "
+    "loss.jvp_backend": "how du/dt is computed: `forward-ad` (default, dual tensors), `func` "
+                        "(torch.func.jvp, same numbers) or `finite-difference` (1-2 extra no-grad "
                         "forwards, approximate; refused with dropout; docs/method.md)",
     "loss.fd_step": "finite-difference step h (0: 1e-3 forward, 3e-3 central; measured)",
     "loss.fd_scheme": "finite-difference scheme: `forward` (1 extra forward) or `central` (2)",

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn.forward_mode import forward_mode_active
 from ..objective import Draws, MeanFlow, ObjectiveOutput
 
 
 class CompiledForward(nn.Module):
     """``model`` with its plain forward passes run through ``torch.compile``, and its calls inside
-    ``torch.func`` transforms (the objective's JVP) run eagerly on the same parameters.
+    the objective's JVP (``torch.func`` transforms or forward-AD dual tensors) run eagerly on the
+    same parameters.
 
     Dynamo cannot trace a compiled module called inside ``torch.func.jvp`` from eager code
     (pytorch/pytorch#128711): it falls back to eager and, when the JVP is the first call, marks
@@ -41,7 +43,7 @@ class CompiledForward(nn.Module):
         object.__setattr__(self, "compiled", torch.compile(model))  # not a second submodule
 
     def forward(self, *args, **kwargs):
-        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func
+        if forward_mode_active():  # inside the JVP (torch.func or forward-AD dual tensors)
             return self.model(*args, **kwargs)
         return self.compiled(*args, **kwargs)
 
