@@ -11,7 +11,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.profiler import profile
 
 from meanflow.nn.forward_mode import (GELU, Conv2d, GroupNorm, LayerNorm, Linear, SiLU,
-                                      forward_mode_active, tangents_without_graph)
+                                      lean_rules_active, tangents_without_graph)
 
 
 def _layers():
@@ -148,12 +148,12 @@ def test_autocast_casts_as_documented():
 def test_outside_forward_mode_the_layers_are_torch_nn():
     torch.manual_seed(0)
     layer, x = Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 6, 6)
-    assert not forward_mode_active()
+    assert not lean_rules_active()
     with profile() as prof:
         layer(x)
     assert not any(e.key == "_Conv2d" for e in prof.key_averages())
     with fwAD.dual_level():
-        assert forward_mode_active()
+        assert lean_rules_active()
         with profile() as prof:
             layer(x)
     assert any(e.key == "_Conv2d" for e in prof.key_averages())

@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .forward_mode import forward_mode_active
+from .forward_mode import lean_rules_active
 
 __all__ = ["attention", "attention_jvp", "DEFAULT_CHUNK"]
 
@@ -139,8 +139,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """``softmax(q k^T / sqrt(D)) v`` for (B, H, N, D) inputs: SDPA's fast kernel forward, a
     chunked forward-mode rule (usable in ``torch.func.jvp`` / ``forward_ad``) and a chunked
     backward. See the module docstring for the equations. Outside forward-mode transforms
-    (:func:`meanflow.nn.forward_mode.forward_mode_active`) it is plain SDPA, forward and
+    (:func:`meanflow.nn.forward_mode.lean_rules_active`) it is plain SDPA, forward and
     backward."""
-    if not forward_mode_active():
+    if not lean_rules_active():
         return F.scaled_dot_product_attention(q, k, v)
     return _Attention.apply(q, k, v)

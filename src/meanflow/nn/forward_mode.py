@@ -1,4 +1,4 @@
-"""Linear, Conv2d, GroupNorm and LayerNorm with lean forward-mode (JVP) rules.
+"""Linear, Conv2d, GroupNorm, LayerNorm, SiLU and GELU with lean forward-mode (JVP) rules.
 
 MeanFlow differentiates the network along ``(v, 0, 1)`` in every step; the weights carry no
 tangent. PyTorch's built-in forward-mode formulas still treat a weight's missing tangent as a
@@ -6,27 +6,27 @@ zero tensor and pay for it: for ``y = x W^T + b`` and ``y = conv(x, W) + b`` the
 
     dy = dx W^T + x dW^T (+ db)        (three matrix products / convolutions per layer, not two)
 
-with ``dW = 0`` materialised, and the normalisations' formulas expand into dozens of small ops
-with dtype copies. These layers are drop-in subclasses of the ``torch.nn`` ones (same
+with ``dW = 0`` materialised; the normalisations' formulas expand into dozens of small ops with
+dtype copies, and under autograd SiLU's expands into sigmoid and products that it records for
+double backward. These layers are drop-in subclasses of the ``torch.nn`` ones (same
 parameters, state-dict keys and forward numbers) whose ops are ``torch.autograd.Function`` s
 with these rules, each term present only when its tangent is:
 
     Linear / Conv2d:   dy = A(dx; W) + A(x; dW) + db          (A = the layer's linear map)
     GroupNorm / LayerNorm, with x_hat = (x - mean) * rstd over each group (or the last dims):
         dy = gamma * rstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + x_hat * dgamma + dbeta
-
     SiLU / GELU (elementwise f):   dy = f'(x) * dx
 
-The elementwise Jacobian is diagonal, so the activations' tangent is their backward kernel
-applied to dx (PyTorch's own formula, under autograd, expands SiLU's into sigmoid and
-products that it records for double backward). The norms' bracket is the Jacobian of the unit-affine normalisation applied to dx; that Jacobian is
-symmetric, so it is computed by the norm's fused backward kernel with dx as the cotangent (one
-kernel instead of ten elementwise passes).
+The norms' bracket is the Jacobian of the unit-affine normalisation applied to dx; it is
+symmetric, so the norm's fused backward kernel computes it with dx as the cotangent (one kernel
+instead of ten elementwise passes). The activations' Jacobian is diagonal, so their backward
+kernel applied to dx is the tangent.
 
-The rules are used only while a forward-mode transform may be active
-(:func:`forward_mode_active`: a ``forward_ad.dual_level`` or a ``torch.func`` transform);
-elsewhere the layers are exactly torch.nn's, so plain forwards and backwards pay no Python
-``autograd.Function`` overhead (about 3% of a small CPU U-Net's step). Inside a transform their
+The rules are used only while :func:`lean_rules_active`: inside a forward-mode transform (a
+``forward_ad.dual_level`` or a ``torch.func`` transform) and not under :func:`torch_rules`
+(which turns them off, for comparisons). Elsewhere the layers are exactly torch.nn's, so plain
+forwards and backwards pay no Python ``autograd.Function`` overhead (about 3% of a small CPU
+U-Net's step). Inside a transform their
 backward passes call the same ATen kernels as autograd's (``convolution_backward``,
 ``native_group_norm_backward``, ``native_layer_norm_backward``; matrix products for Linear),
 and under autocast the layers cast as autocast does (Linear and Conv2d to the autocast dtype)
@@ -48,9 +48,22 @@ from torch import nn
 from torch.autograd import forward_ad as fwAD
 
 __all__ = ["Linear", "Conv2d", "GroupNorm", "LayerNorm", "SiLU", "GELU", "silu", "gelu",
-           "forward_mode_active", "tangents_without_graph"]
+           "in_forward_transform", "lean_rules_active", "tangents_without_graph", "torch_rules"]
 
 _WITHOUT_GRAPH = [0]
+_TORCH_RULES = [0]
+
+
+@contextlib.contextmanager
+def torch_rules():
+    """Use torch.nn's own layers and forward-mode formulas everywhere (the lean rules off), e.g.
+    to compare against them (benchmarks/jvp_layers.py) or to rule them out when debugging;
+    nests."""
+    _TORCH_RULES[0] += 1
+    try:
+        yield
+    finally:
+        _TORCH_RULES[0] -= 1
 
 
 @contextlib.contextmanager
@@ -72,11 +85,17 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def forward_mode_active() -> bool:
+def in_forward_transform() -> bool:
     """Whether a forward-mode transform may be watching: inside ``forward_ad.dual_level()`` or a
-    ``torch.func`` transform. Elsewhere the layers run torch.nn's own forward (no Python
-    ``autograd.Function`` overhead, identical numbers)."""
+    ``torch.func`` transform."""
     return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def lean_rules_active() -> bool:
+    """Whether the layers use their lean rules: :func:`in_forward_transform` and not
+    :func:`torch_rules`. Elsewhere they run torch.nn's own forward (no Python
+    ``autograd.Function`` overhead, identical numbers)."""
+    return not _TORCH_RULES[0] and in_forward_transform()
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -142,7 +161,7 @@ class Linear(nn.Linear):
     """``torch.nn.Linear`` with a forward-mode rule that skips the weights' zero tangent."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not forward_mode_active():
+        if not lean_rules_active():
             return super().forward(x)
         return _call(_Linear.apply, x, self.weight, self.bias)
 
@@ -195,7 +214,7 @@ class Conv2d(nn.Conv2d):
     (zero padding with explicit sizes; other settings fall back to ``nn.Conv2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not forward_mode_active() or self.padding_mode != "zeros"
+        if (not lean_rules_active() or self.padding_mode != "zeros"
                 or isinstance(self.padding, str)):
             return super().forward(x)
         return _call(_Conv2d.apply, x, self.weight, self.bias, self.stride, self.padding,
@@ -260,7 +279,7 @@ class GroupNorm(nn.GroupNorm):
     """``torch.nn.GroupNorm`` with a lean forward-mode rule (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not forward_mode_active():
+        if not lean_rules_active():
             return super().forward(x)
         return _call(lambda x_, w, b: _GroupNorm.apply(x_, self.num_groups, w, b, self.eps)[0],
                      x, self.weight, self.bias, dtype=torch.float32)
@@ -315,7 +334,7 @@ class LayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` with a lean forward-mode rule (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not forward_mode_active():
+        if not lean_rules_active():
             return super().forward(x)
         shape = list(self.normalized_shape)
         return _call(lambda x_, w, b: _LayerNorm.apply(x_, shape, w, b, self.eps)[0],
@@ -362,12 +381,12 @@ _POINTWISE = {
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """``F.silu`` with the lean forward-mode rule inside forward-mode transforms."""
-    return _Pointwise.apply(x, "silu", "none") if forward_mode_active() else F.silu(x)
+    return _Pointwise.apply(x, "silu", "none") if lean_rules_active() else F.silu(x)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """``F.gelu`` with the lean forward-mode rule inside forward-mode transforms."""
-    if forward_mode_active():
+    if lean_rules_active():
         return _Pointwise.apply(x, "gelu", approximate)
     return F.gelu(x, approximate=approximate)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..nn.forward_mode import forward_mode_active
+from ..nn.forward_mode import in_forward_transform
 from ..objective import Draws, MeanFlow, ObjectiveOutput
 
 
@@ -43,7 +43,7 @@ class CompiledForward(nn.Module):
         object.__setattr__(self, "compiled", torch.compile(model))  # not a second submodule
 
     def forward(self, *args, **kwargs):
-        if forward_mode_active():  # inside the JVP (torch.func or forward-AD dual tensors)
+        if in_forward_transform():  # inside the JVP (torch.func or forward-AD dual tensors)
             return self.model(*args, **kwargs)
         return self.compiled(*args, **kwargs)
 
