@@ -11,7 +11,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.profiler import profile
 
 from meanflow.nn.forward_mode import (GELU, Conv2d, GroupNorm, LayerNorm, Linear, SiLU,
-                                      lean_rules_active, tangents_without_graph)
+                                      lean_rules_active, tangents_without_graph, torch_rules)
 
 
 def _layers():
@@ -157,3 +157,15 @@ def test_outside_forward_mode_the_layers_are_torch_nn():
         with profile() as prof:
             layer(x)
     assert any(e.key == "_Conv2d" for e in prof.key_averages())
+
+
+def test_torch_rules_turns_the_lean_rules_off_inside_transforms():
+    torch.manual_seed(0)
+    layer, x, dx = Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    _, lean = torch.func.jvp(layer, (x,), (dx,))
+    with torch_rules():
+        assert not lean_rules_active()
+        with profile() as prof:
+            _, plain = torch.func.jvp(layer, (x,), (dx,))
+    assert not any(e.key == "_Conv2d" for e in prof.key_averages())
+    assert torch.allclose(lean, plain, atol=1e-6)

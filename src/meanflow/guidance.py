@@ -175,15 +175,17 @@ class GuidedMeanFlow(MeanFlow):
 @contextmanager
 def _evaluation_mode(model):
     """``model`` in eval mode (no dropout) for the guidance terms, as the authors' train=False;
-    plain callables pass through."""
-    was = getattr(model, "training", None)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
+    every submodule's own mode is restored afterwards. Plain callables pass through."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         yield
     finally:
-        if isinstance(model, torch.nn.Module) and was:
-            model.train()
+        for m, training in modes:
+            m.training = training
 
 
 class GuidedFlowMatching(SingleTime, GuidedMeanFlow):

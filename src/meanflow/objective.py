@@ -187,25 +187,43 @@ class MeanFlow:
         err = (at_least_float32(u) - target).pow(2).flatten(1).sum(dim=1)
         weight = (err.detach() + self.c).pow(self.p)
         per_sample = err / weight
+        scale = self.row_scale(r, t)
+        if scale is not None:
+            per_sample = per_sample * scale
         return ObjectiveOutput(loss=per_sample.mean(), per_sample=per_sample, err=err.detach(),
                                u=u, target=target, r=r, t=t)
 
+    def at_step(self, step: int, total: int) -> None:
+        """Called by the trainer before training step ``step`` of ``total``; objectives with a
+        schedule (:class:`meanflow.alphaflow.AlphaFlow`) use it. Nothing here."""
+
+    def row_scale(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+        """A per-row factor on the weighted loss (None: 1 everywhere)."""
+        return None
+
+    def tangent(self, model, z, r, t, v, y) -> torch.Tensor:
+        """The z-tangent of the JVP: ``v`` itself (MeanFlow). Improved MeanFlow uses the
+        network's own velocity prediction (:class:`meanflow.imf.ImprovedMeanFlow`)."""
+        return v
+
     def prediction_and_target(self, model, z, r, t, v, y):
-        """Return ``(u, u_tgt)`` with ``u_tgt = sg(v - (t - r) du/dt)``."""
+        """Return ``(u, u_tgt)`` with ``u_tgt = sg(v - (t - r) du/dt)``, ``du/dt`` along
+        ``(tangent, 0, 1)`` (:meth:`tangent`; ``v`` for MeanFlow)."""
         if self.jvp == "full":
-            return self._with_jvp(model, z, r, t, v, y)
+            return self._with_jvp(model, z, r, t, v, y, self.tangent(model, z, r, t, v, y))
         distinct = r < t
         if self.jvp == "detached" or (self.jvp_backend == "finite-difference"
                                       and not torch.is_autocast_enabled(z.device.type)):
             return self._target_apart(model, z, r, t, v, y, distinct)
         count, order = rows_first(distinct)
         if count == len(r):
-            return self._with_jvp(model, z, r, t, v, y)
+            return self._with_jvp(model, z, r, t, v, y, self.tangent(model, z, r, t, v, y))
         if count == 0:
             return model(z, r, t, y=y), at_least_float32(v)
         idx_mf, idx_fm = order[:count], order[count:]
-        u_mf, tgt_mf = self._with_jvp(_sub(model, idx_mf), z[idx_mf], r[idx_mf], t[idx_mf],
-                                      v[idx_mf], _rows(y, idx_mf))
+        sub, rows = _sub(model, idx_mf), (z[idx_mf], r[idx_mf], t[idx_mf], v[idx_mf])
+        y_mf = _rows(y, idx_mf)
+        u_mf, tgt_mf = self._with_jvp(sub, *rows, y_mf, self.tangent(sub, *rows, y_mf))
         u_fm = _sub(model, idx_fm)(z[idx_fm], r[idx_fm], t[idx_fm], y=_rows(y, idx_fm))
         inverse = torch.argsort(torch.cat([idx_mf, idx_fm]))
         u = torch.cat([at_least_float32(u_mf), at_least_float32(u_fm)])[inverse]
@@ -224,24 +242,25 @@ class MeanFlow:
             idx = order[:count]
             sub, y_sub = _sub(model, idx), _rows(y, idx)
             zi, ri, ti, vi = (at_least_float32(a[idx]) for a in (z, r, t, v))
+            tan = at_least_float32(self.tangent(sub, z[idx], r[idx], t[idx], v[idx], y_sub))
             if self.jvp_backend == "finite-difference":
                 dudt = finite_difference(lambda z_, r_, t_: sub(z_, r_, t_, y=y_sub), zi, ri,
-                                         ti, vi, at_least_float32(u.detach()[idx]),
+                                         ti, tan, at_least_float32(u.detach()[idx]),
                                          self.fd_step, self.fd_scheme)
             else:
                 with torch.no_grad():
-                    _, dudt = self._derivative(sub, zi, ri, ti, vi, y_sub)
+                    _, dudt = self._derivative(sub, zi, ri, ti, tan, y_sub)
             target[idx] = (vi - broadcast_time(ti - ri, dudt) * dudt).to(target.dtype)
         return u, target
 
     def _derivative(self, model, z, r, t, v, y):
-        """``(u, du/dt)`` by this objective's JVP back-end and precision."""
+        """``(u, du/dt)`` along ``(v, 0, 1)`` by this objective's JVP back-end and precision."""
         return total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast",
                                 backend=self.jvp_backend, fd_step=self.fd_step,
                                 fd_scheme=self.fd_scheme)
 
-    def _with_jvp(self, model, z, r, t, v, y):
-        u, dudt = self._derivative(model, z, r, t, v, y)
+    def _with_jvp(self, model, z, r, t, v, y, tangent):
+        u, dudt = self._derivative(model, z, r, t, tangent, y)
         target = at_least_float32(v) - broadcast_time(t - r, dudt) * dudt
         return u, target.detach()
 

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from ..errors import MeanFlowError, check, plural
-from .config import config_keys
+from .config import OBJECTIVES, config_keys
 from .presets import PRESETS
 
 TRAIN_EPILOG = """\
@@ -55,8 +55,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--preset", help="named settings (default from the data: toy-2d for 2-D "
                                     "vectors, mlp for other vectors, fashion-mnist-small, "
                                     "digits-small, unet-small for other images)")
-    p.add_argument("--objective", choices=["meanflow", "flow-matching"],
-                   help="training objective (default meanflow; flow-matching is the r = t baseline)")
+    p.add_argument("--objective", choices=list(OBJECTIVES),
+                   help="training objective (default meanflow; flow-matching is the r = t "
+                        "baseline; imf: improved MeanFlow; alphaflow: AlphaFlow's curriculum)")
     p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps to train for")
     p.add_argument("--batch-size", type=int, metavar="B", help="samples per step")
     p.add_argument("--seed", type=int, metavar="S", help="seed for init, data order, noise, times")

@@ -18,7 +18,7 @@ from ..errors import MeanFlowError, check
 from ..jvp import FD_SCHEMES, JVP_BACKENDS
 from ..times import TimeSampler
 
-OBJECTIVES = ("meanflow", "flow-matching")
+OBJECTIVES = ("meanflow", "flow-matching", "imf", "alphaflow")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -52,6 +52,18 @@ class GuidanceConfig:
     t_max: float = 1.0
     label_dropout: float = 0.1
     drop_rows: str = "r=t"   # null labels only on r = t rows (the authors'), or "any"
+
+
+@dataclass
+class AlphaConfig:
+    """AlphaFlow's curriculum (meanflow.alphaflow.alpha_schedule); ``objective=alphaflow`` only."""
+
+    start: float = 1.0
+    end: float = 0.0
+    gamma: float = 25.0
+    begin: float = 0.0    # window start, fraction of the run
+    finish: float = 1.0   # window end, fraction of the run
+    snap: float = 0.005   # alpha below snap -> 0, above 1 - snap -> 1
 
 
 @dataclass
@@ -129,6 +141,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -193,6 +206,12 @@ class TrainConfig:
               f"{g.label_dropout}")
         check(g.drop_rows in ("r=t", "any"), f"guidance.drop_rows must be r=t or any, got "
               f"{g.drop_rows!r}")
+        a = self.alpha
+        check(0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,
+              f"alpha needs start and end in [0, 1], gamma > 0 and snap in [0, 0.5), got "
+              f"start={a.start}, end={a.end}, gamma={a.gamma}, snap={a.snap}")
+        check(0 <= a.begin < a.finish <= 1, f"alpha needs 0 <= begin < finish <= 1 (fractions "
+              f"of the run), got [{a.begin}, {a.finish}]")
         parse_shape(self.data_shape)
 
     @property
@@ -223,7 +242,8 @@ KEY_HELP = {
     "data": "built-in distribution, image dataset (fashion-mnist, digits, cifar10), folder or "
             ".npy/.npz path (`--data`); see docs/data.md",
     "preset": "name of the preset applied (`--preset`)",
-    "objective": "`meanflow` or `flow-matching` (`--objective`)",
+    "objective": "`meanflow`, `flow-matching`, `imf` (improved MeanFlow) or `alphaflow` "
+                 "(`--objective`; docs/method.md)",
     "steps": "optimizer steps in total (`--steps`)",
     "batch_size": "samples per step (`--batch-size`)",
     "seed": "seed of initialization, data order, noise and times (`--seed`)",
@@ -315,6 +335,12 @@ KEY_HELP = {
     "optim.schedule": "`constant`, or `cosine` decay to 0 at the last step (resuming with a "
                       "larger --steps stretches the cosine)",
     "optim.warmup": "linear warm-up steps",
+    "alpha.start": "AlphaFlow: alpha before the window (1: trajectory flow matching)",
+    "alpha.end": "AlphaFlow: alpha after the window (0: MeanFlow)",
+    "alpha.gamma": "AlphaFlow: steepness of the sigmoid from start to end",
+    "alpha.begin": "AlphaFlow: window start, as a fraction of the run",
+    "alpha.finish": "AlphaFlow: window end, as a fraction of the run",
+    "alpha.snap": "AlphaFlow: alpha below snap becomes 0, above 1 - snap becomes 1",
     "guidance.omega": "guidance weight omega on the conditional velocity; effective CFG scale "
                       "omega / (1 - kappa) (conditional runs)",
     "guidance.kappa": "guidance mixing kappa on u(z, t, t | y) (0: the plain form)",

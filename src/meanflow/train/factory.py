@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from ..alphaflow import AlphaFlow, GuidedAlphaFlow
 from ..errors import MeanFlowError, check
 from ..guidance import GuidedFlowMatching, GuidedMeanFlow
+from ..imf import GuidedImprovedMeanFlow, ImprovedMeanFlow
 from ..nn import MLP, SONGUNET_CONFIGS, UNET_CONFIGS, dit, songunet, unet
 from ..objective import FlowMatching, MeanFlow
 from .config import TrainConfig
@@ -75,7 +79,10 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
 
 
 def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
-    """MeanFlow or flow matching; with classes, guidance folded into the target."""
+    """The objective named by ``cfg.objective``; with classes, guidance folded into the
+    target."""
+    jvp = dict(jvp=cfg.loss.jvp, jvp_dtype=cfg.loss.jvp_dtype, **_jvp_options(cfg))
+    extra = dataclasses.asdict(cfg.alpha) if cfg.objective == "alphaflow" else {}
     if num_classes > 0:
         g = cfg.guidance
         kwargs = dict(omega=g.omega, kappa=g.kappa, t_min=g.t_min, t_max=g.t_max,
@@ -83,12 +90,13 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
                       c=cfg.loss.c)
         if cfg.objective == "flow-matching":
             return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
-        return GuidedMeanFlow(num_classes, cfg.time, jvp=cfg.loss.jvp,
-                              jvp_dtype=cfg.loss.jvp_dtype, **_jvp_options(cfg), **kwargs)
+        guided = {"meanflow": GuidedMeanFlow, "imf": GuidedImprovedMeanFlow,
+                  "alphaflow": GuidedAlphaFlow}[cfg.objective]
+        return guided(num_classes, cfg.time, **jvp, **kwargs, **extra)
     if cfg.objective == "flow-matching":
         return FlowMatching(cfg.time, p=cfg.loss.p, c=cfg.loss.c)
-    return MeanFlow(cfg.time, p=cfg.loss.p, c=cfg.loss.c, jvp=cfg.loss.jvp,
-                    jvp_dtype=cfg.loss.jvp_dtype, **_jvp_options(cfg))
+    plain = {"meanflow": MeanFlow, "imf": ImprovedMeanFlow, "alphaflow": AlphaFlow}
+    return plain[cfg.objective](cfg.time, p=cfg.loss.p, c=cfg.loss.c, **jvp, **extra)
 
 
 def _jvp_options(cfg: TrainConfig) -> dict:
