@@ -201,10 +201,11 @@ def test_help_documents_every_option():
     parsers["features train"] = sub["features"]._subparsers._group_actions[0].choices["train"]
     parsers["latents encode"] = sub["latents"]._subparsers._group_actions[0].choices["encode"]
     parsers["convert"] = sub["convert"]
+    parsers["ablate"] = sub["ablate"]
     for name, p in parsers.items():
         for action in p._actions:
             assert action.help, (name, action.dest)
-    assert {"train", "sample", "eval", "features", "latents", "convert"} == set(sub)
+    assert {"train", "sample", "eval", "features", "latents", "convert", "ablate"} == set(sub)
 
 
 def test_configuration_doc_is_current_and_complete():

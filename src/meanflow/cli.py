@@ -1,4 +1,4 @@
-"""The ``meanflow`` command: ``train``, ``sample`` and ``eval``.
+"""The ``meanflow`` command: ``train``, ``sample``, ``eval`` and the tools beside them.
 
 Every user error is printed as one line ``meanflow: error: ...`` with exit code 2.
 """
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_latents_parser(sub)
     from .convert_command import add_convert_parser
     add_convert_parser(sub)
+    from .ablate_command import add_ablate_parser
+    add_ablate_parser(sub)
     for command in _leaf_parsers(sub):
         command.add_argument("--threads", default="auto", metavar="N",
                              help="CPU threads for PyTorch (default auto: one per core this "
@@ -140,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         from .threads import set_threads
 
         args.thread_choice = set_threads(args.threads)
+        from .ablate_command import cmd_ablate
         from .convert_command import cmd_convert
         from .latents_command import cmd_latents
 
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "features": cmd_features, "latents": cmd_latents,
-                "convert": cmd_convert}[args.command](args)
+                "convert": cmd_convert, "ablate": cmd_ablate}[args.command](args)
     except MeanFlowError as exc:
         print(f"meanflow: error: {exc}", file=sys.stderr)
         return 2

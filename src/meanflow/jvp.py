@@ -54,15 +54,22 @@ def at_least_float32(a: torch.Tensor) -> torch.Tensor:
 def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
                      v: torch.Tensor, y: torch.Tensor | None = None, *,
                      autocast: bool = False, backend: str = "forward-ad", fd_step: float | None = None,
-                     fd_scheme: str = "forward") -> tuple[torch.Tensor, torch.Tensor]:
+                     fd_scheme: str = "forward",
+                     time_tangent: tuple[float, float] = (0.0, 1.0)
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(u, du/dt)``: the network output (differentiable) and its total derivative
     along tangent ``(v, 0, 1)`` (detached), both in at least float32. ``autocast=True`` keeps
     the surrounding autocast (e.g. bf16) inside the JVP instead of float32. ``backend``: one
     of ``JVP_BACKENDS``; ``fd_step`` (None: ``FD_STEP[fd_scheme]``) and ``fd_scheme`` are
-    used by ``"finite-difference"`` only."""
+    used by ``"finite-difference"`` only. ``time_tangent``: the tangent ``(dr, dt)`` on
+    ``(r, t)``; the MeanFlow identity needs ``(0, 1)``, the others are the paper's ablation
+    (Table 1b; exact back-ends only)."""
     check(backend in JVP_BACKENDS, f"JVP backend must be one of {', '.join(JVP_BACKENDS)}, "
           f"got {backend!r}")
     z, r, t, v = (at_least_float32(a) for a in (z, r, t, v))
+    dr, dt = (float(a) for a in time_tangent)
+    check(backend != "finite-difference" or (dr, dt) == (0.0, 1.0), "finite differences "
+          "support the tangent (v, 0, 1) only; use an exact JVP back-end for the others")
 
     def fn(z_, r_, t_):
         return model(z_, r_, t_, y=y)
@@ -77,10 +84,13 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(tangents_without_graph())  # du/dt is detached below
         if backend == "func":
-            u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+            u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.full_like(r, dr),
+                                                     torch.full_like(t, dt)))
         else:
             with fwAD.dual_level():
-                out = fn(fwAD.make_dual(z, v), r, fwAD.make_dual(t, torch.ones_like(t)))
+                r_in = fwAD.make_dual(r, torch.full_like(r, dr)) if dr else r
+                t_in = fwAD.make_dual(t, torch.full_like(t, dt)) if dt else t
+                out = fn(fwAD.make_dual(z, v), r_in, t_in)
                 u, dudt = fwAD.unpack_dual(out)
             check(dudt is not None, "the network's output carries no forward-mode tangent (a "
                   "torch.compile-d module drops dual tensors): pass the module uncompiled (the "

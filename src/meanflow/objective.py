@@ -124,11 +124,14 @@ class MeanFlow:
             ``"func"`` (``torch.func.jvp``; the same numbers) or ``"finite-difference"``
             (a difference along ``(v, 0, 1)`` with step ``fd_step``, scheme ``fd_scheme``;
             :func:`meanflow.jvp.total_derivative`, docs/method.md "JVP back-ends").
+        time_tangent: the JVP tangent ``(dr, dt)`` on ``(r, t)``: ``(0, 1)``, the total
+            derivative the MeanFlow identity needs; others only for the paper's ablation.
     """
 
     def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
                  c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32",
                  jvp_backend: str = "forward-ad", fd_step: float | None = None,
+                 time_tangent: tuple[float, float] = (0.0, 1.0),
                  fd_scheme: str = "forward") -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
@@ -144,6 +147,10 @@ class MeanFlow:
               f"got {fd_scheme!r}")
         check(fd_step is None or 0 < fd_step <= 0.5, f"fd_step must be in (0, 0.5], got {fd_step}")
         self.jvp_backend, self.fd_step, self.fd_scheme = jvp_backend, fd_step, fd_scheme
+        check(len(time_tangent) == 2, f"time_tangent must be (dr, dt), got {time_tangent!r}")
+        check(jvp_backend != "finite-difference" or tuple(time_tangent) == (0.0, 1.0),
+              "finite differences support the tangent (v, 0, 1) only")
+        self.time_tangent = (float(time_tangent[0]), float(time_tangent[1]))
 
     # -- hooks for subclasses (guidance replaces the velocity) ---------------------------------
     def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
@@ -257,7 +264,7 @@ class MeanFlow:
         """``(u, du/dt)`` along ``(v, 0, 1)`` by this objective's JVP back-end and precision."""
         return total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast",
                                 backend=self.jvp_backend, fd_step=self.fd_step,
-                                fd_scheme=self.fd_scheme)
+                                fd_scheme=self.fd_scheme, time_tangent=self.time_tangent)
 
     def _with_jvp(self, model, z, r, t, v, y, tangent):
         u, dudt = self._derivative(model, z, r, t, tangent, y)

@@ -25,6 +25,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 ARCHS = ("mlp", "unet", "songunet", "dit")
+TANGENTS = {"v,0,1": (0.0, 1.0), "v,0,0": (0.0, 0.0), "v,1,0": (1.0, 0.0), "v,1,1": (1.0, 1.0)}
 
 
 @dataclass
@@ -77,6 +78,12 @@ class LossConfig:
     jvp_backend: str = "forward-ad"  # or "func", "finite-difference" (docs/method.md)
     fd_step: float = 0.0  # finite-difference step h (0: the scheme's measured default)
     fd_scheme: str = "forward"  # or "central"
+    tangent: str = "v,0,1"  # JVP tangent on (z, r, t); others only for ablations (Table 1b)
+
+    @property
+    def time_tangent(self) -> tuple[float, float]:
+        """``(dr, dt)`` of ``tangent``."""
+        return TANGENTS[self.tangent]
 
 
 @dataclass
@@ -184,6 +191,10 @@ class TrainConfig:
               f"{', '.join(JVP_BACKENDS)}, got {self.loss.jvp_backend!r}")
         check(self.loss.fd_scheme in FD_SCHEMES, "loss.fd_scheme must be one of "
               f"{', '.join(FD_SCHEMES)}, got {self.loss.fd_scheme!r}")
+        check(self.loss.tangent in TANGENTS, f"loss.tangent must be one of "
+              f"{', '.join(TANGENTS)}, got {self.loss.tangent!r}")
+        check(self.loss.tangent == "v,0,1" or self.loss.jvp_backend != "finite-difference",
+              "loss.tangent other than v,0,1 needs an exact loss.jvp_backend (forward-ad, func)")
         check(0 <= self.loss.fd_step <= 0.5, "loss.fd_step must be in [0, 0.5] (0: default), "
               f"got {self.loss.fd_step}")
         check(self.optim.fused in ("auto", "on", "off"), "optim.fused must be auto, on or off, "
@@ -323,6 +334,8 @@ KEY_HELP = {
     "loss.jvp_backend": "how du/dt is computed: `forward-ad` (default, dual tensors), `func` "
                         "(torch.func.jvp, same numbers) or `finite-difference` (1-2 extra no-grad "
                         "forwards, approximate; refused with dropout; docs/method.md)",
+    "loss.tangent": "JVP tangent on (z, r, t): `v,0,1` (default, the MeanFlow identity's), or "
+                    "`v,0,0`, `v,1,0`, `v,1,1` for the paper's ablation (Table 1b)",
     "loss.fd_step": "finite-difference step h (0: 1e-3 forward, 3e-3 central; measured)",
     "loss.fd_scheme": "finite-difference scheme: `forward` (1 extra forward) or `central` (2)",
     "optim.fused": "fused Adam kernel: `auto` (on CUDA), `on`, `off`",

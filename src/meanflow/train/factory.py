@@ -102,7 +102,7 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
 def _jvp_options(cfg: TrainConfig) -> dict:
     """The JVP back-end options of ``cfg.loss`` (``fd_step`` 0: the scheme's default)."""
     return dict(jvp_backend=cfg.loss.jvp_backend, fd_step=cfg.loss.fd_step or None,
-                fd_scheme=cfg.loss.fd_scheme)
+                fd_scheme=cfg.loss.fd_scheme, time_tangent=cfg.loss.time_tangent)
 
 
 def build_augment(cfg: TrainConfig, model: nn.Module, kind: str):
