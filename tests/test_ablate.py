@@ -98,3 +98,13 @@ def _parser_with(extra, original):
             if action.dest == "study":
                 action.choices = [*action.choices, extra]
     return add
+
+
+def test_time_input_is_refused_on_image_networks():
+    from meanflow.errors import MeanFlowError
+    from meanflow.train import TrainConfig, configure
+    from meanflow.train.factory import build_model
+
+    cfg = configure(TrainConfig(), "unet-small", [("model.time_input", "t,r")])
+    with pytest.raises(MeanFlowError, match="MLP option"):
+        build_model(cfg, (1, 16, 16))

@@ -312,8 +312,8 @@ KEY_HELP = {
     "model.channels": "U-Net base channels (0: the config's)",
     "model.blocks": "U-Net ResBlocks per level (0: the config's)",
     "model.dropout": "U-Net dropout (-1: the config's)",
-    "model.time_input": "time quantities the network sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
-                        "(paper Table 1c)",
+    "model.time_input": "time quantities the MLP sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
+                        "(paper Table 1c; image networks embed t, t-r)",
     "model.time_dim": "sinusoidal features per time quantity",
     "time.dist": "`logit-normal` or `uniform`",
     "time.mean": "logit-normal mean of t (and of r unless time.r_mean is set)",

@@ -68,6 +68,8 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
                    time_dim=m.time_dim, num_classes=num_classes)
     check(len(shape) == 3 and shape[1] == shape[2], f"model.arch {m.arch} needs square images "
           f"(C, H, W), got samples of shape {shape}; vectors use model.arch=mlp")
+    check(m.time_input == "t,t-r", f"model.time_input={m.time_input} is an MLP option; the "
+          f"{m.arch} embeds (t, t - r) as the paper does")
     if m.arch == "unet":
         return _unet(cfg, shape, num_classes)
     if m.arch == "songunet":

@@ -220,7 +220,8 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 if augment is not None:  # EDM's pipeline; its labels condition the network
                     x, aug = augment(x, gen, total=rows.total, part=rows.part)
                     cond = {"aug": aug}
-                objective.at_step(step, cfg.steps)
+                if hasattr(objective, "at_step"):  # a schedule (AlphaFlow's alpha)
+                    objective.at_step(step, cfg.steps)
                 draws = objective.draw(cfg.batch_size, data.shape, generator=gen,
                                        device=device, dtype=x.dtype)
                 optimizer.zero_grad(set_to_none=True)
