@@ -195,3 +195,106 @@ def test_new_objectives_train_and_sample_through_the_trainer(tmp_path, objective
     run = load_run(str(tmp_path / objective))
     assert run.config.objective == objective
     assert torch.isfinite(torch.as_tensor(run.sample(16, steps=1, seed=0))).all()
+
+
+# -- improved MeanFlow with the guidance scale and interval as network inputs ---------------
+
+class ToyGuided(torch.nn.Module):
+    """u = W z + t a + (1 - 1/omega) e_y + t_min b + t_max c: every input visible."""
+
+    def __init__(self, classes=3, d=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(d, d, generator=g, dtype=torch.float64))
+        self.e = torch.nn.Parameter(torch.randn(classes + 1, d, generator=g, dtype=torch.float64))
+        self.abc = torch.nn.Parameter(torch.randn(3, d, generator=g, dtype=torch.float64))
+
+    def forward(self, z, r, t, y=None, guidance=None):
+        omega, t_min, t_max = guidance.unbind(1)
+        return (z @ self.w.T + t[:, None] * self.abc[0] + (1 - 1 / omega)[:, None] * self.e[y]
+                + t_min[:, None] * self.abc[1] + t_max[:, None] * self.abc[2] + 0.1 * r[:, None])
+
+
+def test_guidance_inputs_draws_and_guided_velocity_by_hand():
+    from meanflow.imf import GuidanceInputsIMF
+    from meanflow.objective import Conditioned
+    from meanflow.path import linear_path
+
+    obj = GuidanceInputsIMF(3, TimeSampler(ratio=0.5), label_dropout=0.0)
+    d = obj.draw(4000, (2,), generator=torch.Generator().manual_seed(1))
+    omega, t_min, t_max = d.guide.unbind(1)
+    flat = d.r == d.t
+    assert bool((omega >= 1).all() and (omega <= 8).all())
+    assert abs(float(torch.log(omega).mean()) - math.log(8) / 2) < 0.05  # log-uniform
+    assert bool((t_min[flat] == 0).all() and (t_max[flat] == 1).all())
+    assert bool((t_min[~flat] <= 0.5).all() and (t_max[~flat] >= 0.5).all())
+
+    net = ToyGuided()
+    n = 6
+    x = torch.randn(n, 2, dtype=torch.float64)
+    noise = torch.randn(n, 2, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.6, 0.9, 0.5, 0.7, 0.2], dtype=torch.float64)
+    r = t * 0.5
+    y = torch.tensor([0, 1, 2, 3, 1, 0])  # row 3: the null label (dropped)
+    guide = torch.tensor([[3.0, 0.2, 0.8], [2.0, 0.0, 0.5], [4.0, 0.1, 0.7],
+                          [5.0, 0.0, 1.0], [1.0, 0.0, 1.0], [6.0, 0.1, 0.9]],
+                         dtype=torch.float64)
+    path = linear_path(x, noise, t)
+    model = Conditioned(net, {"guidance": guide})
+    v_tilde = obj.velocity(model, path, r, t, y)
+    w = torch.tensor([3.0, 1.0, 1.0, 5.0, 1.0, 6.0], dtype=torch.float64)  # inside the interval
+    unit = torch.stack([w, torch.zeros(n, dtype=w.dtype), torch.ones(n, dtype=w.dtype)], 1)
+    ones = torch.stack([torch.ones(n, dtype=w.dtype), torch.zeros(n, dtype=w.dtype),
+                        torch.ones(n, dtype=w.dtype)], 1)
+    u_c = net(path.z, t, t, y, unit)
+    u_u = net(path.z, t, t, torch.full_like(y, 3), ones)
+    want = path.v + (1 - 1 / w)[:, None] * (u_c - u_u)
+    want[3] = path.v[3]  # dropped label: v itself
+    assert torch.allclose(v_tilde, want, atol=1e-12)
+    assert torch.allclose(obj.tangent(model, path.z, r, t, path.v, y), u_c, atol=1e-12)
+
+
+def test_networks_take_guidance_inputs():
+    from meanflow.errors import MeanFlowError
+    from meanflow.nn import MLP, dit, unet
+
+    torch.manual_seed(0)
+    r, t, y = torch.zeros(4), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    g = torch.tensor([[3.0, 0.2, 0.8]] * 4)
+    for net, z in ((MLP(2, num_classes=3, guidance_inputs=True), torch.randn(4, 2)),
+                   (unet("small", in_channels=1, input_size=8, num_classes=3,
+                         guidance_inputs=True), torch.randn(4, 1, 8, 8)),
+                   (dit("T/2", input_size=8, in_channels=4, num_classes=3,
+                        guidance_inputs=True), torch.randn(4, 4, 8, 8))):
+        for p in net.parameters():  # away from the zero inits of the U-Net / DiT outputs
+            torch.nn.init.normal_(p, std=0.1)
+        net.eval()  # no dropout
+        unguided = torch.tensor([[1.0, 0.0, 1.0]] * 4)
+        assert torch.equal(net(z, r, t, y), net(z, r, t, y, guidance=unguided))
+        assert not torch.allclose(net(z, r, t, y), net(z, r, t, y, guidance=g))
+    with pytest.raises(MeanFlowError, match="no guidance inputs"):
+        MLP(2, num_classes=3)(torch.randn(4, 2), r, t, y, guidance=g)
+
+
+def test_guidance_inputs_train_and_sample_in_one_evaluation(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 4, 2048)
+    x = np.stack([np.cos(k * np.pi / 2), np.sin(k * np.pi / 2)], 1) * 2
+    x = x + 0.1 * rng.standard_normal((2048, 2))
+    data = tmp_path / "four.npz"
+    np.savez(data, x=x.astype(np.float32), y=k.astype(np.int64))
+    cfg = configure(TrainConfig(), "tiny", [("data", str(data)), ("objective", "imf"),
+                                            ("guidance.inputs", True), ("steps", 30),
+                                            ("time.ratio", 0.5), ("log_every", 10)])
+    result = train(cfg, str(tmp_path / "run"), progress=False)
+    assert math.isfinite(result.final_loss)
+    run = load_run(str(tmp_path / "run"))
+    calls = []
+    forward = run.model.forward
+    run.model.forward = lambda *a, **k: calls.append(k.get("guidance")) or forward(*a, **k)
+    a = run.sample(64, steps=1, seed=0, classes="0", guidance=1.0)
+    b = run.sample(64, steps=1, seed=0, classes="0", guidance=4.0)
+    assert len(calls) == 2 and float(calls[1][0, 0]) == 4.0  # one evaluation per sample
+    assert not np.allclose(a, b)

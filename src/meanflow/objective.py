@@ -40,12 +40,14 @@ JVP_DTYPES = ("float32", "autocast")
 @dataclass
 class Draws:
     """The random inputs of one batch: noise (B, ...), times ``r``, ``t`` (B,) and, for guided
-    objectives, the label-dropout mask (B,) (None otherwise)."""
+    objectives, the label-dropout mask (B,) (None otherwise) and, for improved MeanFlow with
+    guidance inputs, each row's ``(omega, t_min, t_max)`` (B, 3)."""
 
     noise: torch.Tensor
     r: torch.Tensor
     t: torch.Tensor
     drop: torch.Tensor | None = None
+    guide: torch.Tensor | None = None
 
     def rows(self, part: slice) -> "Draws":
         """The draws of rows ``part`` (a slice of the batch)."""
@@ -54,7 +56,8 @@ class Draws:
 
     def kwargs(self) -> dict:
         """Keyword arguments for an objective call: ``objective(model, x, y, **d.kwargs())``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "guide" or self.guide is not None}
 
 
 def _rows(a: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:

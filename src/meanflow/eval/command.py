@@ -140,7 +140,7 @@ def cmd_eval(args) -> int:
         result["energy_distance"] = energy_distance(flat, ref)
         result["projections"] = args.projections
     steps = len(schedule) - 1 if schedule else args.steps
-    nfe = steps * (1 if args.guidance == 1 else 2)
+    nfe = steps * (1 if args.guidance == 1 or run.config.guidance.inputs else 2)
     print(json.dumps({**result, "steps": steps, "schedule": schedule, "num": args.num,
                       "nfe": nfe, "guidance": args.guidance,
                       "trained_guidance": run.trained_scale, "classes": _label_set(labels),

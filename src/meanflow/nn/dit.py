@@ -108,7 +108,7 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, input_size: int = 32, in_channels: int = 4, patch: int = 2,
                  hidden: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000) -> None:
+                 num_classes: int = 1000, guidance_inputs: bool = False) -> None:
         super().__init__()
         check(input_size >= 1 and in_channels >= 1 and patch >= 1,
               "input_size, in_channels and patch must be >= 1, "
@@ -123,7 +123,7 @@ class DiT(nn.Module):
         self.num_classes, self.grid = num_classes, input_size // patch
         self.patchify = Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", sincos_2d(hidden, self.grid), persistent=False)
-        self.cond = Conditioning(hidden, num_classes)
+        self.cond = Conditioning(hidden, num_classes, guidance_inputs)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(hidden, patch * patch * in_channels)
         self.reset_parameters()
@@ -138,7 +138,7 @@ class DiT(nn.Module):
         w = self.patchify.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patchify.bias)
-        for emb in (self.cond.t_embedder, self.cond.h_embedder):
+        for emb in (self.cond.t_embedder, self.cond.h_embedder, *(self.cond.guidance or ())):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         if self.cond.label is not None:
@@ -148,10 +148,11 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         check_image_call("DiT", z, r, t, y, self.in_channels, self.input_size)
         b = z.shape[0]
-        c = self.cond(r.to(z.dtype), t.to(z.dtype), y)
+        c = self.cond(r.to(z.dtype), t.to(z.dtype), y, guidance)
         x = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
         for block in self.blocks:
             x = block(x, c)

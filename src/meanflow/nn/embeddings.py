@@ -78,24 +78,51 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
 
 
+def guidance_features(guidance: torch.Tensor) -> list[torch.Tensor]:
+    """The guidance conditions ``(omega, t_min, t_max)`` (B, 3) as the scalars a network embeds:
+    ``1 - 1/omega`` (0 for no guidance, bounded as omega grows, as the iMF authors embed it),
+    ``t_min`` and ``t_max``."""
+    check(guidance.dim() == 2 and guidance.shape[1] == 3,
+          f"guidance must have shape (B, 3) = (omega, t_min, t_max), got {tuple(guidance.shape)}")
+    omega, t_min, t_max = guidance.unbind(1)
+    return [1 - 1 / omega, t_min, t_max]
+
+
+def no_guidance(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``(omega, t_min, t_max) = (1, 0, 1)`` for ``n`` rows: the unguided velocity."""
+    return torch.tensor([1.0, 0.0, 1.0], device=like.device, dtype=like.dtype).expand(n, 3)
+
+
 class Conditioning(nn.Module):
     """The image networks' condition ``c = Emb_t(t) + Emb_h(t - r) (+ Emb_y(y))`` (paper Table 1c:
     separate embedders for t and t - r). Labels use a table with ``num_classes + 1`` rows; the
-    last (index ``num_classes``) is the learned null label, used when ``y`` is None."""
+    last (index ``num_classes``) is the learned null label, used when ``y`` is None. With
+    ``guidance_inputs`` (improved MeanFlow's flexible guidance) three more embedders add the
+    guidance scale and interval (:func:`guidance_features`; absent: omega = 1 over [0, 1])."""
 
-    def __init__(self, hidden: int, num_classes: int = 0) -> None:
+    def __init__(self, hidden: int, num_classes: int = 0, guidance_inputs: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.t_embedder = TimestepEmbedder(hidden)
         self.h_embedder = TimestepEmbedder(hidden)
         self.label = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
+        self.guidance = (nn.ModuleList(TimestepEmbedder(hidden) for _ in range(3))
+                         if guidance_inputs else None)
 
-    def forward(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         c = self.t_embedder(t) + self.h_embedder(t - r)
         if self.label is not None:
             if y is None:
                 y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
             c = c + self.label(y)
+        if self.guidance is not None:
+            g = no_guidance(t.shape[0], t) if guidance is None else guidance.to(t.dtype)
+            for embed, s in zip(self.guidance, guidance_features(g)):
+                c = c + embed(s)
+        else:
+            check(guidance is None, "this network takes no guidance inputs (build it with "
+                  "guidance_inputs=True: --set guidance.inputs=true)")
         return c
 
 

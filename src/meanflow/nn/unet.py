@@ -126,7 +126,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 3, input_size: int = 32, base_channels: int = 128,
                  channel_mult: tuple[int, ...] = (2, 2, 2), num_res_blocks: int = 4,
                  attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0,
-                 num_classes: int = 0, groups: int = 32, heads: int = 1) -> None:
+                 num_classes: int = 0, groups: int = 32, heads: int = 1,
+                 guidance_inputs: bool = False) -> None:
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
         check_unet_args(in_channels, input_size, base_channels, channel_mult, num_res_blocks, dropout,
@@ -147,7 +148,7 @@ class UNet(nn.Module):
               f"resolutions {sizes} of a {input_size}x{input_size} input")
         self.in_channels, self.input_size, self.num_classes = in_channels, input_size, num_classes
         emb_dim = 4 * base_channels
-        self.cond = Conditioning(emb_dim, num_classes)
+        self.cond = Conditioning(emb_dim, num_classes, guidance_inputs)
         if self.cond.label is not None:
             nn.init.normal_(self.cond.label.weight, std=0.02)
 
@@ -186,9 +187,10 @@ class UNet(nn.Module):
                                  conv3x3(ch, in_channels, zero=True))
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         check_image_call("UNet", z, r, t, y, self.in_channels, self.input_size)
-        emb = silu(self.cond(r.to(z.dtype), t.to(z.dtype), y))
+        emb = silu(self.cond(r.to(z.dtype), t.to(z.dtype), y, guidance))
         h = self.conv_in(z)
         hs = [h]
         for stage in self.down:

@@ -53,6 +53,8 @@ class GuidanceConfig:
     t_max: float = 1.0
     label_dropout: float = 0.1
     drop_rows: str = "r=t"   # null labels only on r = t rows (the authors'), or "any"
+    inputs: bool = False     # imf: scale and interval as network inputs, chosen when sampling
+    omega_max: float = 8.0   # imf with inputs: omega log-uniform on [1, omega_max]
 
 
 @dataclass
@@ -217,6 +219,9 @@ class TrainConfig:
               f"{g.label_dropout}")
         check(g.drop_rows in ("r=t", "any"), f"guidance.drop_rows must be r=t or any, got "
               f"{g.drop_rows!r}")
+        check(not g.inputs or self.objective == "imf", f"guidance.inputs=true is improved "
+              f"MeanFlow's guidance (--objective imf), not {self.objective}'s")
+        check(g.omega_max >= 1, f"guidance.omega_max must be >= 1, got {g.omega_max}")
         a = self.alpha
         check(0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,
               f"alpha needs start and end in [0, 1], gamma > 0 and snap in [0, 0.5), got "
@@ -357,9 +362,16 @@ KEY_HELP = {
     "guidance.omega": "guidance weight omega on the conditional velocity; effective CFG scale "
                       "omega / (1 - kappa) (conditional runs)",
     "guidance.kappa": "guidance mixing kappa on u(z, t, t | y) (0: the plain form)",
-    "guidance.t_min": "guidance applies for t_min <= t <= t_max",
-    "guidance.t_max": "guidance applies for t_min <= t <= t_max",
+    "guidance.t_min": "guidance applies for t_min <= t <= t_max (with guidance.inputs: the "
+                      "interval sampling uses)",
+    "guidance.t_max": "guidance applies for t_min <= t <= t_max (with guidance.inputs: the "
+                      "interval sampling uses)",
     "guidance.label_dropout": "probability of replacing a label by the null label",
+    "guidance.inputs": "imf: the guidance scale and interval are network inputs, drawn per row "
+                       "in training (omega log-uniform on [1, omega_max], t_min ~ U(0, 0.5), "
+                       "t_max ~ U(0.5, 1)); sampling picks omega (`--guidance W`) and the "
+                       "interval [t_min, t_max] in one evaluation",
+    "guidance.omega_max": "imf with guidance.inputs: the largest omega drawn in training",
     "guidance.drop_rows": "`r=t` (default, the authors': the null-label rows are r = t rows, "
                           "label_dropout of the batch) or `any` (each row independently)",
 }

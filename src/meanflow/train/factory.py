@@ -10,7 +10,7 @@ from torch import nn
 from ..alphaflow import AlphaFlow, GuidedAlphaFlow
 from ..errors import MeanFlowError, check
 from ..guidance import GuidedFlowMatching, GuidedMeanFlow
-from ..imf import GuidedImprovedMeanFlow, ImprovedMeanFlow
+from ..imf import GuidanceInputsIMF, GuidedImprovedMeanFlow, ImprovedMeanFlow
 from ..nn import MLP, SONGUNET_CONFIGS, UNET_CONFIGS, dit, songunet, unet
 from ..objective import FlowMatching, MeanFlow
 from .config import TrainConfig
@@ -42,7 +42,7 @@ def _unet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Modu
                if size % d == 0 and d <= 2 ** (len(mult) - 1)]
     overrides["attention_resolutions"] = tuple(size // d for d in factors)
     return unet(name, in_channels=channels, input_size=size, num_classes=num_classes,
-                **overrides)
+                guidance_inputs=cfg.guidance.inputs, **overrides)
 
 
 def _songunet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -61,11 +61,16 @@ def _songunet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.
 def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
     """The network for samples of ``shape`` ((D,) or (C, H, W)) and ``num_classes`` labels."""
     m = cfg.model
+    inputs = cfg.guidance.inputs
+    check(not inputs or num_classes > 0, "guidance.inputs=true needs labelled data (the "
+          "guidance scale conditions a class-conditional network)")
+    check(not inputs or m.arch in ("mlp", "unet", "dit"), f"guidance.inputs=true is built for "
+          f"the mlp, unet and dit networks, not {m.arch}")
     if m.arch == "mlp":
         check(len(shape) == 1, f"model.arch mlp needs vector data (N, D), got samples of shape "
               f"{shape}; use --set model.arch=unet (or a preset such as unet-small)")
         return MLP(shape[0], hidden=m.hidden, depth=m.depth, time_input=m.time_input,
-                   time_dim=m.time_dim, num_classes=num_classes)
+                   time_dim=m.time_dim, num_classes=num_classes, guidance_inputs=inputs)
     check(len(shape) == 3 and shape[1] == shape[2], f"model.arch {m.arch} needs square images "
           f"(C, H, W), got samples of shape {shape}; vectors use model.arch=mlp")
     check(m.time_input == "t,t-r", f"model.time_input={m.time_input} is an MLP option; the "
@@ -76,7 +81,7 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
         return _songunet(cfg, shape, num_classes)
     if m.arch == "dit":
         return dit(m.size or "B/2", input_size=shape[1], in_channels=shape[0],
-                   num_classes=num_classes)
+                   num_classes=num_classes, guidance_inputs=inputs)
     raise MeanFlowError(f"unknown model.arch {m.arch!r}; available: mlp, unet, songunet, dit")
 
 
@@ -92,6 +97,9 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
                       c=cfg.loss.c)
         if cfg.objective == "flow-matching":
             return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
+        if g.inputs:
+            return GuidanceInputsIMF(num_classes, cfg.time, omega_max=g.omega_max, **jvp,
+                                     **kwargs)
         guided = {"meanflow": GuidedMeanFlow, "imf": GuidedImprovedMeanFlow,
                   "alphaflow": GuidedAlphaFlow}[cfg.objective]
         return guided(num_classes, cfg.time, **jvp, **kwargs, **extra)

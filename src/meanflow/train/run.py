@@ -137,7 +137,9 @@ class TrainedRun:
         index, a list of them or a comma-separated string, cycled over the samples; ``"random"``;
         ``None`` or ``"none"``: the null label, i.e. unconditional) or by ``labels``, a (num,)
         tensor of indices (not both). ``guidance`` != 1 adds classifier-free guidance at sampling
-        time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step).
+        time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step); a run
+        trained with guidance inputs (improved MeanFlow, ``guidance.inputs``) takes it as its
+        input scale instead, over ``[guidance.t_min, guidance.t_max]``: one evaluation.
         ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass.
         A latent run with its VAE returns decoded images in [-1, 1] (``decode=False``: the
         latents)."""
@@ -178,7 +180,13 @@ class TrainedRun:
                   f"0..{self.num_classes - 1} (or {self.num_classes}, the null label)")
         device = self.device if device is None else device
         model = self.model
-        if guidance != 1:
+        g = self.config.guidance
+        if getattr(g, "inputs", False):  # improved MeanFlow: the scale is a network input
+            from ..imf import with_guidance
+            check(labels is not None or guidance == 1, "--guidance needs class labels; not "
+                  "with --class none")
+            model = with_guidance(self.model, guidance, g.t_min, g.t_max)
+        elif guidance != 1:
             check(self.num_classes > 0, "--guidance needs a class-conditional run; this run is "
                   "unconditional")
             check(labels is not None, "--guidance needs class labels; not with --class none")
