@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import interleaved_times, md_row, md_table, save_results  # noqa: E402
+from results_io import interleaved_times, md_table, save_results  # noqa: E402
 from train_step import build  # noqa: E402
 
 from meanflow.jvp import total_derivative
