@@ -108,3 +108,19 @@ def test_time_input_is_refused_on_image_networks():
     cfg = configure(TrainConfig(), "unet-small", [("model.time_input", "t,r")])
     with pytest.raises(MeanFlowError, match="MLP option"):
         build_model(cfg, (1, 16, 16))
+
+
+def test_a_study_stops_when_a_signal_stops_its_training(tmp_path, monkeypatch):
+    """SIGTERM makes train() save and return early; the study must not evaluate that run as
+    finished and go on to the next setting."""
+    from meanflow.errors import MeanFlowError
+    from meanflow.train import loop
+
+    def stopped(cfg, run_dir, **kw):
+        return loop.TrainResult(run_dir, 7, 1.0, 0.1, 0, stopped_by="SIGTERM")
+
+    monkeypatch.setattr(loop, "train", stopped)
+    with pytest.raises(MeanFlowError, match="stopped by SIGTERM at step 7"):
+        ablation.run_study("ratio", [("data", "checkerboard"), ("steps", 10)], str(tmp_path),
+                           preset="tiny", reference="checkerboard", log=lambda m: None)
+    assert not list(tmp_path.glob("runs/*/ablation-eval.json"))

@@ -49,16 +49,15 @@ STUDIES = {
                         _one("model.time_input", ["t,t-r", "t,r", "t,r,t-r", "t-r"],
                              ["(t, t-r)", "(t, r)", "(t, r, t-r)", "t-r only"]),
                         {}, "(t, t-r)"),
-    "sampler": Study("time sampler (Table 1d)", {
-        "uniform(0, 1)": [("time.dist", "uniform")],
-        "lognorm(-0.2, 1.0)": [("time.dist", "logit-normal"), ("time.mean", -0.2),
-                               ("time.std", 1.0)],
-        "lognorm(-0.2, 1.2)": [("time.dist", "logit-normal"), ("time.mean", -0.2),
-                               ("time.std", 1.2)],
-        "lognorm(-0.4, 1.0)": [("time.dist", "logit-normal"), ("time.mean", -0.4),
-                               ("time.std", 1.0)],
-        "lognorm(-0.4, 1.2)": [("time.dist", "logit-normal"), ("time.mean", -0.4),
-                               ("time.std", 1.2)]}, {}, "lognorm(-0.4, 1.0)"),
+    "sampler": Study("time sampler, the same law for t and r (Table 1d)", {
+        label: [("time.dist", dist), ("time.mean", mean), ("time.std", std),
+                ("time.r_mean", None), ("time.r_std", None)]
+        for label, dist, mean, std in (
+            ("uniform(0, 1)", "uniform", -0.4, 1.0),
+            ("lognorm(-0.2, 1.0)", "logit-normal", -0.2, 1.0),
+            ("lognorm(-0.2, 1.2)", "logit-normal", -0.2, 1.2),
+            ("lognorm(-0.4, 1.0)", "logit-normal", -0.4, 1.0),
+            ("lognorm(-0.4, 1.2)", "logit-normal", -0.4, 1.2))}, {}, "lognorm(-0.4, 1.0)"),
     "p": Study("adaptive weighting power p (Table 1e)", _one("loss.p", [0.0, 0.5, 1.0, 1.5, 2.0]),
                {"0.0": 79.75, "0.5": 63.98, "1.0": 61.06, "1.5": 66.57, "2.0": 69.19}, "1.0"),
     "omega": Study("guidance omega, class-conditional data (Table 1f)",
@@ -122,8 +121,12 @@ def run_study(name: str, base: list[tuple[str, object]], out: str, *, preset: st
             log(f"{name}: {label}: reused {run_dir}")
             continue
         cfg = configure(TrainConfig(), preset, [*base, *overrides])
-        log(f"{name}: {label}: training {cfg.steps} steps ({', '.join(f'{k}={v}' for k, v in overrides)})")
+        settings = ", ".join(f"{k}={v}" for k, v in overrides)
+        log(f"{name}: {label}: training {cfg.steps} steps ({settings})")
         result = train(cfg, run_dir, overwrite=True, progress=progress)
+        check(result.stopped_by is None, f"{name}: {label}: training stopped by "
+              f"{result.stopped_by} at step {result.step}; rerun the same command to go on "
+              "(finished settings are reused)")
         row = {"study": name, "setting": label, "overrides": [[k, v] for k, v in overrides],
                "train_s": result.seconds, "steps": cfg.steps, "paper_fid": s.paper.get(label)}
         for k in (1, 2):
