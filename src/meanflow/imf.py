@@ -124,11 +124,9 @@ class GuidanceInputsIMF(GuidedImprovedMeanFlow):
         idx = order[:count]
         z, ti, wi, yi = path.z[idx], t[idx], w[idx], y[idx]
         null = torch.full_like(yi, self.num_classes)
-        both = Conditioned(model.net, {**{k: a[idx] for k, a in model.cond.items()
-                                          if k != "guidance"}})
-        both = both.rows(torch.cat([torch.arange(count, device=idx.device)] * 2))
-        g = torch.cat([_unit(wi), _unit(torch.ones_like(wi))])
-        both.cond["guidance"] = g
+        twice = {k: torch.cat([a[idx], a[idx]]) for k, a in model.cond.items()}
+        twice["guidance"] = torch.cat([_unit(wi), _unit(torch.ones_like(wi))])
+        both = Conditioned(model.net, twice)  # the conditional and the unconditional rows
         tt = torch.cat([ti, ti])
         out = at_least_float32(v).clone()
         with torch.no_grad(), _evaluation_mode(model):

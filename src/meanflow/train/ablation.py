@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import check
-from .config import TrainConfig, parse_overrides
+from .config import TrainConfig
 from .presets import configure
 
 
@@ -205,5 +205,4 @@ def _plot(s: Study, rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["STUDIES", "Study", "study", "run_study", "write_report", "evaluate", "headline",
-           "parse_overrides"]
+__all__ = ["STUDIES", "Study", "study", "run_study", "write_report", "evaluate", "headline"]
