@@ -121,6 +121,9 @@ def rows(ratios: list[float], modes, with_backends: bool) -> list[dict]:
     return out
 
 
+MIN_MEMORY_MIB = 0.5  # the smallest flow-matching peak growth a memory ratio is divided by
+
+
 def objective_of(row: dict):
     if row["objective"] == "flow-matching":
         return FlowMatching(TimeSampler())
@@ -215,8 +218,11 @@ def bench_network(network: str, device: torch.device, args) -> dict:
             res.update(mem)
     fm_mem = results[0].get("peak_mib")
     for res in results:
-        if fm_mem and res.get("peak_mib") is not None:
-            res["memory_ratio"] = res["peak_mib"] / fm_mem
+        if res.get("peak_mib") is None:
+            continue
+        # a ratio to a growth below a page or two is noise, not a measurement: None, said so
+        res["memory_ratio"] = (res["peak_mib"] / fm_mem if fm_mem is not None
+                               and fm_mem >= MIN_MEMORY_MIB else None)
     return {"network": network, "description": desc, "rows": results}
 
 
