@@ -14,7 +14,7 @@ weights are the untrained initial ones: speed does not depend on them.
 Part 2 (streaming). A 2-step run on 8x8 digits (the 8-channel U-Net) is trained, then, each in a
 fresh process, ``--stream-num`` samples (and a tenth of them, for comparison) are drawn with
 ``TrainedRun.iter_samples`` in chunks of ``NOISE_CHUNK`` rows and written with the streaming
-``.npz`` writer of ``meanflow sample`` (``sample_command.write_npz``). Memory: after loading the
+``.npz`` writer of ``meanflow sample`` (``sample_files.write_npz``). Memory: after loading the
 run the peak-RSS mark is reset (``/proc/self/clear_refs``); the figure is the peak (VmHWM) minus
 the resident set before streaming (one thread; one warm-up sample first), with glibc's mmap
 threshold fixed at 64 KiB so freed tensors leave the resident set. Bounded means the peak at N does not grow with N: its excess over the
@@ -84,7 +84,7 @@ def stream_worker(run_dir: str, num: int, path: str) -> dict:
     import numpy as np
 
     from meanflow.plotting import to_uint8
-    from meanflow.sample_command import write_npz
+    from meanflow.sample_files import write_npz
     from meanflow.train import load_run
     from meanflow.train.run import NOISE_CHUNK
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from meanflow import distributed
 from meanflow.cli import build_parser
 from meanflow.threads import set_threads
-from meanflow.train.command import _train_config
+from meanflow.cli.train import _train_config
 from meanflow.train.loop import train
 
 

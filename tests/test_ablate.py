@@ -72,7 +72,7 @@ def test_a_study_runs_end_to_end_and_reuses_finished_settings(tmp_path, monkeypa
     out = tmp_path / "abl"
     argv = ["ablate", "--study", "mini", "--data", "checkerboard", "--preset", "tiny",
             "--steps", "20", "--out", str(out), "--num", "300", "--quiet", "--threads", "1"]
-    import meanflow.ablate_command as cmd  # the parser's choices were fixed before the patch
+    import meanflow.cli as cmd  # the parser's choices were fixed before the patch
     monkeypatch.setattr(cmd, "add_ablate_parser", _parser_with("mini", cmd.add_ablate_parser))
     assert main(argv) == 0
     table = (out / "table.md").read_text()

@@ -200,12 +200,45 @@ def test_help_documents_every_option():
     parsers = {name: sub[name] for name in ("train", "sample", "eval")}
     parsers["features train"] = sub["features"]._subparsers._group_actions[0].choices["train"]
     parsers["latents encode"] = sub["latents"]._subparsers._group_actions[0].choices["encode"]
-    parsers["convert"] = sub["convert"]
-    parsers["ablate"] = sub["ablate"]
+    for name in ("convert", "ablate", "export"):
+        parsers[name] = sub[name]
     for name, p in parsers.items():
         for action in p._actions:
             assert action.help, (name, action.dest)
-    assert {"train", "sample", "eval", "features", "latents", "convert", "ablate"} == set(sub)
+    assert {"train", "sample", "eval", "features", "latents", "convert", "ablate",
+            "export"} == set(sub)
+
+
+def test_cli_reference_is_current():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rendered = subprocess.run([sys.executable, os.path.join(root, "scripts", "cli_doc.py")],
+                              capture_output=True, text=True, check=True).stdout
+    assert "## meanflow export" in rendered and "--overwrite" in rendered
+    with open(os.path.join(root, "docs", "cli.md")) as f:
+        assert f.read() == rendered, "run: python scripts/cli_doc.py > docs/cli.md"
+
+
+def test_library_packages_parse_no_arguments():
+    """Commands live in meanflow.cli; train/ and eval/ are library code without argparse."""
+    import ast
+
+    import meanflow
+
+    base = os.path.dirname(meanflow.__file__)
+    for package in ("train", "eval"):
+        for name in sorted(os.listdir(os.path.join(base, package))):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(base, package, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(n.split(".")[0] == "argparse" for n in names), (package, name)
+                assert not any(".cli" in n or n == "cli" for n in names), (package, name)
 
 
 def test_configuration_doc_is_current_and_complete():

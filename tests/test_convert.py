@@ -13,7 +13,7 @@ import torch
 from cli_helpers import run
 
 from meanflow import MeanFlowError
-from meanflow.convert_command import read_flax_msgpack
+from meanflow.authors import read_flax_msgpack
 from meanflow.nn.convert import dit_state_dict, flatten_tree
 from meanflow.train.run import sample_noise
 

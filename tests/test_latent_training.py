@@ -85,7 +85,7 @@ def test_eval_decodes_before_the_features(latent_run, image_dir, fake_fidelity, 
                                           weights, capsys):  # noqa: F811
     from meanflow.eval.frechet import fd_from_features
     from meanflow.eval.inception import load_inception
-    from meanflow.latents_command import cropped_images
+    from meanflow.data.encode import cropped_images
     from meanflow.train import load_run
 
     code, out, err = run(capsys, "eval", "--run", latent_run, "--reference", image_dir,

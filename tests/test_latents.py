@@ -213,7 +213,7 @@ def test_latent_shards_in_a_dataloader_worker(encoded):
 
 def test_resume_after_a_kill_gives_the_same_files(encoded, image_dir, vae_dir, tmp_path,
                                                   monkeypatch, capsys):
-    import meanflow.latents_command as command
+    import meanflow.data.encode as command
 
     reference, _ = encoded
     out = str(tmp_path / "killed")

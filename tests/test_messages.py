@@ -85,7 +85,7 @@ def test_non_numeric_files_are_refused_without_pickle_advice(tmp_path, capsys, t
 
 
 def test_image_reference_statistics_file_that_is_text(tmp_path):
-    from meanflow.eval.command import _reference_stats
+    from meanflow.cli.eval import _reference_stats
 
     (tmp_path / "stats.npz").write_text("mu sigma")
     with pytest.raises(MeanFlowError, match="is not a NumPy array file of numbers.*holds text"):

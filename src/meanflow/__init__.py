@@ -16,11 +16,15 @@ __version__ = "0.1.0"
 
 __all__ = ["MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput", "TimeSampler",
            "sample", "sampling_guidance", "uniform_schedule", "linear_path", "load_run", "TrainedRun",
+           "from_pretrained",
            "set_threads", "MeanFlowError", "__version__"]
 
 # Imported on first use, so that ``import meanflow`` stays light (no checkpoint, data or training
-# modules): ``meanflow.load_run(run_dir)`` reads a ``meanflow train`` run back.
-_LAZY = {"load_run": "meanflow.train.run", "TrainedRun": "meanflow.train.run"}
+# modules): ``meanflow.load_run(run_dir)`` reads a ``meanflow train`` run back,
+# ``meanflow.from_pretrained(dir)`` an exported model, ``meanflow.MeanFlowPipeline`` is the
+# diffusers pipeline (needs diffusers).
+_LAZY = {"load_run": "meanflow.train.run", "TrainedRun": "meanflow.train.run",
+         "from_pretrained": "meanflow.pretrained", "MeanFlowPipeline": "meanflow.pipeline"}
 
 
 def __getattr__(name: str):

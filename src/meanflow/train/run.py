@@ -126,6 +126,18 @@ class TrainedRun:
         g = self.config.guidance
         return g.omega / (1 - g.kappa) if self.num_classes else 1.0
 
+    def save_pretrained(self, directory: str, overwrite: bool = False) -> str:
+        """Write this network as ``config.json`` + ``model.safetensors``
+        (:func:`meanflow.pretrained.save_pretrained`); :func:`meanflow.from_pretrained` reads
+        it back."""
+        from ..pretrained import save_pretrained
+        return save_pretrained(self, directory, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload this network to the Hugging Face Hub (:func:`meanflow.pretrained.push_to_hub`)."""
+        from ..pretrained import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token)
+
     def sample(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
                device: torch.device | str | None = None, batch: int | None = None,
                labels: torch.Tensor | None = None, guidance: float = 1.0,
@@ -248,7 +260,8 @@ def sample_noise(shape: tuple[int, ...], seed: int, start: int, stop: int) -> to
 
 def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "cpu",
              vae: str | None = None) -> TrainedRun:
-    """Load the newest good checkpoint of a ``meanflow train`` run directory.
+    """Load the newest good checkpoint of a ``meanflow train`` run directory (or the model of
+    a folder written by ``meanflow export``, :func:`meanflow.from_pretrained`).
 
     Args:
         run_dir: the run directory (``--out`` of ``meanflow train``).
@@ -263,6 +276,13 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
     from .factory import resolve_device
 
     check(os.path.isdir(run_dir), f"run directory {run_dir!r} does not exist")
+    from ..pretrained import is_pretrained, load_folder
+
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")) and is_pretrained(run_dir):
+        run = load_folder(run_dir, device, vae)  # an exported model: one set of weights
+        check(weights in ("ema", run.weights), f"{run_dir!r} is an exported model with the "
+              f"weights {run.weights!r} only; drop --weights/--raw")
+        return run
     device = resolve_device(device) if isinstance(device, str) else device
     _, tensors, meta = load_latest_good(run_dir)
     cfg = TrainConfig.from_dict(meta["config"])

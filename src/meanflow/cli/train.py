@@ -11,8 +11,8 @@ import signal
 import sys
 
 from ..errors import MeanFlowError, check, plural
-from .config import OBJECTIVES, config_keys
-from .presets import PRESETS
+from ..train.config import OBJECTIVES, config_keys
+from ..train.presets import PRESETS
 
 TRAIN_EPILOG = """\
 examples:
@@ -81,7 +81,7 @@ def add_train_parser(sub) -> None:
 
 def _train_settings(args) -> list:
     """The dotted settings given by flags and ``--set``, in command-line precedence."""
-    from .config import parse_overrides
+    from ..train.config import parse_overrides
 
     flags = [(k, v) for k, v in (("data", args.data), ("data_dir", args.data_dir),
                                  ("image_size", args.image_size), ("objective", args.objective),
@@ -101,9 +101,9 @@ def _new_config(args, settings):
     """Configuration of a new run; opens the data when it picks the preset or for --dry-run,
     and returns it too when it was opened with the final configuration's data keys (else
     None), so that training need not open it again."""
-    from .batches import open_training_data, record_data
-    from .config import TrainConfig
-    from .presets import PRESETS, configure, default_preset
+    from ..train.batches import open_training_data, record_data
+    from ..train.config import TrainConfig
+    from ..train.presets import PRESETS, configure, default_preset
 
     preset, data = args.preset, None
     has_data = args.data is not None or (preset in PRESETS and "data" in PRESETS[preset])
@@ -140,9 +140,9 @@ def _train_config(args):
     """``(cfg, data, resume)`` for ``meanflow train``. ``--resume`` continues the newest good
     checkpoint; rerunning the command of an existing run continues it too (edm2-style) when the
     settings match, and is refused with the differing keys otherwise."""
-    from .checkpoint import list_checkpoints, load_latest_good
-    from .config import TrainConfig
-    from .presets import configure
+    from ..train.checkpoint import list_checkpoints, load_latest_good
+    from ..train.config import TrainConfig
+    from ..train.presets import configure
 
     settings = _train_settings(args)
     if args.overwrite and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -202,7 +202,7 @@ def _train_config(args):
 def _unstarted_same_run(args, cfg) -> bool:
     """True when ``--out`` holds only the config (and metrics) of this very run, killed before
     its first checkpoint: rerunning the command may then start it again."""
-    from .config import TrainConfig
+    from ..train.config import TrainConfig
 
     path = os.path.join(args.out or "", "config.json")
     if args.dry_run or args.overwrite or not args.out or not os.path.isfile(path):
@@ -216,8 +216,8 @@ def _unstarted_same_run(args, cfg) -> bool:
 
 
 def cmd_train(args) -> int:
-    from .factory import resolve_device
-    from .loop import train
+    from ..train.factory import resolve_device
+    from ..train.loop import train
 
     cfg, data, resume, overwrite, saved_step = _train_config(args)
     if args.dry_run:
@@ -250,10 +250,10 @@ def cmd_train(args) -> int:
 def _complete(args, cfg, data) -> int:
     """A rerun of a finished run: nothing to train. Redraw ``loss.png``, write the one-step
     preview if an interruption after the last checkpoint left it missing, and report."""
-    from .batches import open_training_data
-    from .factory import resolve_device
-    from .reliability import last_metrics
-    from .run import load_run, write_loss_curve, write_preview
+    from ..train.batches import open_training_data
+    from ..train.factory import resolve_device
+    from ..train.reliability import last_metrics
+    from ..train.run import load_run, write_loss_curve, write_preview
 
     print(f"meanflow: {args.out!r} is complete ({cfg.steps} of {plural(cfg.steps, 'step')}); "
           "nothing to train (pass a larger --steps to continue, or --overwrite to start over)",
@@ -279,7 +279,7 @@ def _dry_run(cfg, data) -> int:
     """Build the network, objective and optimizer of ``cfg`` and print what they are."""
     import torch
 
-    from .factory import build_model, build_objective, build_optimizer, count_parameters
+    from ..train.factory import build_model, build_objective, build_optimizer, count_parameters
 
     check(bool(cfg.shape), f"preset {cfg.preset!r} does not say the data shape; pass --data "
           "or --set data_shape=CxHxW (or D)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import check
+from ..errors import check
 
 ABLATE_EPILOG = """\
 examples:
@@ -21,7 +21,7 @@ studies: ratio, tangent, time-input, sampler, p, omega, kappa, objective (docs/a
 def add_ablate_parser(sub) -> None:
     import argparse
 
-    from .train.ablation import STUDIES
+    from ..train.ablation import STUDIES
 
     p = sub.add_parser("ablate", help="rerun one of the paper's ablations on your data",
                        description="Train one model per setting of a study (the paper's Table 1, "
@@ -49,10 +49,10 @@ def add_ablate_parser(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from .train.ablation import run_study, write_report
-    from .train.batches import open_training_data
-    from .train.config import TrainConfig, parse_overrides
-    from .train.presets import configure, default_preset
+    from ..train.ablation import run_study, write_report
+    from ..train.batches import open_training_data
+    from ..train.config import TrainConfig, parse_overrides
+    from ..train.presets import configure, default_preset
 
     check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     check(args.num >= 2, f"--num must be >= 2, got {args.num}")

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from ..errors import check, plural
-from .distances import DEFAULT_PROJECTIONS
+from ..eval.distances import DEFAULT_PROJECTIONS
 
 IMAGE_METRICS = ("fd", "fid", "pr", "swd")
 
@@ -70,8 +70,8 @@ def add_eval_parser(sub) -> None:
 
 def _extractors(args, run, metrics: tuple[str, ...], device) -> dict:
     """Feature networks by role: ``fd`` (also used for pr) and ``fid``, each (module, meta)."""
-    from .features import load_feature_net
-    from .inception import load_inception
+    from ..eval.features import load_feature_net
+    from ..eval.inception import load_inception
 
     out = {}
     if "fid" in metrics or (args.features == "inception" and ("fd" in metrics or "pr" in metrics)):
@@ -96,7 +96,7 @@ def cmd_eval(args) -> int:
     from ..train import load_run
     from ..train.factory import resolve_device
     from ..train.run import parse_classes, weights_option
-    from . import energy_distance, sliced_wasserstein
+    from ..eval import energy_distance, sliced_wasserstein
 
     check(args.num >= 2, f"--num must be >= 2 (a covariance needs two samples), got {args.num}")
     check(args.projections >= 1, f"--projections must be >= 1, got {args.projections}")
@@ -201,8 +201,8 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
     """fd / pr in the ``fd`` extractor's space, fid in Inception's, with floors; the samples
     under ``_samples`` when swd needs them."""
     from ..data import open_data
-    from .frechet import FeatureStats, frechet_distance
-    from .protocol import DEFAULT_CACHE, image_metrics, sample_features
+    from ..eval.frechet import FeatureStats, frechet_distance
+    from ..eval.protocol import DEFAULT_CACHE, image_metrics, sample_features
 
     cache = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or DEFAULT_CACHE)
     nets = {role: net for role, (net, _) in extractors.items()}
@@ -217,7 +217,7 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
                 "inception": _inception_info(meta)}
     cfg = run.config
     if run.latents:  # the images the latents were encoded from, cropped as then
-        from ..latents_command import cropped_images
+        from ..data.encode import cropped_images
         train_images = cropped_images(run.latents["source"], run.sample_shape[-1], args.num,
                                       args.seed)
     else:
@@ -248,7 +248,7 @@ def _image_reference(name: str, run):
     same = name == cfg.data
     split = "test" if name in ("fashion-mnist", "cifar10") else "train"
     if run.latents:  # a folder of images, cropped as the encoded ones were
-        from ..latents_command import cropped_images
+        from ..data.encode import cropped_images
         return cropped_images(name, run.sample_shape[-1])  # (n, 3, S, S), as decoded
     ref = open_data(name, directory=cfg.data_dir if same else "", size=cfg.image_size,
                     split=split)

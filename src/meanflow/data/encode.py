@@ -1,4 +1,4 @@
-"""``meanflow latents encode``: encode a folder of images (ADM centre crop, and its horizontal
+"""Encode a folder of images (ADM centre crop, and its horizontal
 flip) with a diffusers VAE into the shards of a latents directory (format in
 :mod:`meanflow.data.latents`), resumable by rerunning the same command.
 
@@ -8,7 +8,6 @@ rewritten (also atomically) to list it, so a killed encode loses at most the sha
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -17,19 +16,9 @@ import time
 import numpy as np
 import torch
 
-from .data.images import list_image_folder, read_image
-from .data.latents import FORMAT, META_NAME, VERSION, read_meta
-from .errors import MeanFlowError, check
-
-LATENTS_EPILOG = """\
-examples:
-  meanflow latents encode --data imagenet/train --vae vae/sd-vae-ft-ema --out latents/in256
-  meanflow latents encode --data my_images/ --vae vae/sd-vae-ft-mse --out latents/mine \\
-      --image-size 128 --no-flip --dtype float16
-  meanflow train --data latents/in256 --out runs/in256        # trains in latent space
-
-Rerun the same command to resume an encode that was stopped. See docs/latents.md.
-"""
+from .images import list_image_folder, read_image
+from .latents import FORMAT, META_NAME, VERSION, read_meta
+from ..errors import MeanFlowError, check
 
 # the settings recorded in latents.json that a resumed encode must share, and how to set them
 _SETTING_FLAGS = {"vae": "--vae", "image_size": "--image-size", "flips": "--no-flip",
@@ -37,56 +26,6 @@ _SETTING_FLAGS = {"vae": "--vae", "image_size": "--image-size", "flips": "--no-f
                   "count": "the images in --data", "class_names": "the class folders in --data",
                   "files_digest": "the image files in --data", "shape": "--vae",
                   "scaling_factor": "--vae", "shift_factor": "--vae"}
-
-
-def add_latents_parser(sub) -> None:
-    """Register ``meanflow latents encode`` on the sub-command set ``sub``."""
-    p = sub.add_parser("latents", help="encode images into VAE latents (latent-space training)",
-                       description="Work with VAE latents: `encode` turns an image folder into a "
-                                   "latents directory that `meanflow train --data` accepts.")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    e = actions.add_parser(
-        "encode", help="encode an image folder with a diffusers VAE (e.g. the SD-VAE)",
-        description="Centre-crop every image as ADM does, encode it and its horizontal flip "
-                    "with a local diffusers AutoencoderKL, and write the posterior mean and std "
-                    "in shards of LATENTS (moments-K.npy, labels-K.npy, latents.json). Prints "
-                    "one JSON line at the end.",
-        epilog=LATENTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--data", required=True, metavar="IMAGE_FOLDER",
-                   help="PNG/JPEG files, flat (unlabelled) or one sub-folder per class (labels "
-                        "follow the sorted folder names)")
-    e.add_argument("--vae", required=True, metavar="DIR",
-                   help="local folder of a diffusers AutoencoderKL (config.json and "
-                        "diffusion_pytorch_model.safetensors), e.g. stabilityai/sd-vae-ft-ema "
-                        "downloaded beforehand; never downloaded here")
-    e.add_argument("--out", required=True, metavar="LATENTS", help="latents directory to write")
-    e.add_argument("--image-size", type=int, default=256, metavar="S",
-                   help="centre-crop size in pixels (default 256; a multiple of the VAE's "
-                        "downsampling, 8 for the SD-VAE)")
-    e.add_argument("--batch-size", type=int, default=32, metavar="B",
-                   help="images per VAE call (default 32; each is encoded with its flip)")
-    e.add_argument("--shard-size", type=int, default=1024, metavar="N",
-                   help="images per shard file (default 1024)")
-    e.add_argument("--no-flip", action="store_true",
-                   help="do not encode horizontal flips (F = 1; halves disk and time)")
-    e.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="storage type of the moments (default float32)")
-    e.add_argument("--workers", type=int, default=0, metavar="W",
-                   help="processes that read and crop images (default 0: this process)")
-    e.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def cmd_latents(args) -> int:
-    """Run ``meanflow latents ACTION``; prints one JSON line."""
-    if args.action == "encode":
-        result = encode_folder(args.data, args.vae, args.out, image_size=args.image_size,
-                               batch_size=args.batch_size, shard_size=args.shard_size,
-                               flip=not args.no_flip, dtype=args.dtype, device=args.device,
-                               workers=args.workers, progress=not args.quiet)
-        print(json.dumps(result))
-        return 0
-    raise MeanFlowError(f"unknown latents action {args.action!r}; use encode")
 
 
 def _files_digest(directory: str, files: list[str]) -> str:
@@ -108,7 +47,7 @@ class _CropDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray | None, str]:
-        from .vae import adm_center_crop
+        from ..vae import adm_center_crop
 
         try:
             image, _ = read_image(self.files[index])
@@ -228,8 +167,8 @@ def encode_folder(data: str, vae_path: str, out: str, image_size: int = 256,
     ``{"out", "count", "shape", "shards", "seconds"}``."""
     from tqdm import tqdm
 
-    from .train.factory import resolve_device
-    from .vae import encode, find_vae_dir, load_vae, vae_downsampling, vae_factors
+    from ..train.factory import resolve_device
+    from ..vae import encode, find_vae_dir, load_vae, vae_downsampling, vae_factors
 
     start_time = time.perf_counter()
     for name, value in (("--image-size", image_size), ("--batch-size", batch_size),
@@ -309,4 +248,4 @@ def encode_folder(data: str, vae_path: str, out: str, image_size: int = 256,
             "seconds": round(time.perf_counter() - start_time, 2)}
 
 
-__all__ = ["add_latents_parser", "cmd_latents", "encode_folder", "cropped_images"]
+__all__ = ["encode_folder", "cropped_images"]

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
-from . import distributed
-from .errors import check
-
-# Rows per block when reading part files back.
-READ_BLOCK = 256
+from .. import distributed
+from ..errors import check
+from ..sample_files import rank_rows, read_blocks, write_npy, write_npz
 
 
 def add_sample_parser(sub) -> None:
@@ -65,68 +62,12 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def rank_rows(num: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of ``num`` that ``rank`` of ``world`` samples: a contiguous range
-    of whole noise chunks, as even as chunks allow (lower ranks take the spare ones, so rank 0
-    always has rows); the ranges of ranks 0..world-1 in order cover ``0..num``."""
-    from .train.run import NOISE_CHUNK
-
-    base, extra = divmod(-(-num // NOISE_CHUNK), world)
-    k0 = rank * base + min(rank, extra)
-    k1 = k0 + base + (rank < extra)
-    return min(num, k0 * NOISE_CHUNK), min(num, k1 * NOISE_CHUNK)
-
-
-def write_npy(f: BinaryIO, shape: tuple[int, ...], dtype, blocks: Iterable[np.ndarray]) -> None:
-    """Write an .npy array of ``shape`` and ``dtype`` to the open file ``f`` from ``blocks``
-    of rows, holding one block at a time; the bytes are those of ``np.save`` of the whole."""
-    dtype = np.dtype(dtype)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-              "shape": tuple(int(s) for s in shape)}
-    try:
-        np.lib.format.write_array_header_1_0(f, header)
-    except ValueError:  # a header over 64 KiB
-        np.lib.format.write_array_header_2_0(f, header)
-    rows = 0
-    for block in blocks:
-        check(block.shape[1:] == tuple(shape[1:]) and block.dtype == dtype,
-              f"a block of shape {block.shape} {block.dtype} does not fit an array of "
-              f"{tuple(shape)} {dtype}")
-        f.write(np.ascontiguousarray(block).tobytes())
-        rows += len(block)
-    check(rows == shape[0], f"wrote {rows} rows of {shape[0]}")
-
-
-def write_npz(path: str, images: Iterable[np.ndarray], shape: tuple[int, ...],
-              labels: np.ndarray | None) -> None:
-    """Write the ADM evaluator's .npz: ``arr_0`` uint8 images of ``shape`` (N, H, W, C) from
-    the blocks ``images``, streamed into the zip, and ``arr_1`` int64 ``labels`` if given."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            write_npy(f, shape, np.uint8, images)
-        if labels is not None:
-            with zf.open("arr_1.npy", "w") as f:
-                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-
-
-def read_blocks(paths: list[str], bar=None) -> Iterator[np.ndarray]:
-    """The rows of the .npy files ``paths`` in order, :data:`READ_BLOCK` rows at a time."""
-    for path in paths:
-        array = np.load(path, mmap_mode="r")
-        for i in range(0, len(array), READ_BLOCK):
-            block = np.array(array[i:i + READ_BLOCK])
-            if bar is not None:
-                bar.update(len(block))
-            yield block
-        del array
-
-
 def cmd_sample(args) -> int:
     """``meanflow sample``: see :func:`add_sample_parser` and docs/evaluation.md."""
-    from .sampling import parse_schedule
-    from .train import load_run
-    from .train.factory import resolve_device
-    from .train.run import parse_classes, weights_option
+    from ..sampling import parse_schedule
+    from ..train import load_run
+    from ..train.factory import resolve_device
+    from ..train.run import parse_classes, weights_option
 
     ext = os.path.splitext(args.out)[1].lower()
     check(ext in (".npy", ".png", ".npz"), f"--out must end in .npy, .png or .npz, got "
@@ -162,8 +103,8 @@ def cmd_sample(args) -> int:
 
 def _write_png(args, run, sampling: dict) -> None:
     """A scatter plot of vectors or a grid of images (one process, all samples in memory)."""
-    from .plotting import image_grid_png, scatter_png
-    from .train.run import grid_columns
+    from ..plotting import image_grid_png, scatter_png
+    from ..train.run import grid_columns
 
     tmp = args.out + ".tmp.png"
     points, labels = run.sample(args.num, **sampling), sampling["labels"]
@@ -181,8 +122,8 @@ def _write_stream(args, ext: str, run, sampling: dict, info: distributed.Dist) -
     """.npy or .npz streamed: straight into ``OUT.tmp.EXT`` in one process; under torchrun
     each rank's rows into a part file, joined by rank 0 after a barrier. Rank 0 then renames
     the file to ``--out``."""
-    from .plotting import to_uint8
-    from .train.run import NOISE_CHUNK
+    from ..plotting import to_uint8
+    from ..train.run import NOISE_CHUNK
 
     def convert(x):
         return to_uint8(x.numpy()) if ext == ".npz" else x.numpy().astype(np.float32, copy=False)

@@ -1,0 +1,170 @@
+"""A trained model as a Hugging Face-style folder: ``config.json`` + ``model.safetensors``.
+
+    run = meanflow.load_run("runs/fmnist")            # a training run
+    run.save_pretrained("exported/fmnist")            # or: meanflow export --run ... --out ...
+    run = meanflow.from_pretrained("exported/fmnist")  # the same network, bit for bit
+
+``model.safetensors`` holds the network's state dict alone (the weights chosen when the run was
+loaded, the primary EMA by default), as ``diffusers``/``transformers`` models store theirs.
+``config.json`` holds what rebuilds it and maps its output to data units: the training
+configuration (network, objective, guidance), one sample's shape, the class names, the data
+normalizer, the step, which weights these are and, for a latent run, the VAE facts. Loading
+reads local files only; a Hub repository id is fetched with ``huggingface_hub`` (an optional
+dependency) when it is not a local folder, and :func:`push_to_hub` uploads an exported folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import MeanFlowError, check
+
+if TYPE_CHECKING:
+    from .train.run import TrainedRun
+
+FORMAT = "meanflow-pretrained"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_pretrained(run: "TrainedRun", directory: str, overwrite: bool = False) -> str:
+    """Write ``run`` to ``directory`` (``config.json`` + ``model.safetensors``); returns the
+    directory. An existing non-empty folder is replaced only with ``overwrite``, and then only
+    if it holds an exported model (never a training run or other files)."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    if os.path.exists(directory):
+        check(os.path.isdir(directory), f"{directory!r} is a file; give a directory to export to")
+        entries = set(os.listdir(directory))
+        check(not entries or overwrite, f"{directory!r} already exists; pass --overwrite "
+              "(Python: overwrite=True) to replace the model in it, or choose another name")
+        check(entries <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"}, f"{directory!r} holds other "
+              f"files ({', '.join(sorted(entries - {CONFIG_NAME, WEIGHTS_NAME, 'README.md'}))[:200]}); "
+              "export into an empty or new folder")
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "meanflow_version": __version__,
+              "step": run.step, "weights": run.weights, "shape": list(run.shape),
+              "class_names": run.class_names, "latents": run.latents,
+              "normalizer": {"mean": run.normalizer.mean.tolist(),
+                             "std": run.normalizer.std.tolist()},
+              "train_config": run.config.to_dict()}
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    # written beside the target, then moved in: a failure never leaves half a model there
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=1)
+        os.makedirs(directory, exist_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def is_pretrained(directory: str) -> bool:
+    """Whether ``directory`` holds an exported model (as opposed to a training run)."""
+    return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(
+        os.path.join(directory, WEIGHTS_NAME))
+
+
+def from_pretrained(path: str, device: torch.device | str = "cpu", vae: str | None = None,
+                    local_files_only: bool = False, revision: str | None = None) -> "TrainedRun":
+    """Load a model written by :func:`save_pretrained` (or ``meanflow export``) as a
+    :class:`~meanflow.train.run.TrainedRun`, in eval mode on ``device``.
+
+    ``path`` is a local folder; a training run directory is read with
+    :func:`~meanflow.train.run.load_run`. Anything else is taken as a Hugging Face Hub
+    repository id and fetched with ``huggingface_hub.snapshot_download`` (``revision``; with
+    ``local_files_only`` only its cache is used). ``vae``: for a latent model, the diffusers VAE
+    folder to decode with (default: the one recorded)."""
+    from .train.run import load_run
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return load_run(path, device=device, vae=vae)
+    if not os.path.isdir(path):
+        path = _hub_folder(path, local_files_only, revision)
+    check(is_pretrained(path), f"{path!r} holds no exported model ({CONFIG_NAME} and "
+          f"{WEIGHTS_NAME}); write one with `meanflow export --run RUN --out {path}`")
+    return load_folder(path, device, vae)
+
+
+def load_folder(path: str, device, vae: str | None) -> "TrainedRun":
+    """The model in the exported folder ``path`` (:func:`from_pretrained` without the Hub)."""
+    from safetensors.torch import load_file
+
+    from .train.config import TrainConfig
+    from .train.factory import build_model, resolve_device
+    from .train.run import Normalizer, TrainedRun
+
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MeanFlowError(f"cannot read {os.path.join(path, CONFIG_NAME)!r}: {exc}") from None
+    check(isinstance(config, dict) and config.get("format") == FORMAT, f"{path!r}: "
+          f"{CONFIG_NAME} is not a meanflow model's (no \"format\": \"{FORMAT}\")")
+    check(config.get("format_version", 0) <= FORMAT_VERSION, f"{path!r} was written by a newer "
+          f"meanflow (format {config.get('format_version')}); upgrade meanflow to load it")
+    device = resolve_device(device) if isinstance(device, str) else device
+    cfg = TrainConfig.from_dict(config["train_config"])
+    shape = tuple(config["shape"])
+    model = build_model(cfg, shape, cfg.num_classes)
+    try:
+        model.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
+    except (RuntimeError, OSError) as exc:
+        raise MeanFlowError(f"{os.path.join(path, WEIGHTS_NAME)!r} does not match the network "
+                            f"of its config ({str(exc).splitlines()[0][:200]})") from None
+    norm = config["normalizer"]
+    normalizer = Normalizer(torch.tensor(norm["mean"], dtype=torch.float32),
+                            torch.tensor(norm["std"], dtype=torch.float32))
+    latents = config.get("latents")
+    decoder = None
+    if latents:
+        from .vae import latent_decoder
+        decoder = latent_decoder(latents, device, vae, required=vae is not None)
+    return TrainedRun(model.to(device).eval(), cfg, normalizer, int(config["step"]),
+                      config["weights"], shape, config.get("class_names"), decoder, latents)
+
+
+def _hub_folder(repo_id: str, local_files_only: bool, revision: str | None) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MeanFlowError(f"{repo_id!r} is not a local folder, and loading from the Hub needs "
+                            "huggingface_hub: pip install 'meanflow[hub]'") from None
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=local_files_only,
+                                 allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+    except Exception as exc:  # noqa: BLE001 - the Hub's errors are many; one line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MeanFlowError(f"{repo_id!r} is neither a local folder nor a Hub model that could "
+                            f"be fetched ({first[:200]})") from None
+
+
+def push_to_hub(run: "TrainedRun", repo_id: str, private: bool = False,
+                token: str | None = None, commit_message: str = "Upload MeanFlow model") -> str:
+    """Export ``run`` and upload it to the Hub repository ``repo_id`` (created if missing) with
+    ``huggingface_hub``; returns the commit URL. Needs network access and a token."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise MeanFlowError("push_to_hub needs huggingface_hub: pip install 'meanflow[hub]'"
+                            ) from None
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(run, os.path.join(tmp, "model"))
+        return str(api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                     commit_message=commit_message))
