@@ -1,7 +1,8 @@
 """meanflow: one-step generative modeling with MeanFlow (Geng et al. 2025, arXiv 2505.13447).
 
-Conventions: t = 0 is data, t = 1 is noise, ``z_t = (1 - t) x + t e``, ``v = e - x``; the network
-``u(z, r, t)`` predicts the average velocity over [r, t]; one-step sampling is ``x = e - u(e, 0, 1)``.
+Conventions: t = 0 is data, t = 1 is noise, ``z_t = (1 - t) x + t e``, ``v = e - x``; the
+network ``u(z, r, t)`` predicts the average velocity over [r, t]; one-step sampling is
+``x = e - u(e, 0, 1)``.
 """
 
 from .errors import MeanFlowError
@@ -14,17 +15,23 @@ from .times import TimeSampler
 
 __version__ = "0.1.0"
 
-__all__ = ["MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput", "TimeSampler",
-           "sample", "sampling_guidance", "uniform_schedule", "linear_path", "load_run", "TrainedRun",
-           "from_pretrained",
-           "set_threads", "MeanFlowError", "__version__"]
+__all__ = [
+    "MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput",
+    "TimeSampler", "sample", "sampling_guidance", "uniform_schedule", "linear_path", "load_run",
+    "TrainedRun", "from_pretrained", "MeanFlowPipeline", "set_threads", "MeanFlowError",
+    "__version__",
+]  # fmt: skip
 
 # Imported on first use, so that ``import meanflow`` stays light (no checkpoint, data or training
 # modules): ``meanflow.load_run(run_dir)`` reads a ``meanflow train`` run back,
 # ``meanflow.from_pretrained(dir)`` an exported model, ``meanflow.MeanFlowPipeline`` is the
 # diffusers pipeline (needs diffusers).
-_LAZY = {"load_run": "meanflow.train.run", "TrainedRun": "meanflow.train.run",
-         "from_pretrained": "meanflow.pretrained", "MeanFlowPipeline": "meanflow.pipeline"}
+_LAZY = {
+    "load_run": "meanflow.train.run",
+    "TrainedRun": "meanflow.train.run",
+    "from_pretrained": "meanflow.pretrained",
+    "MeanFlowPipeline": "meanflow.pipeline",
+}
 
 
 def __getattr__(name: str):

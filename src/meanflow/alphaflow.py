@@ -15,7 +15,8 @@ For small ``alpha``, ``u(z_s, r, s) = u - alpha (t - r) du/dt + O(alpha^2)``, so
     (u_tgt - u) / alpha -> v - (t - r) du/dt - u,
 
 the step towards MeanFlow's target: the regression pulls ``u`` the MeanFlow way, by a step
-that shrinks with ``alpha``. At ``alpha = 0`` the objective *is* MeanFlow (one JVP). Rows with r = t have ``u_tgt = v`` throughout. The second
+that shrinks with ``alpha``. At ``alpha = 0`` the objective *is* MeanFlow (one JVP). Rows with
+r = t have ``u_tgt = v`` throughout. The second
 evaluation runs without graph, with the current weights (not the EMA), as in the authors' code.
 
 Loss: MeanFlow's adaptive weighting per row, times ``alpha`` on the r < t rows while
@@ -39,15 +40,23 @@ import math
 import torch
 
 from .errors import check
-from .jvp import at_least_float32
 from .guidance import GuidedMeanFlow
+from .jvp import at_least_float32
 from .objective import MeanFlow, _rows, _sub, rows_first
 from .path import broadcast_time
 
 
-def alpha_schedule(step: int, total: int, *, start: float = 1.0, end: float = 0.0,
-                   gamma: float = 25.0, begin: float = 0.0, finish: float = 1.0,
-                   snap: float = 0.005) -> float:
+def alpha_schedule(
+    step: int,
+    total: int,
+    *,
+    start: float = 1.0,
+    end: float = 0.0,
+    gamma: float = 25.0,
+    begin: float = 0.0,
+    finish: float = 1.0,
+    snap: float = 0.005,
+) -> float:
     """``alpha`` at training step ``step`` of ``total`` (module docstring); the window
     ``[begin, finish]`` is given as fractions of ``total``."""
     lo, hi = begin * total, finish * total
@@ -68,18 +77,32 @@ class AlphaFlow(MeanFlow):
     :meth:`at_step`; set ``objective.alpha`` directly to fix it. Positional and other keyword
     arguments go to :class:`MeanFlow` (the JVP options matter once ``alpha`` reaches 0)."""
 
-    def __init__(self, *args, start: float = 1.0, end: float = 0.0, gamma: float = 25.0,
-                 begin: float = 0.0, finish: float = 1.0, snap: float = 0.005,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        start: float = 1.0,
+        end: float = 0.0,
+        gamma: float = 25.0,
+        begin: float = 0.0,
+        finish: float = 1.0,
+        snap: float = 0.005,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        check(0 <= start <= 1 and 0 <= end <= 1, f"alpha start and end must be in [0, 1], got "
-              f"{start} and {end}")
+        check(
+            0 <= start <= 1 and 0 <= end <= 1,
+            f"alpha start and end must be in [0, 1], got {start} and {end}",
+        )
         check(gamma > 0, f"alpha gamma must be > 0, got {gamma}")
-        check(0 <= begin < finish <= 1, f"alpha window must satisfy 0 <= begin < finish <= 1 "
-              f"(fractions of the run), got [{begin}, {finish}]")
+        check(
+            0 <= begin < finish <= 1,
+            f"alpha window must satisfy 0 <= begin < finish <= 1 "
+            f"(fractions of the run), got [{begin}, {finish}]",
+        )
         check(0 <= snap < 0.5, f"alpha snap must be in [0, 0.5), got {snap}")
-        self.schedule = dict(start=start, end=end, gamma=gamma, begin=begin, finish=finish,
-                             snap=snap)
+        self.schedule = dict(
+            start=start, end=end, gamma=gamma, begin=begin, finish=finish, snap=snap
+        )
         self.alpha = alpha_schedule(0, 1, **self.schedule)
 
     def at_step(self, step: int, total: int) -> None:

@@ -43,7 +43,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         check(self.pos + n <= len(self.data), "the msgpack file is truncated")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -65,9 +65,9 @@ class _Reader:
         simple = {0xC0: None, 0xC2: False, 0xC3: True}
         if b in simple:
             return simple[b]
-        if b in (0xC4, 0xC5, 0xC6):                    # bin 8/16/32
+        if b in (0xC4, 0xC5, 0xC6):  # bin 8/16/32
             return self.take(self.uint(1 << (b - 0xC4)))
-        if b in (0xC7, 0xC8, 0xC9):                    # ext 8/16/32
+        if b in (0xC7, 0xC8, 0xC9):  # ext 8/16/32
             n = self.uint(1 << (b - 0xC7))
             return self._ext(struct.unpack(">b", self.take(1))[0], self.take(n))
         if b in (0xCA, 0xCB):
@@ -77,7 +77,7 @@ class _Reader:
         if 0xD0 <= b <= 0xD3:
             n = 1 << (b - 0xD0)
             return int.from_bytes(self.take(n), "big", signed=True)
-        if 0xD4 <= b <= 0xD8:                          # fixext 1..16
+        if 0xD4 <= b <= 0xD8:  # fixext 1..16
             code = struct.unpack(">b", self.take(1))[0]
             return self._ext(code, self.take(1 << (b - 0xD4)))
         if b in (0xD9, 0xDA, 0xDB):
@@ -86,8 +86,10 @@ class _Reader:
             return [self.value() for _ in range(self.uint(2 if b == 0xDC else 4))]
         if b in (0xDE, 0xDF):
             return self._map(self.uint(2 if b == 0xDE else 4))
-        raise MeanFlowError(f"byte 0x{b:02x} at offset {self.pos - 1} is not msgpack; is this "
-                            "a flax msgpack checkpoint?")
+        raise MeanFlowError(
+            f"byte 0x{b:02x} at offset {self.pos - 1} is not msgpack; is this "
+            "a flax msgpack checkpoint?"
+        )
 
     def _map(self, n: int) -> dict:
         out = {}
@@ -98,12 +100,12 @@ class _Reader:
 
     @staticmethod
     def _ext(code: int, payload: bytes) -> Any:
-        if code in (1, 3):                             # flax ndarray / numpy scalar
+        if code in (1, 3):  # flax ndarray / numpy scalar
             shape, dtype, buffer = _Reader(payload).value()
             array = _ndarray(buffer, dtype.decode() if isinstance(dtype, bytes) else dtype)
             array = array.reshape(tuple(shape))
             return array if code == 1 else array[()]
-        if code == 2:                                  # complex
+        if code == 2:  # complex
             real, imag = _Reader(payload).value()
             return complex(real, imag)
         raise MeanFlowError(f"unknown msgpack extension type {code}; not a flax checkpoint")
@@ -136,8 +138,11 @@ def read_flax_msgpack(path: str) -> Any:
         data = f.read()
     reader = _Reader(data)
     tree = reader.value()
-    check(reader.pos == len(data), f"{path!r} has {len(data) - reader.pos} bytes after the "
-          "msgpack value; is it a flax msgpack checkpoint?")
+    check(
+        reader.pos == len(data),
+        f"{path!r} has {len(data) - reader.pos} bytes after the "
+        "msgpack value; is it a flax msgpack checkpoint?",
+    )
     return _unchunk(tree)
 
 
@@ -161,15 +166,23 @@ def find_jax_file(path: str) -> str:
         if os.path.isfile(path):
             return path
     names = set(os.listdir(path))
-    tensorstore = ({"manifest.ocdbt", "d"} & names or any(n.startswith("ocdbt.process") for n in
-                   names) or glob.glob(os.path.join(path, "*", ".zarray")))
+    tensorstore = (
+        {"manifest.ocdbt", "d"} & names
+        or any(n.startswith("ocdbt.process") for n in names)
+        or glob.glob(os.path.join(path, "*", ".zarray"))
+    )
     if tensorstore:
-        raise MeanFlowError(f"{path!r} holds arrays written by Tensorstore (OCDBT or zarr: Orbax "
-                            "without aggregated arrays); reading them needs tensorstore, which "
-                            "meanflow does not use: restore it with orbax and save it with "
-                            "flax.serialization.to_bytes, then convert that file")
-    check("checkpoint" in names, f"no 'checkpoint' file in {path!r}; give a checkpoint_<step> "
-          "folder, its parent or a flax msgpack file")
+        raise MeanFlowError(
+            f"{path!r} holds arrays written by Tensorstore (OCDBT or zarr: Orbax "
+            "without aggregated arrays); reading them needs tensorstore, which "
+            "meanflow does not use: restore it with orbax and save it with "
+            "flax.serialization.to_bytes, then convert that file"
+        )
+    check(
+        "checkpoint" in names,
+        f"no 'checkpoint' file in {path!r}; give a checkpoint_<step> "
+        "folder, its parent or a flax msgpack file",
+    )
     return os.path.join(path, "checkpoint")
 
 
@@ -177,8 +190,11 @@ def _placeholders(tree: dict) -> list[str]:
     """Paths of the leaves Orbax left to Tensorstore (strings ``PLACEHOLDER://...``)."""
     from .nn.convert import flatten_tree
 
-    return [path for path, leaf in flatten_tree(tree).items()
-            if isinstance(leaf, str) and leaf.startswith("PLACEHOLDER")]
+    return [
+        path
+        for path, leaf in flatten_tree(tree).items()
+        if isinstance(leaf, str) and leaf.startswith("PLACEHOLDER")
+    ]
 
 
 def jax_params(tree: Any, weights: str) -> dict:
@@ -188,12 +204,17 @@ def jax_params(tree: Any, weights: str) -> dict:
         return tree
     if "net" in tree and isinstance(tree["net"], dict):
         return tree["net"]
-    check(weights in tree, f"no {weights!r} in the checkpoint (top-level keys: "
-          f"{', '.join(sorted(tree))}); try --weights params or ema_params")
+    check(
+        weights in tree,
+        f"no {weights!r} in the checkpoint (top-level keys: "
+        f"{', '.join(sorted(tree))}); try --weights params or ema_params",
+    )
     node = tree[weights]
     node = node.get("params", node) if "net" not in node else node
-    check(isinstance(node, dict) and isinstance(node.get("net"), dict),
-          f"no {weights}/net in the checkpoint; is it one of the authors' JAX runs?")
+    check(
+        isinstance(node, dict) and isinstance(node.get("net"), dict),
+        f"no {weights}/net in the checkpoint; is it one of the authors' JAX runs?",
+    )
     return node["net"]
 
 
@@ -207,8 +228,9 @@ def load_torch(path: str) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MeanFlowError(f"cannot load {path!r} with torch.load(weights_only=True): "
-                            f"{first[:200]}") from None
+        raise MeanFlowError(
+            f"cannot load {path!r} with torch.load(weights_only=True): {first[:200]}"
+        ) from None
     check(isinstance(obj, dict), f"{path!r} does not hold a dict")
     return obj
 
@@ -224,30 +246,49 @@ def _jax_model(args, info: dict):
     file = find_jax_file(args.checkpoint)
     tree = read_flax_msgpack(file)
     stored = _placeholders(tree)
-    check(not stored, f"{file!r} leaves {len(stored)} arrays to Tensorstore (e.g. "
-          f"{stored[0] if stored else ''}); reading them needs tensorstore (see docs/convert.md)")
+    check(
+        not stored,
+        f"{file!r} leaves {len(stored)} arrays to Tensorstore (e.g. "
+        f"{stored[0] if stored else ''}); reading them needs tensorstore (see docs/convert.md)",
+    )
     weights = args.weights or "ema_params"
-    check(weights in ("ema_params", "params"), f"--weights for authors-jax is ema_params or "
-          f"params, got {weights!r}")
+    check(
+        weights in ("ema_params", "params"),
+        f"--weights for authors-jax is ema_params or params, got {weights!r}",
+    )
     params = jax_params(tree, weights)
     spec = dit_spec(params)
-    check(args.image_size % spec["patch"] == 0, f"--image-size {args.image_size} is not "
-          f"divisible by the patch size {spec['patch']}")
+    check(
+        args.image_size % spec["patch"] == 0,
+        f"--image-size {args.image_size} is not divisible by the patch size {spec['patch']}",
+    )
     shape = (spec["in_channels"], args.image_size, args.image_size)
     nets = {}
-    names = {"ema": weights, "model": "params" if weights == "ema_params" and "params" in tree
-             else weights}
+    names = {
+        "ema": weights,
+        "model": "params" if weights == "ema_params" and "params" in tree else weights,
+    }
     for role, key in names.items():
         p = params if key == weights else jax_params(tree, key)
-        model = dit(spec["size"], input_size=args.image_size, in_channels=spec["in_channels"],
-                    num_classes=spec["num_classes"])
+        model = dit(
+            spec["size"],
+            input_size=args.image_size,
+            in_channels=spec["in_channels"],
+            num_classes=spec["num_classes"],
+        )
         load_strict(model, dit_state_dict(p), f"the authors' DiT ({key})")
         nets[role] = model
     info.update(file=file, spec=spec, weights=names)
     step = tree.get("step")  # a dict: jax_params checked it
     info["step"] = int(np.asarray(step)) if step is not None else 0
-    latents = {"scaling_factor": 0.18215, "shift_factor": None, "vae": args.vae,
-               "image_size": args.image_size * 8, "flips": False, "source": "authors-jax"}
+    latents = {
+        "scaling_factor": 0.18215,
+        "shift_factor": None,
+        "vae": args.vae,
+        "image_size": args.image_size * 8,
+        "flips": False,
+        "source": "authors-jax",
+    }
     return nets, shape, spec["num_classes"], {"arch": "dit", "size": spec["size"]}, latents
 
 
@@ -256,12 +297,16 @@ def _torch_model(args, info: dict):
 
     obj = load_torch(args.checkpoint)
     state = obj.get("model", obj)
-    check(isinstance(state, dict) and all(isinstance(k, str) for k in state),
-          f"{args.checkpoint!r} holds no state dict (keys: {', '.join(map(str, obj))[:200]})")
+    check(
+        isinstance(state, dict) and all(isinstance(k, str) for k in state),
+        f"{args.checkpoint!r} holds no state dict (keys: {', '.join(map(str, obj))[:200]})",
+    )
     prefixes = {k.split(".", 1)[0] for k in state if "." in k}
     weights = args.weights or ("net_ema1" if "net_ema1" in prefixes else "net_ema")
-    check(weights in prefixes, f"--weights {weights!r} is not in the checkpoint; it holds "
-          f"{', '.join(sorted(prefixes))}")
+    check(
+        weights in prefixes,
+        f"--weights {weights!r} is not in the checkpoint; it holds {', '.join(sorted(prefixes))}",
+    )
     from .nn.songunet import songunet, songunet_for_authors
 
     # a run of model.size cifar10-paper always has the augmentation mapping (augment_dim 6);
@@ -280,8 +325,11 @@ def _torch_model(args, info: dict):
     if added:
         info["added"] = added
     epoch = obj.get("epoch")
-    info.update(file=args.checkpoint, weights={"ema": weights},
-                step=int(epoch) + 1 if isinstance(epoch, int) else 0)
+    info.update(
+        file=args.checkpoint,
+        weights={"ema": weights},
+        step=int(epoch) + 1 if isinstance(epoch, int) else 0,
+    )
     return nets, shape, 0, cfg_model, None
 
 
@@ -295,22 +343,36 @@ def convert(args) -> dict:
 
     arch = args.arch or ("dit" if args.source == "authors-jax" else "songunet")
     arch = "songunet" if arch == "unet" else arch
-    check((arch == "dit") == (args.source == "authors-jax"), f"--arch {arch} does not fit "
-          f"--from {args.source}: the authors' JAX code has a DiT, py-meanflow a SongUNet")
+    check(
+        (arch == "dit") == (args.source == "authors-jax"),
+        f"--arch {arch} does not fit "
+        f"--from {args.source}: the authors' JAX code has a DiT, py-meanflow a SongUNet",
+    )
     to_file = args.out.endswith(".safetensors")
     if os.path.exists(args.out):
-        check(args.overwrite, f"{args.out!r} already exists; pass --overwrite to replace it or "
-              "choose another name")
-        check(to_file or os.path.isdir(args.out), f"--out {args.out!r} is a file; give a "
-              "directory (or a name ending in .safetensors)")
+        check(
+            args.overwrite,
+            f"{args.out!r} already exists; pass --overwrite to replace it or choose another name",
+        )
+        check(
+            to_file or os.path.isdir(args.out),
+            f"--out {args.out!r} is a file; give a directory (or a name ending in .safetensors)",
+        )
     info: dict = {"from": args.source, "checkpoint": os.path.abspath(args.checkpoint)}
     build = _jax_model if args.source == "authors-jax" else _torch_model
     nets, shape, num_classes, model_cfg, latents = build(args, info)
     ema = {k: v.detach().contiguous() for k, v in nets["ema"].state_dict().items()}
     if to_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        save_file(ema, args.out, metadata={"meanflow_convert": json.dumps(
-            {**info, "shape": list(shape), "model": model_cfg, "num_classes": num_classes})})
+        save_file(
+            ema,
+            args.out,
+            metadata={
+                "meanflow_convert": json.dumps(
+                    {**info, "shape": list(shape), "model": model_cfg, "num_classes": num_classes}
+                )
+            },
+        )
         return {"out": args.out, "tensors": len(ema), **_summary(info)}
     cfg = TrainConfig()
     cfg.data, cfg.preset, cfg.normalize = f"converted:{args.source}", "converted", False
@@ -323,16 +385,27 @@ def convert(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=1)
-    tensors = {**{f"model.{k}": v for k, v in nets["model"].state_dict().items()},
-               **{f"ema.{k}": v for k, v in ema.items()},
-               **Normalizer.identity(tuple(shape)).tensors()}
-    meta = {"config": cfg.to_dict(), "shape": list(shape), "class_names": None,
-            "converted_from": info, **({"latents": latents} if latents else {})}
+    tensors = {
+        **{f"model.{k}": v for k, v in nets["model"].state_dict().items()},
+        **{f"ema.{k}": v for k, v in ema.items()},
+        **Normalizer.identity(tuple(shape)).tensors(),
+    }
+    meta = {
+        "config": cfg.to_dict(),
+        "shape": list(shape),
+        "class_names": None,
+        "converted_from": info,
+        **({"latents": latents} if latents else {}),
+    }
     stem = save_checkpoint(os.path.join(args.out, "checkpoints"), info["step"], tensors, meta)
     return {"out": args.out, "checkpoint": stem + ".safetensors", **_summary(info)}
 
 
 def _summary(info: dict) -> dict:
     spec = info.get("spec", {})
-    return {"from": info["from"], "step": info["step"], "weights": info["weights"],
-            **({"model": spec} if spec else {})}
+    return {
+        "from": info["from"],
+        "step": info["step"],
+        "weights": info["weights"],
+        **({"model": spec} if spec else {}),
+    }

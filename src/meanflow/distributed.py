@@ -45,10 +45,13 @@ def from_env() -> Dist:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise MeanFlowError("RANK, WORLD_SIZE and LOCAL_RANK must be integers; launch with "
-                            "torchrun") from None
-    check(world >= 1 and 0 <= rank < world, f"RANK {rank} is not in 0..{world - 1} (WORLD_SIZE "
-          f"{world}); launch with torchrun")
+        raise MeanFlowError(
+            "RANK, WORLD_SIZE and LOCAL_RANK must be integers; launch with torchrun"
+        ) from None
+    check(
+        world >= 1 and 0 <= rank < world,
+        f"RANK {rank} is not in 0..{world - 1} (WORLD_SIZE {world}); launch with torchrun",
+    )
     return Dist(rank, world, local)
 
 
@@ -61,8 +64,11 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
     if not info.active:
         return info, device
     if device.type == "cuda":
-        check(info.local_rank < torch.cuda.device_count(), f"LOCAL_RANK {info.local_rank} has "
-              f"no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node")
+        check(
+            info.local_rank < torch.cuda.device_count(),
+            f"LOCAL_RANK {info.local_rank} has "
+            f"no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node",
+        )
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -70,12 +76,16 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
         timeout = timedelta(minutes=30)
         # torchrun keeps one key-value store across restarts; without a prefix per attempt,
         # restarted workers can read their dead peers' addresses and fail to connect
-        store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size,
-                                           timeout=timeout))
+        store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"meanflow/{attempt}", store),
-                                rank=info.rank, world_size=info.world_size, timeout=timeout,
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"meanflow/{attempt}", store),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
     return info, device
 
 

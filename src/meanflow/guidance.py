@@ -4,15 +4,16 @@ A class-conditional network ``u(z, r, t | y)`` has a null label at index ``num_c
 training a fraction ``label_dropout`` of the labels is replaced by the null label; the network
 sees the dropped labels both for ``u`` and for the JVP. As in the authors' code, the dropped rows
 are r = t rows (``drop_rows="r=t"``: the number dropped is Binomial(B, label_dropout), chosen at
-random among the batch's r = t rows); ``drop_rows="any"`` drops each row independently. The conditional velocity ``v``
-is replaced by the guided velocity (the "improved CFG" of the appendix)
+random among the batch's r = t rows); ``drop_rows="any"`` drops each row independently. The
+conditional velocity ``v`` is replaced by the guided velocity (the "improved CFG" of the appendix)
 
     v~ = omega * v + (1 - omega - kappa) * u(z_t, t, t | null) + kappa * u(z_t, t, t | y)
 
 where both network terms are evaluated with r = t (the instantaneous velocity), are
-stop-gradients, and run in evaluation mode (no dropout), as the authors' ``train=False``. ``v~`` is then used exactly where ``v`` was: as the JVP tangent ``(v~, 0, 1)``
-and in the target ``u_tgt = sg(v~ - (t - r) du/dt)``. It applies only to samples whose ``t``
-lies in the closed interval ``[t_min, t_max]`` and whose label was not dropped; elsewhere
+stop-gradients, and run in evaluation mode (no dropout), as the authors' ``train=False``.
+``v~`` is then used exactly where ``v`` was: as the JVP tangent ``(v~, 0, 1)`` and in the
+target ``u_tgt = sg(v~ - (t - r) du/dt)``. It applies only to samples whose ``t`` lies in the
+closed interval ``[t_min, t_max]`` and whose label was not dropped; elsewhere
 ``v~ = v`` (so the null label learns the unconditional field).
 
 At the fixed point ``u(z, t, t | y) = u_cfg`` and ``u(z, t, t | null) = v_uncond``, so
@@ -57,17 +58,31 @@ class GuidedMeanFlow(MeanFlow):
             (``jvp_backend``, ``fd_step``, ``fd_scheme``) are passed to it.
     """
 
-    def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None, *,
-                 omega: float = 1.0, kappa: float = 0.0, t_min: float = 0.0, t_max: float = 1.0,
-                 label_dropout: float = 0.1, drop_rows: str = "r=t", p: float = 1.0,
-                 c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32",
-                 **jvp_options) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        time_sampler: TimeSampler | None = None,
+        *,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        label_dropout: float = 0.1,
+        drop_rows: str = "r=t",
+        p: float = 1.0,
+        c: float = 1e-3,
+        jvp: str = "subset",
+        jvp_dtype: str = "float32",
+        **jvp_options,
+    ) -> None:
         super().__init__(time_sampler, p=p, c=c, jvp=jvp, jvp_dtype=jvp_dtype, **jvp_options)
         check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
         check(omega > 0, f"guidance omega must be > 0, got {omega}")
         check(kappa < 1, f"guidance kappa must be < 1, got {kappa}")
-        check(0 <= t_min <= t_max <= 1,
-              f"guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{t_min}, {t_max}]")
+        check(
+            0 <= t_min <= t_max <= 1,
+            f"guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{t_min}, {t_max}]",
+        )
         check(0 <= label_dropout <= 1, f"label dropout must be in [0, 1], got {label_dropout}")
         check(drop_rows in ("r=t", "any"), f"drop_rows must be 'r=t' or 'any', got {drop_rows!r}")
         self.drop_rows = drop_rows
@@ -85,13 +100,20 @@ class GuidedMeanFlow(MeanFlow):
         """False when ``omega = 1, kappa = 0``: then ``v~ = v`` and the network is not called."""
         return not (self.omega == 1 and self.kappa == 0)
 
-    def drop_labels(self, y: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+    def drop_labels(
+        self, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Replace each label by the null label with probability ``label_dropout``."""
         return self.apply_drop(y, self.drop_mask(y.shape[0], generator, y.device))
 
-    def drop_mask(self, n: int, generator, device, r: torch.Tensor | None = None,
-                  t: torch.Tensor | None = None) -> torch.Tensor | None:
+    def drop_mask(
+        self,
+        n: int,
+        generator,
+        device,
+        r: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Which of ``n`` labels become the null label (None when ``label_dropout`` is 0):
         each independently, or with ``r``, ``t`` given and ``drop_rows="r=t"``,
         Binomial(n, label_dropout) of them chosen at random among the rows with r = t."""
@@ -110,43 +132,71 @@ class GuidedMeanFlow(MeanFlow):
         """``y`` with the labels where ``drop`` is true replaced by the null label."""
         return y if drop is None else torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def draw(self, n: int, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Draws:
+    def draw(
+        self,
+        n: int,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Draws:
         """As :meth:`MeanFlow.draw`, with the label-dropout mask: drawn first for
         ``drop_rows="any"``, after the times for ``"r=t"`` (it depends on them)."""
         first = self.drop_mask(n, generator, device) if self.drop_rows == "any" else None
         draws = super().draw(n, shape, generator=generator, device=device, dtype=dtype)
-        draws.drop = first if self.drop_rows == "any" else self.drop_mask(
-            n, generator, device, draws.r, draws.t)
+        draws.drop = (
+            first
+            if self.drop_rows == "any"
+            else self.drop_mask(n, generator, device, draws.r, draws.t)
+        )
         return draws
 
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
-                 noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
-                 t: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 drop: torch.Tensor | None = None,
-                 cond: dict[str, torch.Tensor] | None = None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        drop: torch.Tensor | None = None,
+        cond: dict[str, torch.Tensor] | None = None,
+    ) -> ObjectiveOutput:
         """``drop``: the label-dropout mask from :meth:`draw`, drawn here when absent;
         ``cond``: as in :meth:`MeanFlow.__call__`."""
         check(y is not None, "guided MeanFlow needs class labels y (shape (B,), dtype long)")
-        check(isinstance(y, torch.Tensor) and y.dtype == torch.long,
-              f"labels y must be a torch.long tensor, got {getattr(y, 'dtype', type(y).__name__)}")
-        check(x.dim() >= 1 and tuple(y.shape) == (x.shape[0],),
-              f"labels y must have shape (B,) = ({x.shape[0] if x.dim() else '?'},), "
-              f"got {tuple(y.shape)}")
-        check(not self.check_inputs or bool(((y >= 0) & (y <= self.num_classes)).all()),
-              f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null label)")
+        check(
+            isinstance(y, torch.Tensor) and y.dtype == torch.long,
+            f"labels y must be a torch.long tensor, got {getattr(y, 'dtype', type(y).__name__)}",
+        )
+        check(
+            x.dim() >= 1 and tuple(y.shape) == (x.shape[0],),
+            f"labels y must have shape (B,) = ({x.shape[0] if x.dim() else '?'},), "
+            f"got {tuple(y.shape)}",
+        )
+        check(
+            not self.check_inputs or bool(((y >= 0) & (y <= self.num_classes)).all()),
+            f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null label)",
+        )
         if drop is None and noise is None and r is None and t is None:
-            d = self.draw(x.shape[0], tuple(x.shape[1:]), generator=generator, device=x.device,
-                          dtype=x.dtype)
+            d = self.draw(
+                x.shape[0], tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype
+            )
             noise, r, t, drop = d.noise, d.r, d.t, d.drop
         elif drop is None:
             drop = self.drop_mask(x.shape[0], generator, x.device, r, t)
-        check(drop is None or tuple(drop.shape) == (x.shape[0],),
-              f"drop mask must have shape ({x.shape[0]},), got {tuple(getattr(drop, 'shape', ()))}")
+        check(
+            drop is None or tuple(drop.shape) == (x.shape[0],),
+            f"drop mask must have shape ({x.shape[0]},), got {tuple(getattr(drop, 'shape', ()))}",
+        )
         return self._loss(model, x, self.apply_drop(y, drop), noise, r, t, generator, cond)
 
-    def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
-                 y: torch.Tensor | None) -> torch.Tensor:
+    def velocity(
+        self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor:
         """The guided velocity ``v~`` (see the module docstring); ``y`` is already dropped."""
         v = path.v
         if not self.guided:
@@ -164,8 +214,9 @@ class GuidedMeanFlow(MeanFlow):
                 tt = torch.cat([ti, ti])
                 twice = _sub(model, torch.cat([idx, idx]))
                 u_null, u_cond = twice(torch.cat([z, z]), tt, tt, y=torch.cat([null, yi])).chunk(2)
-                guide = ((1 - self.omega - self.kappa) * u_null.to(out.dtype)
-                         + self.kappa * u_cond.to(out.dtype))
+                guide = (1 - self.omega - self.kappa) * u_null.to(
+                    out.dtype
+                ) + self.kappa * u_cond.to(out.dtype)
             else:
                 guide = (1 - self.omega) * _sub(model, idx)(z, ti, ti, y=null).to(out.dtype)
         out[idx] = self.omega * out[idx] + guide
@@ -192,8 +243,7 @@ class GuidedFlowMatching(SingleTime, GuidedMeanFlow):
     """Class-conditional flow matching (r = t, one time draw) with the same label dropout and
     guided velocity ``v~`` as :class:`GuidedMeanFlow`: the baseline to compare it with."""
 
-    def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None,
-                 **kwargs) -> None:
+    def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None, **kwargs) -> None:
         kwargs.pop("jvp", None)
         super().__init__(num_classes, time_sampler, **kwargs)
 

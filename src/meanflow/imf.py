@@ -66,8 +66,9 @@ class GuidanceInputsIMF(GuidedImprovedMeanFlow):
     tangent is ``u(z, t, t | y, w, 0, 1)``, the network's guided velocity. ``omega``,
     ``kappa``, ``t_min``, ``t_max`` of :class:`GuidedMeanFlow` are not used."""
 
-    def __init__(self, num_classes: int, time_sampler=None, *, omega_max: float = 8.0,
-                 **kwargs) -> None:
+    def __init__(
+        self, num_classes: int, time_sampler=None, *, omega_max: float = 8.0, **kwargs
+    ) -> None:
         for unused in ("omega", "kappa", "t_min", "t_max"):
             kwargs.pop(unused, None)
         super().__init__(num_classes, time_sampler, **kwargs)
@@ -92,21 +93,46 @@ class GuidanceInputsIMF(GuidedImprovedMeanFlow):
         draws.guide = self.draw_guidance(draws.r, draws.t, generator)
         return draws
 
-    def __call__(self, model, x, y=None, *, noise=None, r=None, t=None, generator=None,
-                 drop=None, guide=None, cond=None):
+    def __call__(
+        self,
+        model,
+        x,
+        y=None,
+        *,
+        noise=None,
+        r=None,
+        t=None,
+        generator=None,
+        drop=None,
+        guide=None,
+        cond=None,
+    ):
         """As :class:`GuidedMeanFlow`; ``guide``: the rows' ``(omega, t_min, t_max)`` from
         :meth:`draw` (drawn here after the other inputs when absent)."""
         if noise is None and r is None and t is None and drop is None and guide is None:
-            d = self.draw(x.shape[0], tuple(x.shape[1:]), generator=generator, device=x.device,
-                          dtype=x.dtype)
+            d = self.draw(
+                x.shape[0], tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype
+            )
             noise, r, t, drop, guide = d.noise, d.r, d.t, d.drop, d.guide
         check(r is not None, "pass r and t (with drop and guide) or none of the draws")
         if guide is None:
             guide = self.draw_guidance(r, t, generator)
-        check(tuple(guide.shape) == (x.shape[0], 3), f"guide must have shape ({x.shape[0]}, 3) "
-              f"= (omega, t_min, t_max), got {tuple(guide.shape)}")
-        return super().__call__(model, x, y, noise=noise, r=r, t=t, generator=generator,
-                                drop=drop, cond={**(cond or {}), "guidance": guide})
+        check(
+            tuple(guide.shape) == (x.shape[0], 3),
+            f"guide must have shape ({x.shape[0]}, 3) "
+            f"= (omega, t_min, t_max), got {tuple(guide.shape)}",
+        )
+        return super().__call__(
+            model,
+            x,
+            y,
+            noise=noise,
+            r=r,
+            t=t,
+            generator=generator,
+            drop=drop,
+            cond={**(cond or {}), "guidance": guide},
+        )
 
     @staticmethod
     def _scale(model, t):
@@ -150,10 +176,11 @@ def _unit(w: torch.Tensor) -> torch.Tensor:
 def with_guidance(model, omega: float, t_min: float = 0.0, t_max: float = 1.0):
     """``model`` of a :class:`GuidanceInputsIMF` run at guidance scale ``omega`` over
     ``[t_min, t_max]``: one evaluation per step, ``u(z, r, t | y, omega, t_min, t_max)``."""
-    check(omega >= 1, f"guidance scale must be >= 1 for a model with guidance inputs, got "
-          f"{omega}")
-    check(0 <= t_min <= t_max <= 1, f"guidance interval must satisfy 0 <= t_min <= t_max <= 1, "
-          f"got [{t_min}, {t_max}]")
+    check(omega >= 1, f"guidance scale must be >= 1 for a model with guidance inputs, got {omega}")
+    check(
+        0 <= t_min <= t_max <= 1,
+        f"guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{t_min}, {t_max}]",
+    )
 
     def guided(z, r, t, y=None):
         g = torch.tensor([omega, t_min, t_max], device=z.device, dtype=z.dtype)

@@ -51,12 +51,20 @@ def at_least_float32(a: torch.Tensor) -> torch.Tensor:
     return a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
 
 
-def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                     v: torch.Tensor, y: torch.Tensor | None = None, *,
-                     autocast: bool = False, backend: str = "forward-ad", fd_step: float | None = None,
-                     fd_scheme: str = "forward",
-                     time_tangent: tuple[float, float] = (0.0, 1.0)
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def total_derivative(
+    model,
+    z: torch.Tensor,
+    r: torch.Tensor,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    autocast: bool = False,
+    backend: str = "forward-ad",
+    fd_step: float | None = None,
+    fd_scheme: str = "forward",
+    time_tangent: tuple[float, float] = (0.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(u, du/dt)``: the network output (differentiable) and its total derivative
     along tangent ``(v, 0, 1)`` (detached), both in at least float32. ``autocast=True`` keeps
     the surrounding autocast (e.g. bf16) inside the JVP instead of float32. ``backend``: one
@@ -64,12 +72,17 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
     used by ``"finite-difference"`` only. ``time_tangent``: the tangent ``(dr, dt)`` on
     ``(r, t)``; the MeanFlow identity needs ``(0, 1)``, the others are the paper's ablation
     (Table 1b; exact back-ends only)."""
-    check(backend in JVP_BACKENDS, f"JVP backend must be one of {', '.join(JVP_BACKENDS)}, "
-          f"got {backend!r}")
+    check(
+        backend in JVP_BACKENDS,
+        f"JVP backend must be one of {', '.join(JVP_BACKENDS)}, got {backend!r}",
+    )
     z, r, t, v = (at_least_float32(a) for a in (z, r, t, v))
     dr, dt = (float(a) for a in time_tangent)
-    check(backend != "finite-difference" or (dr, dt) == (0.0, 1.0), "finite differences "
-          "support the tangent (v, 0, 1) only; use an exact JVP back-end for the others")
+    check(
+        backend != "finite-difference" or (dr, dt) == (0.0, 1.0),
+        "finite differences "
+        "support the tangent (v, 0, 1) only; use an exact JVP back-end for the others",
+    )
 
     def fn(z_, r_, t_):
         return model(z_, r_, t_, y=y)
@@ -84,17 +97,21 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(tangents_without_graph())  # du/dt is detached below
         if backend == "func":
-            u, dudt = torch.func.jvp(fn, (z, r, t), (v, torch.full_like(r, dr),
-                                                     torch.full_like(t, dt)))
+            u, dudt = torch.func.jvp(
+                fn, (z, r, t), (v, torch.full_like(r, dr), torch.full_like(t, dt))
+            )
         else:
             with fwAD.dual_level():
                 r_in = fwAD.make_dual(r, torch.full_like(r, dr)) if dr else r
                 t_in = fwAD.make_dual(t, torch.full_like(t, dt)) if dt else t
                 out = fn(fwAD.make_dual(z, v), r_in, t_in)
                 u, dudt = fwAD.unpack_dual(out)
-            check(dudt is not None, "the network's output carries no forward-mode tangent (a "
-                  "torch.compile-d module drops dual tensors): pass the module uncompiled (the "
-                  "trainer compiles with --set compile=true) or use jvp_backend=func")
+            check(
+                dudt is not None,
+                "the network's output carries no forward-mode tangent (a "
+                "torch.compile-d module drops dual tensors): pass the module uncompiled (the "
+                "trainer compiles with --set compile=true) or use jvp_backend=func",
+            )
     return at_least_float32(u), at_least_float32(dudt.detach())
 
 
@@ -102,8 +119,7 @@ def total_derivative(model, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
 def finite_difference(fn, z, r, t, v, u, h, scheme):
     """``du/dt`` along ``(v, 0, 1)`` by a ``scheme`` ("forward" or "central") difference of
     step ``h`` (None: ``FD_STEP[scheme]``), given ``u = fn(z, r, t)`` (no graph)."""
-    check(scheme in FD_SCHEMES, f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, "
-          f"got {scheme!r}")
+    check(scheme in FD_SCHEMES, f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, got {scheme!r}")
     h = FD_STEP[scheme] if h is None else h
     check(0 < h <= 0.5, f"fd_step must be in (0, 0.5], got {h}")
     if scheme == "forward":

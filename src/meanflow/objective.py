@@ -28,8 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .errors import MeanFlowError, check
-from .jvp import (FD_SCHEMES, JVP_BACKENDS, at_least_float32, finite_difference,
-                  total_derivative)
+from .jvp import FD_SCHEMES, JVP_BACKENDS, at_least_float32, finite_difference, total_derivative
 from .path import PathSample, broadcast_time, linear_path
 from .times import TimeSampler
 
@@ -49,15 +48,22 @@ class Draws:
     drop: torch.Tensor | None = None
     guide: torch.Tensor | None = None
 
-    def rows(self, part: slice) -> "Draws":
+    def rows(self, part: slice) -> Draws:
         """The draws of rows ``part`` (a slice of the batch)."""
-        return Draws(*(None if getattr(self, f.name) is None else getattr(self, f.name)[part]
-                       for f in fields(self)))
+        return Draws(
+            *(
+                None if getattr(self, f.name) is None else getattr(self, f.name)[part]
+                for f in fields(self)
+            )
+        )
 
     def kwargs(self) -> dict:
         """Keyword arguments for an objective call: ``objective(model, x, y, **d.kwargs())``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "guide" or self.guide is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "guide" or self.guide is not None
+        }
 
 
 def _rows(a: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -78,7 +84,7 @@ class Conditioned(torch.nn.Module):
     def forward(self, z, r, t, y=None):
         return self.net(z, r, t, y=y, **self.cond)
 
-    def rows(self, idx: torch.Tensor) -> "Conditioned":
+    def rows(self, idx: torch.Tensor) -> Conditioned:
         return Conditioned(self.net, {k: v[idx] for k, v in self.cond.items()})
 
 
@@ -97,13 +103,13 @@ def _sub(model, idx: torch.Tensor):
 class ObjectiveOutput:
     """What one objective evaluation produced (all per-sample tensors have leading dim B)."""
 
-    loss: torch.Tensor        # scalar, mean of ``per_sample``; backpropagate this
+    loss: torch.Tensor  # scalar, mean of ``per_sample``; backpropagate this
     per_sample: torch.Tensor  # (B,) weighted loss err / sg((err + c)^p)
-    err: torch.Tensor         # (B,) squared error summed over non-batch dims (unweighted)
-    u: torch.Tensor           # network output, with autograd graph
-    target: torch.Tensor      # regression target, detached
-    r: torch.Tensor           # (B,)
-    t: torch.Tensor           # (B,)
+    err: torch.Tensor  # (B,) squared error summed over non-batch dims (unweighted)
+    u: torch.Tensor  # network output, with autograd graph
+    target: torch.Tensor  # regression target, detached
+    r: torch.Tensor  # (B,)
+    t: torch.Tensor  # (B,)
 
 
 class MeanFlow:
@@ -131,33 +137,50 @@ class MeanFlow:
             derivative the MeanFlow identity needs; others only for the paper's ablation.
     """
 
-    def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
-                 c: float = 1e-3, jvp: str = "subset", jvp_dtype: str = "float32",
-                 jvp_backend: str = "forward-ad", fd_step: float | None = None,
-                 time_tangent: tuple[float, float] = (0.0, 1.0),
-                 fd_scheme: str = "forward") -> None:
+    def __init__(
+        self,
+        time_sampler: TimeSampler | None = None,
+        *,
+        p: float = 1.0,
+        c: float = 1e-3,
+        jvp: str = "subset",
+        jvp_dtype: str = "float32",
+        jvp_backend: str = "forward-ad",
+        fd_step: float | None = None,
+        time_tangent: tuple[float, float] = (0.0, 1.0),
+        fd_scheme: str = "forward",
+    ) -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
         check(jvp in JVP_MODES, f"jvp mode must be one of {', '.join(JVP_MODES)}, got {jvp!r}")
         self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
-        check(jvp_dtype in JVP_DTYPES, f"jvp_dtype must be one of {', '.join(JVP_DTYPES)}, "
-              f"got {jvp_dtype!r}")
+        check(
+            jvp_dtype in JVP_DTYPES,
+            f"jvp_dtype must be one of {', '.join(JVP_DTYPES)}, got {jvp_dtype!r}",
+        )
         self.p, self.c, self.jvp, self.jvp_dtype = p, c, jvp, jvp_dtype
         self.check_inputs = True  # value checks cost host syncs; the trainer turns them off
-        check(jvp_backend in JVP_BACKENDS, f"jvp_backend must be one of "
-              f"{', '.join(JVP_BACKENDS)}, got {jvp_backend!r}")
-        check(fd_scheme in FD_SCHEMES, f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, "
-              f"got {fd_scheme!r}")
+        check(
+            jvp_backend in JVP_BACKENDS,
+            f"jvp_backend must be one of {', '.join(JVP_BACKENDS)}, got {jvp_backend!r}",
+        )
+        check(
+            fd_scheme in FD_SCHEMES,
+            f"fd_scheme must be one of {', '.join(FD_SCHEMES)}, got {fd_scheme!r}",
+        )
         check(fd_step is None or 0 < fd_step <= 0.5, f"fd_step must be in (0, 0.5], got {fd_step}")
         self.jvp_backend, self.fd_step, self.fd_scheme = jvp_backend, fd_step, fd_scheme
         check(len(time_tangent) == 2, f"time_tangent must be (dr, dt), got {time_tangent!r}")
-        check(jvp_backend != "finite-difference" or tuple(time_tangent) == (0.0, 1.0),
-              "finite differences support the tangent (v, 0, 1) only")
+        check(
+            jvp_backend != "finite-difference" or tuple(time_tangent) == (0.0, 1.0),
+            "finite differences support the tangent (v, 0, 1) only",
+        )
         self.time_tangent = (float(time_tangent[0]), float(time_tangent[1]))
 
     # -- hooks for subclasses (guidance replaces the velocity) ---------------------------------
-    def velocity(self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor,
-                 y: torch.Tensor | None) -> torch.Tensor:
+    def velocity(
+        self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor:
         """The velocity used as JVP tangent and in the target; the conditional ``v`` here."""
         return path.v
 
@@ -165,8 +188,15 @@ class MeanFlow:
         """``(r, t)`` for ``n`` samples from the time sampler."""
         return self.time_sampler(n, generator=generator, device=device)
 
-    def draw(self, n: int, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Draws:
+    def draw(
+        self,
+        n: int,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Draws:
         """Every random input for a batch of ``n`` samples of ``shape``, in the order a call
         without them draws them (noise, then times), so ``obj(model, x, **obj.draw(...).kwargs())``
         equals ``obj(model, x, generator=...)`` for the same generator state."""
@@ -175,11 +205,19 @@ class MeanFlow:
         return Draws(noise, r, t)
 
     # -- the objective ---------------------------------------------------------------------
-    def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *,
-                 noise: torch.Tensor | None = None, r: torch.Tensor | None = None,
-                 t: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 drop: torch.Tensor | None = None,
-                 cond: dict[str, torch.Tensor] | None = None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        drop: torch.Tensor | None = None,
+        cond: dict[str, torch.Tensor] | None = None,
+    ) -> ObjectiveOutput:
         """``cond``: more per-row network inputs (B, ...), passed to the model as keywords
         (e.g. ``{"aug": labels}`` of EDM's augmentation)."""
         check(drop is None, "drop (a label-dropout mask) needs a class-conditional objective")
@@ -187,8 +225,10 @@ class MeanFlow:
 
     def _loss(self, model, x, y, noise, r, t, generator, cond=None) -> ObjectiveOutput:
         if cond:
-            check(all(v.shape[0] == x.shape[0] for v in cond.values()),
-                  "each cond input needs one row per sample")
+            check(
+                all(v.shape[0] == x.shape[0] for v in cond.values()),
+                "each cond input needs one row per sample",
+            )
             model = Conditioned(model, cond)
         r, t, noise = self._inputs(x, noise, r, t, generator)
         path = linear_path(x, noise, t)
@@ -200,8 +240,15 @@ class MeanFlow:
         scale = self.row_scale(r, t)
         if scale is not None:
             per_sample = per_sample * scale
-        return ObjectiveOutput(loss=per_sample.mean(), per_sample=per_sample, err=err.detach(),
-                               u=u, target=target, r=r, t=t)
+        return ObjectiveOutput(
+            loss=per_sample.mean(),
+            per_sample=per_sample,
+            err=err.detach(),
+            u=u,
+            target=target,
+            r=r,
+            t=t,
+        )
 
     def at_step(self, step: int, total: int) -> None:
         """Called by the trainer before training step ``step`` of ``total``; objectives with a
@@ -222,8 +269,9 @@ class MeanFlow:
         if self.jvp == "full":
             return self._with_jvp(model, z, r, t, v, y, self.tangent(model, z, r, t, v, y))
         distinct = r < t
-        if self.jvp == "detached" or (self.jvp_backend == "finite-difference"
-                                      and not torch.is_autocast_enabled(z.device.type)):
+        if self.jvp == "detached" or (
+            self.jvp_backend == "finite-difference" and not torch.is_autocast_enabled(z.device.type)
+        ):
             return self._target_apart(model, z, r, t, v, y, distinct)
         count, order = rows_first(distinct)
         if count == len(r):
@@ -254,9 +302,16 @@ class MeanFlow:
             zi, ri, ti, vi = (at_least_float32(a[idx]) for a in (z, r, t, v))
             tan = at_least_float32(self.tangent(sub, z[idx], r[idx], t[idx], v[idx], y_sub))
             if self.jvp_backend == "finite-difference":
-                dudt = finite_difference(lambda z_, r_, t_: sub(z_, r_, t_, y=y_sub), zi, ri,
-                                         ti, tan, at_least_float32(u.detach()[idx]),
-                                         self.fd_step, self.fd_scheme)
+                dudt = finite_difference(
+                    lambda z_, r_, t_: sub(z_, r_, t_, y=y_sub),
+                    zi,
+                    ri,
+                    ti,
+                    tan,
+                    at_least_float32(u.detach()[idx]),
+                    self.fd_step,
+                    self.fd_scheme,
+                )
             else:
                 with torch.no_grad():
                     _, dudt = self._derivative(sub, zi, ri, ti, tan, y_sub)
@@ -265,9 +320,19 @@ class MeanFlow:
 
     def _derivative(self, model, z, r, t, v, y):
         """``(u, du/dt)`` along ``(v, 0, 1)`` by this objective's JVP back-end and precision."""
-        return total_derivative(model, z, r, t, v, y, autocast=self.jvp_dtype == "autocast",
-                                backend=self.jvp_backend, fd_step=self.fd_step,
-                                fd_scheme=self.fd_scheme, time_tangent=self.time_tangent)
+        return total_derivative(
+            model,
+            z,
+            r,
+            t,
+            v,
+            y,
+            autocast=self.jvp_dtype == "autocast",
+            backend=self.jvp_backend,
+            fd_step=self.fd_step,
+            fd_scheme=self.fd_scheme,
+            time_tangent=self.time_tangent,
+        )
 
     def _with_jvp(self, model, z, r, t, v, y, tangent):
         u, dudt = self._derivative(model, z, r, t, tangent, y)
@@ -275,22 +340,29 @@ class MeanFlow:
         return u, target.detach()
 
     def _inputs(self, x, noise, r, t, generator):
-        check(x.dim() >= 2 and x.shape[0] > 0,
-              f"data batch must have shape (B, ...) with B > 0, got {tuple(x.shape)}")
+        check(
+            x.dim() >= 2 and x.shape[0] > 0,
+            f"data batch must have shape (B, ...) with B > 0, got {tuple(x.shape)}",
+        )
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        check(noise.shape == x.shape,
-              f"noise shape {tuple(noise.shape)} must equal data shape {tuple(x.shape)}")
+        check(
+            noise.shape == x.shape,
+            f"noise shape {tuple(noise.shape)} must equal data shape {tuple(x.shape)}",
+        )
         if (r is None) != (t is None):
             raise MeanFlowError("pass both r and t, or neither (then they are sampled)")
         if r is None:
             r, t = self.draw_times(x.shape[0], generator, x.device)
         b = x.shape[0]
-        check(r.shape == (b,) and t.shape == (b,),
-              f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
+        check(
+            r.shape == (b,) and t.shape == (b,),
+            f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}",
+        )
         if self.check_inputs:  # a host sync: the trainer, whose draws are valid, turns it off
-            check(bool(((0 <= r) & (r <= t) & (t <= 1)).all()),
-                  "times must satisfy 0 <= r <= t <= 1")
+            check(
+                bool(((0 <= r) & (r <= t) & (t <= 1)).all()), "times must satisfy 0 <= r <= t <= 1"
+            )
         return r, t, noise
 
 
@@ -304,8 +376,10 @@ class SingleTime:
 
     def _inputs(self, x, noise, r, t, generator):
         r, t, noise = super()._inputs(x, noise, r, t, generator)
-        check(not self.check_inputs or bool((r == t).all()),
-              "flow matching needs r == t for every sample")
+        check(
+            not self.check_inputs or bool((r == t).all()),
+            "flow matching needs r == t for every sample",
+        )
         return r, t, noise
 
 
@@ -318,6 +392,7 @@ class FlowMatching(SingleTime, MeanFlow):
     plain squared error).
     """
 
-    def __init__(self, time_sampler: TimeSampler | None = None, *, p: float = 1.0,
-                 c: float = 1e-3) -> None:
+    def __init__(
+        self, time_sampler: TimeSampler | None = None, *, p: float = 1.0, c: float = 1e-3
+    ) -> None:
         super().__init__(time_sampler, p=p, c=c, jvp="subset")

@@ -8,12 +8,14 @@ import textwrap
 import numpy as np
 
 
-def scatter_png(path: str, panels: list[tuple[str, np.ndarray]], *, lim: float | None = None,
-                size: float = 3.2) -> None:
+def scatter_png(
+    path: str, panels: list[tuple[str, np.ndarray]], *, lim: float | None = None, size: float = 3.2
+) -> None:
     """Write side-by-side scatter plots ``(title, (N, D) array)`` to ``path``. Data of more than
     two dimensions is shown by its first two coordinates, and the panel says so ("dims 0 and 1
     of D", axes "dim 0" / "dim 1"); 1-D data is drawn along the x axis."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -66,8 +68,10 @@ def image_grid(images, ncol: int, pad: int = 2) -> np.ndarray:
     grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
     for i, tile in enumerate(tiles):
         r, k = divmod(i, ncol)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-             pad + k * (w + pad):pad + k * (w + pad) + w] = tile
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + k * (w + pad) : pad + k * (w + pad) + w,
+        ] = tile
     return grid[..., 0] if c == 1 else grid
 
 
@@ -83,8 +87,13 @@ def column_names(ncol: int, class_names, labels) -> list[str] | None:
     for k in range(min(ncol, len(labels))):
         column = set(labels[k::ncol])
         one = column.pop() if len(column) == 1 else None
-        names.append("" if one is None else
-                     str(class_names[one]) if class_names and one < len(class_names) else str(one))
+        names.append(
+            ""
+            if one is None
+            else str(class_names[one])
+            if class_names and one < len(class_names)
+            else str(one)
+        )
     return names if any(names) else None
 
 
@@ -114,8 +123,9 @@ def label_header(names: list[str], pitch: int, offset: int, width: int) -> np.nd
     return np.asarray(strip)
 
 
-def image_grid_png(path: str, images, ncol: int, scale: int = 1, *, class_names=None,
-                   labels=None, pad: int = 2) -> None:
+def image_grid_png(
+    path: str, images, ncol: int, scale: int = 1, *, class_names=None, labels=None, pad: int = 2
+) -> None:
     """Write (N, C, H, W) images in [-1, 1] as one PNG grid of ``ncol`` columns, each pixel
     repeated ``scale`` times (nearest neighbour). With ``labels`` (N,) and ``class_names``, a strip
     of class names sits above the columns of one class each (:func:`column_names`); the pixels
@@ -127,8 +137,7 @@ def image_grid_png(path: str, images, ncol: int, scale: int = 1, *, class_names=
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     names = column_names(max(1, min(ncol, len(images))), class_names, labels)
     if names:
-        header = label_header(names, (images.shape[-1] + pad) * scale, pad * scale,
-                              grid.shape[1])
+        header = label_header(names, (images.shape[-1] + pad) * scale, pad * scale, grid.shape[1])
         if grid.ndim == 3:
             header = np.repeat(header[..., None], grid.shape[2], axis=2)
         grid = np.concatenate([header, grid])
@@ -144,20 +153,24 @@ def smooth(values, window: int) -> np.ndarray:
     out = np.empty_like(x)
     for i in range(len(x)):
         h = min(half, i, len(x) - 1 - i)
-        out[i] = np.median(x[i - h:i + h + 1])
+        out[i] = np.median(x[i - h : i + h + 1])
     return out
 
 
 MIN_RECORDS = 3  # fewer metrics.jsonl records than this: loss.png says the run is too short
-LOSS_NOTE = ("Why this does not fall like a regression loss: the target u_tgt = v - (t-r) du/dt "
-             "is built from the network itself (it moves as the field sharpens) and v = e - x is "
-             "noisy given z_t, so the error has a floor of order D, the data's dimension. "
-             "Judge quality by the samples (vector data: the first panel).")
+LOSS_NOTE = (
+    "Why this does not fall like a regression loss: the target u_tgt = v - (t-r) du/dt "
+    "is built from the network itself (it moves as the field sharpens) and v = e - x is "
+    "noisy given z_t, so the error has a floor of order D, the data's dimension. "
+    "Judge quality by the samples (vector data: the first panel)."
+)
 ERR_TITLE = r"squared error $\|u - u_\mathrm{tgt}\|^2$ summed over dims (unweighted, 'mse')"
-SWD_TITLE = ("one-step samples (EMA) vs training data:\n"
-             "sliced Wasserstein distance, lower is better")
-LOSS_TITLE = (r"loss = err / sg((err + c)$^p$), adaptively weighted" "\n"
-              r"(what is minimised; about err$^{1-p}$, so near 1 for p = 1)")
+SWD_TITLE = "one-step samples (EMA) vs training data:\nsliced Wasserstein distance, lower is better"
+LOSS_TITLE = (
+    r"loss = err / sg((err + c)$^p$), adaptively weighted"
+    "\n"
+    r"(what is minimised; about err$^{1-p}$, so near 1 for p = 1)"
+)
 
 
 def _curve(ax, steps, values, label: str, color: str) -> None:
@@ -166,10 +179,21 @@ def _curve(ax, steps, values, label: str, color: str) -> None:
     values = np.asarray(values, dtype=np.float64)
     window = 2 * (len(values) // 20) + 1  # about a tenth of the records, odd
     if window >= 3:
-        ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8,
-                label="per record (mean over log_every steps)")
-        ax.plot(steps, smooth(values, window), color=color, linewidth=2.0,
-                label=f"rolling median of {window} records")
+        ax.plot(
+            steps,
+            values,
+            color=color,
+            alpha=0.3,
+            linewidth=0.8,
+            label="per record (mean over log_every steps)",
+        )
+        ax.plot(
+            steps,
+            smooth(values, window),
+            color=color,
+            linewidth=2.0,
+            label=f"rolling median of {window} records",
+        )
         ax.legend(fontsize=7)
     else:
         ax.plot(steps, values, color=color, linewidth=1.5, marker="o", markersize=3)
@@ -194,6 +218,7 @@ def loss_curve_png(path: str, records: list[dict], title: str = "") -> None:
     why neither falls like a regression loss. Fewer than :data:`MIN_RECORDS` records give a
     figure saying the run is too short for a curve, with the last record's values."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -201,11 +226,24 @@ def loss_curve_png(path: str, records: list[dict], title: str = "") -> None:
     if len(records) < MIN_RECORDS:
         fig = plt.figure(figsize=(5.5, 1.8))
         last = records[-1] if records else {}
-        detail = (f"\nlast: step {last['step']}, squared error {last.get('mse', np.nan):.4g}, "
-                  f"loss {last.get('loss', np.nan):.4g}") if last else ""
-        fig.text(0.5, 0.5, f"run too short for a loss curve ({len(records)} record"
-                 f"{'' if len(records) == 1 else 's'} in metrics.jsonl; one per log_every steps)"
-                 + detail, ha="center", va="center", fontsize=9)
+        detail = (
+            (
+                f"\nlast: step {last['step']}, squared error {last.get('mse', np.nan):.4g}, "
+                f"loss {last.get('loss', np.nan):.4g}"
+            )
+            if last
+            else ""
+        )
+        fig.text(
+            0.5,
+            0.5,
+            f"run too short for a loss curve ({len(records)} record"
+            f"{'' if len(records) == 1 else 's'} in metrics.jsonl; one per log_every steps)"
+            + detail,
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
         if title:
             fig.suptitle(title, fontsize=9)
         fig.savefig(path, dpi=110)
@@ -221,15 +259,30 @@ def loss_curve_png(path: str, records: list[dict], title: str = "") -> None:
     axes = list(axes[0])
     if len(quality) >= MIN_RECORDS:
         ax = axes.pop(0)
-        _curve(ax, [r["step"] for r in quality], [r["swd_1step"] for r in quality], SWD_TITLE,
-               "#2a7d3a")
+        _curve(
+            ax,
+            [r["step"] for r in quality],
+            [r["swd_1step"] for r in quality],
+            SWD_TITLE,
+            "#2a7d3a",
+        )
         floor = quality[-1].get("swd_floor")
         if floor is not None:
-            ax.axhline(floor, color="#666666", linestyle="--", linewidth=1.0,
-                       label="floor: two sets of training points")
+            ax.axhline(
+                floor,
+                color="#666666",
+                linestyle="--",
+                linewidth=1.0,
+                label="floor: two sets of training points",
+            )
             ax.legend(fontsize=7)
-    _curve(axes[0], steps, mse, ERR_TITLE + ("\n= the loss (loss.p = 0: no adaptive weight)"
-                                             if same else ""), "#1f4e9c")
+    _curve(
+        axes[0],
+        steps,
+        mse,
+        ERR_TITLE + ("\n= the loss (loss.p = 0: no adaptive weight)" if same else ""),
+        "#1f4e9c",
+    )
     if not same:
         _curve(axes[1], steps, loss, LOSS_TITLE, "#c2571a")
     if title:

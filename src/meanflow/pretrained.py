@@ -34,7 +34,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_pretrained(run: "TrainedRun", directory: str, overwrite: bool = False) -> str:
+def save_pretrained(run: TrainedRun, directory: str, overwrite: bool = False) -> str:
     """Write ``run`` to ``directory`` (``config.json`` + ``model.safetensors``); returns the
     directory. An existing non-empty folder is replaced only with ``overwrite``, and then only
     if it holds an exported model (never a training run or other files)."""
@@ -45,18 +45,29 @@ def save_pretrained(run: "TrainedRun", directory: str, overwrite: bool = False) 
     if os.path.exists(directory):
         check(os.path.isdir(directory), f"{directory!r} is a file; give a directory to export to")
         entries = set(os.listdir(directory))
-        check(not entries or overwrite, f"{directory!r} already exists; pass --overwrite "
-              "(Python: overwrite=True) to replace the model in it, or choose another name")
-        check(entries <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"}, f"{directory!r} holds other "
-              f"files ({', '.join(sorted(entries - {CONFIG_NAME, WEIGHTS_NAME, 'README.md'}))[:200]}); "
-              "export into an empty or new folder")
+        check(
+            not entries or overwrite,
+            f"{directory!r} already exists; pass --overwrite "
+            "(Python: overwrite=True) to replace the model in it, or choose another name",
+        )
+        others = ", ".join(sorted(entries - {CONFIG_NAME, WEIGHTS_NAME, "README.md"}))
+        check(
+            not others,
+            f"{directory!r} holds other files ({others[:200]}); export into an empty or new folder",
+        )
     state = {k: v.detach().cpu().contiguous().clone() for k, v in run.model.state_dict().items()}
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "meanflow_version": __version__,
-              "step": run.step, "weights": run.weights, "shape": list(run.shape),
-              "class_names": run.class_names, "latents": run.latents,
-              "normalizer": {"mean": run.normalizer.mean.tolist(),
-                             "std": run.normalizer.std.tolist()},
-              "train_config": run.config.to_dict()}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "meanflow_version": __version__,
+        "step": run.step,
+        "weights": run.weights,
+        "shape": list(run.shape),
+        "class_names": run.class_names,
+        "latents": run.latents,
+        "normalizer": {"mean": run.normalizer.mean.tolist(), "std": run.normalizer.std.tolist()},
+        "train_config": run.config.to_dict(),
+    }
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     # written beside the target, then moved in: a failure never leaves half a model there
@@ -76,11 +87,17 @@ def save_pretrained(run: "TrainedRun", directory: str, overwrite: bool = False) 
 def is_pretrained(directory: str) -> bool:
     """Whether ``directory`` holds an exported model (as opposed to a training run)."""
     return os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isfile(
-        os.path.join(directory, WEIGHTS_NAME))
+        os.path.join(directory, WEIGHTS_NAME)
+    )
 
 
-def from_pretrained(path: str, device: torch.device | str = "cpu", vae: str | None = None,
-                    local_files_only: bool = False, revision: str | None = None) -> "TrainedRun":
+def from_pretrained(
+    path: str,
+    device: torch.device | str = "cpu",
+    vae: str | None = None,
+    local_files_only: bool = False,
+    revision: str | None = None,
+) -> TrainedRun:
     """Load a model written by :func:`save_pretrained` (or ``meanflow export``) as a
     :class:`~meanflow.train.run.TrainedRun`, in eval mode on ``device``.
 
@@ -95,12 +112,15 @@ def from_pretrained(path: str, device: torch.device | str = "cpu", vae: str | No
         return load_run(path, device=device, vae=vae)
     if not os.path.isdir(path):
         path = _hub_folder(path, local_files_only, revision)
-    check(is_pretrained(path), f"{path!r} holds no exported model ({CONFIG_NAME} and "
-          f"{WEIGHTS_NAME}); write one with `meanflow export --run RUN --out {path}`")
+    check(
+        is_pretrained(path),
+        f"{path!r} holds no exported model ({CONFIG_NAME} and "
+        f"{WEIGHTS_NAME}); write one with `meanflow export --run RUN --out {path}`",
+    )
     return load_folder(path, device, vae)
 
 
-def load_folder(path: str, device, vae: str | None) -> "TrainedRun":
+def load_folder(path: str, device, vae: str | None) -> TrainedRun:
     """The model in the exported folder ``path`` (:func:`from_pretrained` without the Hub)."""
     from safetensors.torch import load_file
 
@@ -113,10 +133,15 @@ def load_folder(path: str, device, vae: str | None) -> "TrainedRun":
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise MeanFlowError(f"cannot read {os.path.join(path, CONFIG_NAME)!r}: {exc}") from None
-    check(isinstance(config, dict) and config.get("format") == FORMAT, f"{path!r}: "
-          f"{CONFIG_NAME} is not a meanflow model's (no \"format\": \"{FORMAT}\")")
-    check(config.get("format_version", 0) <= FORMAT_VERSION, f"{path!r} was written by a newer "
-          f"meanflow (format {config.get('format_version')}); upgrade meanflow to load it")
+    check(
+        isinstance(config, dict) and config.get("format") == FORMAT,
+        f'{path!r}: {CONFIG_NAME} is not a meanflow model\'s (no "format": "{FORMAT}")',
+    )
+    check(
+        config.get("format_version", 0) <= FORMAT_VERSION,
+        f"{path!r} was written by a newer "
+        f"meanflow (format {config.get('format_version')}); upgrade meanflow to load it",
+    )
     device = resolve_device(device) if isinstance(device, str) else device
     cfg = TrainConfig.from_dict(config["train_config"])
     shape = tuple(config["shape"])
@@ -124,47 +149,76 @@ def load_folder(path: str, device, vae: str | None) -> "TrainedRun":
     try:
         model.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
     except (RuntimeError, OSError) as exc:
-        raise MeanFlowError(f"{os.path.join(path, WEIGHTS_NAME)!r} does not match the network "
-                            f"of its config ({str(exc).splitlines()[0][:200]})") from None
+        raise MeanFlowError(
+            f"{os.path.join(path, WEIGHTS_NAME)!r} does not match the network "
+            f"of its config ({str(exc).splitlines()[0][:200]})"
+        ) from None
     norm = config["normalizer"]
-    normalizer = Normalizer(torch.tensor(norm["mean"], dtype=torch.float32),
-                            torch.tensor(norm["std"], dtype=torch.float32))
+    normalizer = Normalizer(
+        torch.tensor(norm["mean"], dtype=torch.float32),
+        torch.tensor(norm["std"], dtype=torch.float32),
+    )
     latents = config.get("latents")
     decoder = None
     if latents:
         from .vae import latent_decoder
+
         decoder = latent_decoder(latents, device, vae, required=vae is not None)
-    return TrainedRun(model.to(device).eval(), cfg, normalizer, int(config["step"]),
-                      config["weights"], shape, config.get("class_names"), decoder, latents)
+    return TrainedRun(
+        model.to(device).eval(),
+        cfg,
+        normalizer,
+        int(config["step"]),
+        config["weights"],
+        shape,
+        config.get("class_names"),
+        decoder,
+        latents,
+    )
 
 
 def _hub_folder(repo_id: str, local_files_only: bool, revision: str | None) -> str:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise MeanFlowError(f"{repo_id!r} is not a local folder, and loading from the Hub needs "
-                            "huggingface_hub: pip install 'meanflow[hub]'") from None
+        raise MeanFlowError(
+            f"{repo_id!r} is not a local folder, and loading from the Hub needs "
+            "huggingface_hub: pip install 'meanflow[hub]'"
+        ) from None
     try:
-        return snapshot_download(repo_id, revision=revision, local_files_only=local_files_only,
-                                 allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"])
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            local_files_only=local_files_only,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+        )
     except Exception as exc:  # noqa: BLE001 - the Hub's errors are many; one line for the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MeanFlowError(f"{repo_id!r} is neither a local folder nor a Hub model that could "
-                            f"be fetched ({first[:200]})") from None
+        raise MeanFlowError(
+            f"{repo_id!r} is neither a local folder nor a Hub model that could "
+            f"be fetched ({first[:200]})"
+        ) from None
 
 
-def push_to_hub(run: "TrainedRun", repo_id: str, private: bool = False,
-                token: str | None = None, commit_message: str = "Upload MeanFlow model") -> str:
+def push_to_hub(
+    run: TrainedRun,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload MeanFlow model",
+) -> str:
     """Export ``run`` and upload it to the Hub repository ``repo_id`` (created if missing) with
     ``huggingface_hub``; returns the commit URL. Needs network access and a token."""
     try:
         from huggingface_hub import HfApi
     except ImportError:
-        raise MeanFlowError("push_to_hub needs huggingface_hub: pip install 'meanflow[hub]'"
-                            ) from None
+        raise MeanFlowError(
+            "push_to_hub needs huggingface_hub: pip install 'meanflow[hub]'"
+        ) from None
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(run, os.path.join(tmp, "model"))
-        return str(api.upload_folder(repo_id=repo_id, folder_path=folder,
-                                     commit_message=commit_message))
+        return str(
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        )

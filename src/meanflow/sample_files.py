@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import zipfile
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -30,24 +31,30 @@ def write_npy(f: BinaryIO, shape: tuple[int, ...], dtype, blocks: Iterable[np.nd
     """Write an .npy array of ``shape`` and ``dtype`` to the open file ``f`` from ``blocks``
     of rows, holding one block at a time; the bytes are those of ``np.save`` of the whole."""
     dtype = np.dtype(dtype)
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-              "shape": tuple(int(s) for s in shape)}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": False,
+        "shape": tuple(int(s) for s in shape),
+    }
     try:
         np.lib.format.write_array_header_1_0(f, header)
     except ValueError:  # a header over 64 KiB
         np.lib.format.write_array_header_2_0(f, header)
     rows = 0
     for block in blocks:
-        check(block.shape[1:] == tuple(shape[1:]) and block.dtype == dtype,
-              f"a block of shape {block.shape} {block.dtype} does not fit an array of "
-              f"{tuple(shape)} {dtype}")
+        check(
+            block.shape[1:] == tuple(shape[1:]) and block.dtype == dtype,
+            f"a block of shape {block.shape} {block.dtype} does not fit an array of "
+            f"{tuple(shape)} {dtype}",
+        )
         f.write(np.ascontiguousarray(block).tobytes())
         rows += len(block)
     check(rows == shape[0], f"wrote {rows} rows of {shape[0]}")
 
 
-def write_npz(path: str, images: Iterable[np.ndarray], shape: tuple[int, ...],
-              labels: np.ndarray | None) -> None:
+def write_npz(
+    path: str, images: Iterable[np.ndarray], shape: tuple[int, ...], labels: np.ndarray | None
+) -> None:
     """Write the ADM evaluator's .npz: ``arr_0`` uint8 images of ``shape`` (N, H, W, C) from
     the blocks ``images``, streamed into the zip, and ``arr_1`` int64 ``labels`` if given."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -63,7 +70,7 @@ def read_blocks(paths: list[str], bar=None) -> Iterator[np.ndarray]:
     for path in paths:
         array = np.load(path, mmap_mode="r")
         for i in range(0, len(array), READ_BLOCK):
-            block = np.array(array[i:i + READ_BLOCK])
+            block = np.array(array[i : i + READ_BLOCK])
             if bar is not None:
                 bar.update(len(block))
             yield block

@@ -17,8 +17,10 @@ from .errors import MeanFlowError, check
 
 def uniform_schedule(steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``steps + 1`` times evenly spaced from 1 down to 0."""
-    check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-          f"steps must be an integer >= 1, got {steps!r}")
+    check(
+        isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+        f"steps must be an integer >= 1, got {steps!r}",
+    )
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).to(dtype)
 
 
@@ -36,18 +38,23 @@ def validate_schedule(schedule) -> torch.Tensor:
     """Return ``schedule`` as a float tensor after checking it is a strictly decreasing 1-D
     sequence of at least two times in [0, 1]."""
     s = torch.as_tensor(schedule, dtype=torch.float64)
-    check(s.dim() == 1 and s.numel() >= 2,
-          f"a schedule needs at least two times in a 1-D sequence, got shape {tuple(s.shape)}")
+    check(
+        s.dim() == 1 and s.numel() >= 2,
+        f"a schedule needs at least two times in a 1-D sequence, got shape {tuple(s.shape)}",
+    )
     check(bool(torch.isfinite(s).all()), "schedule times must be finite")
     check(bool(((s >= 0) & (s <= 1)).all()), "schedule times must lie in [0, 1]")
-    check(bool((s[1:] < s[:-1]).all()),
-          f"a schedule must be strictly decreasing (from noise at 1 to data at 0), got {s.tolist()}")
+    check(
+        bool((s[1:] < s[:-1]).all()),
+        f"a schedule must be strictly decreasing (from noise at 1 to data at 0), got {s.tolist()}",
+    )
     return s
 
 
 @torch.no_grad()
-def sample(model, noise: torch.Tensor, steps: int = 1, schedule=None,
-           y: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    model, noise: torch.Tensor, steps: int = 1, schedule=None, y: torch.Tensor | None = None
+) -> torch.Tensor:
     """Map ``noise`` (the state at time ``schedule[0]``, normally 1) to samples.
 
     Args:

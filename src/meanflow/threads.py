@@ -45,8 +45,10 @@ def usable_cores() -> int:
 
 def _cgroup_quota() -> float | None:
     """CPUs allowed by the cgroup CPU quota, or None when there is no quota."""
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda s: s.split()[:2]),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda s: [s.strip(), None])):
+    for path, parse in (
+        ("/sys/fs/cgroup/cpu.max", lambda s: s.split()[:2]),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda s: [s.strip(), None]),
+    ):
         try:
             with open(path) as f:
                 quota, period = parse(f.read())
@@ -123,8 +125,9 @@ def choose_threads(requested: str | int | None = None) -> ThreadChoice:
     threads = max(1, usable - round(busy))
     if threads == usable:
         return ThreadChoice(threads, f"auto: {usable} usable core{'s' * (usable != 1)}, free")
-    return ThreadChoice(threads, f"auto: {usable} usable cores, {busy:.1f} busy with other "
-                                 "processes")
+    return ThreadChoice(
+        threads, f"auto: {usable} usable cores, {busy:.1f} busy with other processes"
+    )
 
 
 def set_threads(requested: str | int | None = None) -> ThreadChoice:

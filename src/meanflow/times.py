@@ -48,12 +48,18 @@ class TimeSampler:
     order: str = "sorted"
 
     def __post_init__(self) -> None:
-        check(self.order in ORDERS, f"time order must be one of {', '.join(ORDERS)}, got "
-              f"{self.order!r}")
-        check(self.dist in DISTRIBUTIONS,
-              f"time distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.dist!r}")
-        check(0.0 <= self.ratio <= 1.0,
-              f"the fraction of samples with r != t must be in [0, 1], got {self.ratio}")
+        check(
+            self.order in ORDERS,
+            f"time order must be one of {', '.join(ORDERS)}, got {self.order!r}",
+        )
+        check(
+            self.dist in DISTRIBUTIONS,
+            f"time distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.dist!r}",
+        )
+        check(
+            0.0 <= self.ratio <= 1.0,
+            f"the fraction of samples with r != t must be in [0, 1], got {self.ratio}",
+        )
         for name in ("std", "r_std"):
             value = getattr(self, name)
             check(value is None or value > 0, f"time {name} must be > 0, got {value}")
@@ -63,13 +69,23 @@ class TimeSampler:
             return torch.rand(n, generator=generator, device=device)
         return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
-    def single(self, batch_size: int, *, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+    def single(
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """One draw ``t ~ D_t`` per sample: the usual flow-matching time distribution."""
         return self._draw(batch_size, self.mean, self.std, generator, device)
 
-    def __call__(self, batch_size: int, *, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(r, t)``, each of shape (batch_size,), float32, with r <= t."""
         a = self._draw(batch_size, self.mean, self.std, generator, device)
         r_mean = self.mean if self.r_mean is None else self.r_mean

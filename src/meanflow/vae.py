@@ -27,8 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_FETCH_HINT = ("download one beforehand, e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema "
-               "--local-dir vae/sd-vae-ft-ema`, and pass that folder")
+_FETCH_HINT = (
+    "download one beforehand, e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema "
+    "--local-dir vae/sd-vae-ft-ema`, and pass that folder"
+)
 
 
 def find_vae_dir(path: str) -> str:
@@ -36,36 +38,51 @@ def find_vae_dir(path: str) -> str:
     sub-folder when ``path`` is a whole diffusers pipeline (``model_index.json``)."""
     check(isinstance(path, str) and path != "", f"no VAE folder given; {_FETCH_HINT}")
     check(os.path.isdir(path), f"VAE folder {path!r} does not exist; {_FETCH_HINT}")
-    if (not os.path.isfile(os.path.join(path, "config.json"))
-            and os.path.isfile(os.path.join(path, "vae", "config.json"))):
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+        os.path.join(path, "vae", "config.json")
+    ):
         path = os.path.join(path, "vae")
     config_path = os.path.join(path, "config.json")
-    check(os.path.isfile(config_path), f"{path!r} is not a diffusers VAE folder (it holds no "
-          f"config.json); {_FETCH_HINT}")
+    check(
+        os.path.isfile(config_path),
+        f"{path!r} is not a diffusers VAE folder (it holds no config.json); {_FETCH_HINT}",
+    )
     config = read_json(config_path, "the VAE config", "download the VAE again")
     kind = config.get("_class_name") if isinstance(config, dict) else None
-    check(kind == "AutoencoderKL", f"{config_path} describes a {kind or 'non-diffusers'} model, "
-          f"not an AutoencoderKL; pass the folder of a diffusers VAE such as "
-          "stabilityai/sd-vae-ft-ema")
-    check(os.path.isfile(os.path.join(path, WEIGHTS_NAME)), f"{path!r} holds no {WEIGHTS_NAME}; "
-          "pickled .bin weights are refused because unpickling can execute code, download the "
-          "safetensors weights")
+    check(
+        kind == "AutoencoderKL",
+        f"{config_path} describes a {kind or 'non-diffusers'} model, "
+        f"not an AutoencoderKL; pass the folder of a diffusers VAE such as "
+        "stabilityai/sd-vae-ft-ema",
+    )
+    check(
+        os.path.isfile(os.path.join(path, WEIGHTS_NAME)),
+        f"{path!r} holds no {WEIGHTS_NAME}; "
+        "pickled .bin weights are refused because unpickling can execute code, download the "
+        "safetensors weights",
+    )
     return os.path.abspath(path)
 
 
-def load_vae(path: str, device: str | torch.device = "cpu") -> "AutoencoderKL":
+def load_vae(path: str, device: str | torch.device = "cpu") -> AutoencoderKL:
     """Load the diffusers ``AutoencoderKL`` in folder ``path`` (``local_files_only``, never a
     download) onto ``device``, in eval mode with gradients off, float32."""
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise MeanFlowError("VAE latents need diffusers; run "
-                            "`pip install 'meanflow[latents]'`") from None
+        raise MeanFlowError(
+            "VAE latents need diffusers; run `pip install 'meanflow[latents]'`"
+        ) from None
     folder = find_vae_dir(path)
     try:
         # low_cpu_mem_usage would need accelerate (and warn without it); the VAE is small
-        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                            torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(
+            folder,
+            local_files_only=True,
+            use_safetensors=True,
+            torch_dtype=torch.float32,
+            low_cpu_mem_usage=False,
+        )
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise MeanFlowError(f"cannot load the VAE in {folder!r}: {first[:200]}") from None
@@ -74,18 +91,18 @@ def load_vae(path: str, device: str | torch.device = "cpu") -> "AutoencoderKL":
     return vae
 
 
-def vae_downsampling(vae: "AutoencoderKL") -> int:
+def vae_downsampling(vae: AutoencoderKL) -> int:
     """How many image pixels one latent pixel spans per side: 2^(encoder blocks - 1)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def vae_factors(vae: "AutoencoderKL") -> tuple[float, float | None]:
+def vae_factors(vae: AutoencoderKL) -> tuple[float, float | None]:
     """``(scaling_factor, shift_factor)`` from the VAE's config (shift None when absent)."""
     shift = getattr(vae.config, "shift_factor", None)
     return float(vae.config.scaling_factor), None if shift is None else float(shift)
 
 
-def adm_center_crop(image: "PILImage.Image", size: int) -> "PILImage.Image":
+def adm_center_crop(image: PILImage.Image, size: int) -> PILImage.Image:
     """ADM's centre crop (guided-diffusion ``center_crop_arr``), as RGB ``size`` x ``size``.
 
     While the shorter side is at least ``2 * size`` the image is halved (integer halves, BOX
@@ -100,8 +117,9 @@ def adm_center_crop(image: "PILImage.Image", size: int) -> "PILImage.Image":
     while min(image.size) >= 2 * size:
         image = image.resize((image.width // 2, image.height // 2), resample=resampling.BOX)
     scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)),
-                         resample=resampling.BICUBIC)
+    image = image.resize(
+        (round(image.width * scale), round(image.height * scale)), resample=resampling.BICUBIC
+    )
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -111,20 +129,23 @@ def _vae_param(vae) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae: "AutoencoderKL", images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior N(mean, std^2) of ``images`` (B, 3, H, W) in [-1, 1]: ``(mean, std)``,
     each float32 (B, C, H/d, W/d) on the VAE's device (std = exp(logvar / 2), logvar clamped
     to [-30, 20] by diffusers)."""
-    check(images.ndim == 4 and images.shape[1] == 3, f"encode takes (B, 3, H, W) images, got "
-          f"shape {tuple(images.shape)}")
+    check(
+        images.ndim == 4 and images.shape[1] == 3,
+        f"encode takes (B, 3, H, W) images, got shape {tuple(images.shape)}",
+    )
     param = _vae_param(vae)
     posterior = vae.encode(images.to(param.device, param.dtype)).latent_dist
     return posterior.mean.float(), posterior.std.float()
 
 
 @torch.no_grad()
-def decode(vae: "AutoencoderKL", z: torch.Tensor, scaling_factor: float,
-           shift_factor: float | None = None) -> torch.Tensor:
+def decode(
+    vae: AutoencoderKL, z: torch.Tensor, scaling_factor: float, shift_factor: float | None = None
+) -> torch.Tensor:
     """Images (B, 3, H, W) float32 in [-1, 1] (clamped) from latents ``z`` in training scale:
     the VAE decodes ``z / scaling_factor + shift_factor`` (shift 0 when None)."""
     check(z.ndim == 4, f"decode takes (B, C, H, W) latents, got shape {tuple(z.shape)}")
@@ -134,8 +155,12 @@ def decode(vae: "AutoencoderKL", z: torch.Tensor, scaling_factor: float,
     return images.float().clamp(-1.0, 1.0)
 
 
-def latent_decoder(latents: dict, device: str | torch.device = "cpu", vae_path: str | None = None,
-                   required: bool = True):
+def latent_decoder(
+    latents: dict,
+    device: str | torch.device = "cpu",
+    vae_path: str | None = None,
+    required: bool = True,
+):
     """For a latent run's facts (``vae``, ``scaling_factor``, ``shift_factor``: the checkpoint's
     ``latents`` entry), a function mapping latents in training scale to images in [-1, 1].
     ``vae_path`` overrides the recorded VAE directory. When the VAE cannot be loaded and
@@ -156,5 +181,13 @@ def latent_decoder(latents: dict, device: str | torch.device = "cpu", vae_path: 
     return to_images
 
 
-__all__ = ["load_vae", "latent_decoder", "find_vae_dir", "adm_center_crop", "encode", "decode",
-           "vae_downsampling", "vae_factors"]
+__all__ = [
+    "load_vae",
+    "latent_decoder",
+    "find_vae_dir",
+    "adm_center_crop",
+    "encode",
+    "decode",
+    "vae_downsampling",
+    "vae_factors",
+]

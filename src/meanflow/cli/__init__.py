@@ -20,9 +20,16 @@ from .latents import add_latents_parser, cmd_latents
 from .sample import add_sample_parser, cmd_sample
 from .train import add_train_parser, cmd_train
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-            "features": cmd_features, "latents": cmd_latents, "convert": cmd_convert,
-            "ablate": cmd_ablate, "export": cmd_export}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "features": cmd_features,
+    "latents": cmd_latents,
+    "convert": cmd_convert,
+    "ablate": cmd_ablate,
+    "export": cmd_export,
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,20 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = Parser(
-        prog="meanflow", description="Train and sample one-step generative models with MeanFlow "
-        "(Geng et al. 2025). Conventions: t=0 data, t=1 noise; one step is x = e - u(e, 0, 1).")
+        prog="meanflow",
+        description="Train and sample one-step generative models with MeanFlow "
+        "(Geng et al. 2025). Conventions: t=0 data, t=1 noise; one step is x = e - u(e, 0, 1).",
+    )
     parser.add_argument("--version", action="version", version=f"meanflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train_parser, add_sample_parser, add_eval_parser, add_features_parser,
-                add_latents_parser, add_convert_parser, add_ablate_parser, add_export_parser):
+    for add in (
+        add_train_parser,
+        add_sample_parser,
+        add_eval_parser,
+        add_features_parser,
+        add_latents_parser,
+        add_convert_parser,
+        add_ablate_parser,
+        add_export_parser,
+    ):
         add(sub)
     for command in _leaf_parsers(sub):
-        command.add_argument("--threads", default="auto", metavar="N",
-                             help="CPU threads for PyTorch (default auto: one per core this "
-                                  "process may use that other processes are not keeping busy; "
-                                  "OMP_NUM_THREADS if set); see docs/benchmarks.md, Threads")
-    Parser.options = {o for p in sub.choices.values() for a in p._actions
-                      for o in a.option_strings if o.startswith("--")}
+        command.add_argument(
+            "--threads",
+            default="auto",
+            metavar="N",
+            help="CPU threads for PyTorch (default auto: one per core this "
+            "process may use that other processes are not keeping busy; "
+            "OMP_NUM_THREADS if set); see docs/benchmarks.md, Threads",
+        )
+    Parser.options = {
+        o
+        for p in sub.choices.values()
+        for a in p._actions
+        for o in a.option_strings
+        if o.startswith("--")
+    }
     return parser
 
 

@@ -23,28 +23,52 @@ def add_ablate_parser(sub) -> None:
 
     from ..train.ablation import STUDIES
 
-    p = sub.add_parser("ablate", help="rerun one of the paper's ablations on your data",
-                       description="Train one model per setting of a study (the paper's Table 1, "
-                                   "or the objectives), evaluate each at 1 and 2 sampling steps "
-                                   "with 'meanflow eval', and write table.md, results.csv and "
-                                   "plot.png. Finished settings are reused when rerun.",
-                       epilog=ABLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "ablate",
+        help="rerun one of the paper's ablations on your data",
+        description="Train one model per setting of a study (the paper's Table 1, "
+        "or the objectives), evaluate each at 1 and 2 sampling steps "
+        "with 'meanflow eval', and write table.md, results.csv and "
+        "plot.png. Finished settings are reused when rerun.",
+        epilog=ABLATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--study", required=True, choices=list(STUDIES), help="which ablation")
     p.add_argument("--data", required=True, metavar="NAME_OR_PATH", help="as for train")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for runs and tables")
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="preset every setting starts from (default: the data's default)")
-    p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="training steps per setting (default: the preset's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="overrides for every setting (applied before the study's own)")
-    p.add_argument("--reference", default=None, metavar="NAME_OR_PATH",
-                   help="reference for 'meanflow eval' (default: the data itself)")
-    p.add_argument("--num", type=int, default=2000, metavar="N",
-                   help="samples per evaluation (default 2000)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="preset every setting starts from (default: the data's default)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training steps per setting (default: the preset's)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for every setting (applied before the study's own)",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="reference for 'meanflow eval' (default: the data itself)",
+    )
+    p.add_argument(
+        "--num", type=int, default=2000, metavar="N", help="samples per evaluation (default 2000)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--overwrite", action="store_true",
-                   help="retrain settings that already finished")
+    p.add_argument(
+        "--overwrite", action="store_true", help="retrain settings that already finished"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -65,9 +89,17 @@ def cmd_ablate(args) -> int:
         probe = configure(TrainConfig(), None, base)
         data = open_training_data(probe)
         preset = default_preset(data.kind, data.shape, probe.data)
-    rows = run_study(args.study, base, args.out, preset=preset,
-                     reference=args.reference or args.data, num=args.num, device=args.device,
-                     overwrite=args.overwrite, progress=not args.quiet,
-                     log=lambda message: print(f"meanflow: {message}", file=sys.stderr))
+    rows = run_study(
+        args.study,
+        base,
+        args.out,
+        preset=preset,
+        reference=args.reference or args.data,
+        num=args.num,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        log=lambda message: print(f"meanflow: {message}", file=sys.stderr),
+    )
     print(write_report(args.study, rows, args.out, args.data), end="")
     return 0

@@ -19,17 +19,26 @@ Python: meanflow.from_pretrained("exported/fmnist"). See docs/interop.md.
 
 def add_export_parser(sub) -> None:
     """Register ``meanflow export`` on the sub-command set ``sub``."""
-    p = sub.add_parser("export", help="write a run's network as config.json + model.safetensors",
-                       description="Export the network of a training run (its newest good "
-                                   "checkpoint) as a Hugging Face-style folder: config.json and "
-                                   "model.safetensors. Prints one JSON line.",
-                       epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="write a run's network as config.json + model.safetensors",
+        description="Export the network of a training run (its newest good "
+        "checkpoint) as a Hugging Face-style folder: config.json and "
+        "model.safetensors. Prints one JSON line.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run", required=True, metavar="DIR", help="run directory of meanflow train")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
-    p.add_argument("--weights", default="ema", metavar="NAME",
-                   help="ema (default: the primary EMA), raw, or an extra EMA by name or decay")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the model in --out if it holds one")
+    p.add_argument(
+        "--weights",
+        default="ema",
+        metavar="NAME",
+        help="ema (default: the primary EMA), raw, or an extra EMA by name or decay",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the model in --out if it holds one"
+    )
 
 
 def cmd_export(args) -> int:
@@ -42,7 +51,15 @@ def cmd_export(args) -> int:
     run = load_run(args.run, weights=args.weights)
     out = save_pretrained(run, args.out, overwrite=args.overwrite)
     size = os.path.getsize(os.path.join(out, "model.safetensors"))
-    print(json.dumps({"out": out, "step": run.step, "weights": run.weights,
-                      "parameters": sum(p.numel() for p in run.model.parameters()),
-                      "bytes": size}))
+    print(
+        json.dumps(
+            {
+                "out": out,
+                "step": run.step,
+                "weights": run.weights,
+                "parameters": sum(p.numel() for p in run.model.parameters()),
+                "bytes": size,
+            }
+        )
+    )
     return 0

@@ -9,8 +9,14 @@ import numpy as np
 
 from ..errors import MeanFlowError
 from .arrays import load_array, validate_array
-from .images import (ImageDataset, load_cifar10_binary, load_digits, load_fashion_mnist,
-                     load_idx, load_image_folder)
+from .images import (
+    ImageDataset,
+    load_cifar10_binary,
+    load_digits,
+    load_fashion_mnist,
+    load_idx,
+    load_image_folder,
+)
 from .sources import IMAGE_DATASETS, TrainingSet, check_same_classes, open_data
 from .toy import TOY_DATASETS
 
@@ -23,12 +29,28 @@ def load_vectors(name_or_path: str, num: int = 100_000, seed: int = 0) -> np.nda
     if os.path.splitext(name_or_path)[1] in (".npy", ".npz") or os.path.exists(name_or_path):
         return load_array(name_or_path)
     import difflib
+
     close = difflib.get_close_matches(name_or_path, list(TOY_DATASETS), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise MeanFlowError(f"unknown dataset {name_or_path!r}: {hint}use one of "
-                        f"{', '.join(TOY_DATASETS)} or a path to a .npy/.npz file")
+    raise MeanFlowError(
+        f"unknown dataset {name_or_path!r}: {hint}use one of "
+        f"{', '.join(TOY_DATASETS)} or a path to a .npy/.npz file"
+    )
 
 
-__all__ = ["TOY_DATASETS", "IMAGE_DATASETS", "TrainingSet", "open_data", "check_same_classes",
-           "load_vectors", "load_array", "validate_array", "ImageDataset", "load_idx",
-           "load_fashion_mnist", "load_digits", "load_cifar10_binary", "load_image_folder"]
+__all__ = [
+    "TOY_DATASETS",
+    "IMAGE_DATASETS",
+    "TrainingSet",
+    "open_data",
+    "check_same_classes",
+    "load_vectors",
+    "load_array",
+    "validate_array",
+    "ImageDataset",
+    "load_idx",
+    "load_fashion_mnist",
+    "load_digits",
+    "load_cifar10_binary",
+    "load_image_folder",
+]

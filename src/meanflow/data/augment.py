@@ -52,14 +52,34 @@ import torch.nn.functional as F
 
 from ..errors import MeanFlowError, check
 
-LABEL_NAMES = ("xflip", "yflip", "scale", "rotate_cos_minus_1", "rotate_sin",
-               "aniso_cos", "aniso_sin", "translate_x", "translate_y")
+LABEL_NAMES = (
+    "xflip",
+    "yflip",
+    "scale",
+    "rotate_cos_minus_1",
+    "rotate_sin",
+    "aniso_cos",
+    "aniso_sin",
+    "translate_x",
+    "translate_y",
+)
 LABEL_DIM = len(LABEL_NAMES)
 
 # Daubechies symlet-6 low-pass decomposition filter (the filter EDM resamples with).
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+SYM6 = (
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
+)
 
 # Named settings (keyword arguments of AugmentPipe).
 AUGMENT_CONFIGS: dict[str, dict] = {
@@ -67,23 +87,27 @@ AUGMENT_CONFIGS: dict[str, dict] = {
     "none": dict(p=0.0),
     # The MeanFlow authors' CIFAR-10 setting (py-meanflow meanflow/training/train_loop.py): EDM's
     # pipeline with y-flips and rotations off; they also flip the dataset left-right (hflip).
-    "edm-cifar10": dict(p=0.12, xflip=1e8, yflip=0, scale=1, rotate_frac=0, aniso=1,
-                        translate_frac=1),
+    "edm-cifar10": dict(
+        p=0.12, xflip=1e8, yflip=0, scale=1, rotate_frac=0, aniso=1, translate_frac=1
+    ),
     # EDM's own CIFAR-10 setting (NVlabs/edm train.py, --augment 0.12).
-    "edm-original": dict(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-                         translate_frac=1),
+    "edm-original": dict(
+        p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1
+    ),
 }
 
 
 def augment_config(name: str) -> dict:
     """The keyword arguments of :class:`AugmentPipe` for a named setting (a fresh dict)."""
     if name not in AUGMENT_CONFIGS:
-        raise MeanFlowError(f"unknown augmentation {name!r}: use one of "
-                            f"{', '.join(AUGMENT_CONFIGS)}")
+        raise MeanFlowError(
+            f"unknown augmentation {name!r}: use one of {', '.join(AUGMENT_CONFIGS)}"
+        )
     return dict(AUGMENT_CONFIGS[name])
 
 
 # ---- 3x3 homogeneous matrices, batched over images: (N, 3, 3) ----
+
 
 def _affine(a, b, c, d, e, f) -> torch.Tensor:
     """[[a, b, c], [d, e, f], [0, 0, 1]] from (N,) tensors (or numbers broadcast to them)."""
@@ -114,6 +138,7 @@ def _const(fn, *args, device) -> torch.Tensor:
 
 
 # ---- resampling ----
+
 
 def _fir(x: torch.Tensor, taps: torch.Tensor, dim: int, padding: int, stride: int) -> torch.Tensor:
     """Correlate every channel of ``x`` (N, C, H, W) with ``taps`` along ``dim`` (2 or 3)."""
@@ -161,9 +186,10 @@ def affine_resample(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
     cx, cy = (W - 1) / 2, (H - 1) / 2
 
     # Reflection margin: where the output corners read from, plus room for the filter.
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]],
-                           dtype=torch.float32, device=dev)
-    reach = g @ corners                                        # (N, 3, 4)
+    corners = torch.tensor(
+        [[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], dtype=torch.float32, device=dev
+    )
+    reach = g @ corners  # (N, 3, 4)
     xs, ys = reach[:, 0].flatten(), reach[:, 1].flatten()
     need = torch.stack([(-xs).max(), (-ys).max(), xs.max(), ys.max()])
     need = need + torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=dev)
@@ -179,8 +205,11 @@ def affine_resample(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
 
     # Bilinear sampling on the fine grid of the (padded by `pad`) output.
     out_h, out_w = (H + 2 * pad) * 2, (W + 2 * pad) * 2
-    theta = (_const(_scaling, 2 / x.shape[3], 2 / x.shape[2], device=dev) @ g
-             @ _const(_scaling, out_w / 2, out_h / 2, device=dev))
+    theta = (
+        _const(_scaling, 2 / x.shape[3], 2 / x.shape[2], device=dev)
+        @ g
+        @ _const(_scaling, out_w / 2, out_h / 2, device=dev)
+    )
     grid = F.affine_grid(theta[:, :2, :], [N, C, out_h, out_w], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -190,6 +219,7 @@ def affine_resample(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the pipeline ----
+
 
 class AugmentPipe:
     """EDM's geometric augmentations; ``pipe(images, generator) -> (images, labels (N, 9))``.
@@ -207,19 +237,40 @@ class AugmentPipe:
         translate_frac_std: standard deviation of translation, relative to the image size.
     """
 
-    def __init__(self, p: float = 0.12, *, xflip: float = 0, yflip: float = 0,
-                 scale: float = 0, rotate_frac: float = 0, aniso: float = 0,
-                 translate_frac: float = 0, scale_std: float = 0.2, rotate_frac_max: float = 1,
-                 aniso_std: float = 0.2, aniso_rotate_prob: float = 0.5,
-                 translate_frac_std: float = 0.125) -> None:
+    def __init__(
+        self,
+        p: float = 0.12,
+        *,
+        xflip: float = 0,
+        yflip: float = 0,
+        scale: float = 0,
+        rotate_frac: float = 0,
+        aniso: float = 0,
+        translate_frac: float = 0,
+        scale_std: float = 0.2,
+        rotate_frac_max: float = 1,
+        aniso_std: float = 0.2,
+        aniso_rotate_prob: float = 0.5,
+        translate_frac_std: float = 0.125,
+    ) -> None:
         check(0 <= p <= 1, f"augmentation probability p must be in [0, 1], not {p}")
-        mults = dict(xflip=xflip, yflip=yflip, scale=scale, rotate_frac=rotate_frac,
-                     aniso=aniso, translate_frac=translate_frac)
+        mults = dict(
+            xflip=xflip,
+            yflip=yflip,
+            scale=scale,
+            rotate_frac=rotate_frac,
+            aniso=aniso,
+            translate_frac=translate_frac,
+        )
         for name, value in mults.items():
-            check(value >= 0 and math.isfinite(value),
-                  f"augmentation multiplier {name} must be a finite number >= 0, not {value}")
-        check(0 <= aniso_rotate_prob <= 1,
-              f"aniso_rotate_prob must be in [0, 1], not {aniso_rotate_prob}")
+            check(
+                value >= 0 and math.isfinite(value),
+                f"augmentation multiplier {name} must be a finite number >= 0, not {value}",
+            )
+        check(
+            0 <= aniso_rotate_prob <= 1,
+            f"aniso_rotate_prob must be in [0, 1], not {aniso_rotate_prob}",
+        )
         self.p = float(p)
         self.xflip, self.yflip = float(xflip), float(yflip)
         self.scale, self.rotate_frac = float(scale), float(rotate_frac)
@@ -229,48 +280,77 @@ class AugmentPipe:
         self.translate_frac_std = float(translate_frac_std)
 
     @classmethod
-    def from_config(cls, name: str) -> "AugmentPipe":
+    def from_config(cls, name: str) -> AugmentPipe:
         """The pipeline of a named setting (see :data:`AUGMENT_CONFIGS`)."""
         return cls(**augment_config(name))
 
     def config(self) -> dict:
         """The constructor's keyword arguments (JSON-serializable)."""
-        keys = ("p", "xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac",
-                "scale_std", "rotate_frac_max", "aniso_std", "aniso_rotate_prob",
-                "translate_frac_std")
+        keys = (
+            "p",
+            "xflip",
+            "yflip",
+            "scale",
+            "rotate_frac",
+            "aniso",
+            "translate_frac",
+            "scale_std",
+            "rotate_frac_max",
+            "aniso_std",
+            "aniso_rotate_prob",
+            "translate_frac_std",
+        )
         return {k: getattr(self, k) for k in keys}
 
     @property
     def active_labels(self) -> tuple[int, ...]:
         """Indices of the label columns that can be nonzero (the others are always 0)."""
-        on = [self.xflip, self.yflip, self.scale, self.rotate_frac, self.rotate_frac,
-              self.aniso, self.aniso, self.translate_frac, self.translate_frac]
+        on = [
+            self.xflip,
+            self.yflip,
+            self.scale,
+            self.rotate_frac,
+            self.rotate_frac,
+            self.aniso,
+            self.aniso,
+            self.translate_frac,
+            self.translate_frac,
+        ]
         return tuple(i for i, m in enumerate(on) if m > 0)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v:g}" for k, v in self.config().items())
         return f"AugmentPipe({args})"
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, *,
-                 total: int | None = None, part: slice = slice(None)
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        total: int | None = None,
+        part: slice = slice(None),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``images`` are rows ``part`` of a batch of ``total`` (default: the whole batch):
         every random number is drawn for all ``total`` rows and sliced, so a row is augmented
         the same way whatever the number of processes (data-parallel training)."""
-        check(images.ndim == 4, f"augmentation needs images (N, C, H, W), not shape "
-                                f"{tuple(images.shape)}")
+        check(
+            images.ndim == 4,
+            f"augmentation needs images (N, C, H, W), not shape {tuple(images.shape)}",
+        )
         N, _, H, W = images.shape
         dev = images.device
         gdev = generator.device
         total = N if total is None else total
 
         def rand(*shape):  # shape ends with N: drawn for all rows, this part kept
-            return torch.rand((*shape[:-1], total), generator=generator,
-                              device=gdev)[..., part].to(dev)
+            return torch.rand((*shape[:-1], total), generator=generator, device=gdev)[..., part].to(
+                dev
+            )
 
         def randn(*shape):
-            return torch.randn((*shape[:-1], total), generator=generator,
-                               device=gdev)[..., part].to(dev)
+            return torch.randn((*shape[:-1], total), generator=generator, device=gdev)[
+                ..., part
+            ].to(dev)
 
         def coin():
             return torch.randint(2, (total,), generator=generator, device=gdev)[part].to(dev)
@@ -333,5 +413,12 @@ class AugmentPipe:
         return out, labels
 
 
-__all__ = ["AugmentPipe", "affine_resample", "augment_config", "AUGMENT_CONFIGS",
-           "LABEL_NAMES", "LABEL_DIM", "SYM6"]
+__all__ = [
+    "AugmentPipe",
+    "affine_resample",
+    "augment_config",
+    "AUGMENT_CONFIGS",
+    "LABEL_NAMES",
+    "LABEL_DIM",
+    "SYM6",
+]

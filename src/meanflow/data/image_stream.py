@@ -18,8 +18,14 @@ import numpy as np
 import torch
 
 from ..errors import MeanFlowError, check
-from .images import (_pillow, image_pixels, list_image_folder, read_image, scale_pixels,
-                     size_mismatch)
+from .images import (
+    _pillow,
+    image_pixels,
+    list_image_folder,
+    read_image,
+    scale_pixels,
+    size_mismatch,
+)
 from .sources import IMAGE_DATASETS, TrainingSet, _idx_pair
 from .toy import TOY_DATASETS
 
@@ -59,8 +65,10 @@ class ImageFolderReader:
 
     def __init__(self, directory: str, size: int | None = None, labelled: bool = True) -> None:
         _pillow()
-        check(size is None or (isinstance(size, int) and size > 0),
-              f"size must be a positive integer or None, got {size!r}")
+        check(
+            size is None or (isinstance(size, int) and size > 0),
+            f"size must be a positive integer or None, got {size!r}",
+        )
         files, labels, class_names = list_image_folder(directory)
         self.directory, self.files, self.size = directory, files, size
         self.labels = None if labels is None or not labelled else np.asarray(labels, np.int64)
@@ -72,8 +80,11 @@ class ImageFolderReader:
                 headers.append((path, header))
                 if header[0] not in ("1", "L", "LA"):
                     break
-        check(bool(headers), f"image folder {directory!r}: no image header could be read "
-              f"(first file {files[0]}); the files are corrupt or not PNG/JPEG")
+        check(
+            bool(headers),
+            f"image folder {directory!r}: no image header could be read "
+            f"(first file {files[0]}); the files are corrupt or not PNG/JPEG",
+        )
         self.gray = all(mode in ("1", "L", "LA") for _, (mode, _) in headers)
         self.first_path, self.first_size = headers[0][0], headers[0][1][1]
 
@@ -81,8 +92,9 @@ class ImageFolderReader:
         return len(self.files)
 
     def __repr__(self) -> str:
-        return (f"ImageFolderReader({self.directory!r}, {len(self)} images, "
-                f"shape={self.sample_shape})")
+        return (
+            f"ImageFolderReader({self.directory!r}, {len(self)} images, shape={self.sample_shape})"
+        )
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -100,8 +112,9 @@ class ImageFolderReader:
             except MeanFlowError as exc:
                 raise ImageReadError(str(exc)) from None
             if self.size is None and image.size != self.first_size:
-                raise ImageReadError(str(size_mismatch(self.first_path, self.first_size, path,
-                                                       image.size)))
+                raise ImageReadError(
+                    str(size_mismatch(self.first_path, self.first_size, path, image.size))
+                )
             arrays.append(image_pixels(image, self.gray, self.size))
         x = scale_pixels(np.stack(arrays), 255.0)
         y = None if self.labels is None else torch.from_numpy(self.labels[indices])
@@ -117,8 +130,9 @@ def is_image_folder(name: str) -> bool:
         return False
     if is_latents_dir(name) or _idx_pair(name, "train") is not None:
         return False
-    return not any(os.path.isfile(os.path.join(name, n))
-                   for n in ("data_batch_1.bin", "test_batch.bin"))
+    return not any(
+        os.path.isfile(os.path.join(name, n)) for n in ("data_batch_1.bin", "test_batch.bin")
+    )
 
 
 def open_image_stream(directory: str, size: int = 0, labelled: bool = True) -> TrainingSet:
@@ -126,8 +140,15 @@ def open_image_stream(directory: str, size: int = 0, labelled: bool = True) -> T
     pixels read by an :class:`ImageFolderReader`); ``size`` 0 keeps the native size."""
     reader = ImageFolderReader(directory, size or None, labelled)
     labels = None if reader.labels is None else torch.from_numpy(reader.labels)
-    return TrainingSet(None, labels, reader.class_names, "images", directory, reader=reader,
-                       sample_shape=reader.sample_shape)
+    return TrainingSet(
+        None,
+        labels,
+        reader.class_names,
+        "images",
+        directory,
+        reader=reader,
+        sample_shape=reader.sample_shape,
+    )
 
 
 __all__ = ["ImageFolderReader", "ImageReadError", "is_image_folder", "open_image_stream"]

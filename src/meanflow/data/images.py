@@ -20,14 +20,38 @@ import torch
 
 from ..errors import MeanFlowError, check, plural
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 # Where the Debian package ``dataset-fashion-mnist`` (and common manual installs) put the files.
-FASHION_MNIST_DIRS = ["/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mnist",
-                      "/usr/share/datasets/fashion-mnist", "/usr/share/data/fashion-mnist",
-                      "/usr/local/share/fashion-mnist"]
+FASHION_MNIST_DIRS = [
+    "/usr/share/dataset-fashion-mnist",
+    "/usr/share/fashion-mnist",
+    "/usr/share/datasets/fashion-mnist",
+    "/usr/share/data/fashion-mnist",
+    "/usr/local/share/fashion-mnist",
+]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
 _CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -68,8 +92,10 @@ def _read_bytes(path: str) -> bytes:
             return gzip.decompress(raw)
         return raw
     except (OSError, EOFError, zlib.error) as exc:
-        raise MeanFlowError(f"{path}: cannot read the file ({exc.__class__.__name__}); it is "
-                            "corrupt or truncated, download it again") from None
+        raise MeanFlowError(
+            f"{path}: cannot read the file ({exc.__class__.__name__}); it is "
+            "corrupt or truncated, download it again"
+        ) from None
 
 
 def _parse_idx(path: str, magic: int, ndim: int) -> np.ndarray:
@@ -77,18 +103,29 @@ def _parse_idx(path: str, magic: int, ndim: int) -> np.ndarray:
     raw = _read_bytes(path)
     kind = "images" if magic == _IDX_IMAGES else "labels"
     header = 4 + 4 * ndim
-    check(len(raw) >= header, f"{path}: {plural(len(raw), 'byte')} is too short for an IDX "
-          f"{kind} header ({header} bytes); the file is truncated or not an IDX file")
+    check(
+        len(raw) >= header,
+        f"{path}: {plural(len(raw), 'byte')} is too short for an IDX "
+        f"{kind} header ({header} bytes); the file is truncated or not an IDX file",
+    )
     found = int.from_bytes(raw[:4], "big")
-    check(found == magic, f"{path}: IDX magic number is 0x{found:08x}, expected 0x{magic:08x} "
-          f"(uint8 {kind}); the file is corrupt or not an IDX {kind} file")
+    check(
+        found == magic,
+        f"{path}: IDX magic number is 0x{found:08x}, expected 0x{magic:08x} "
+        f"(uint8 {kind}); the file is corrupt or not an IDX {kind} file",
+    )
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    check(all(d > 0 for d in dims), f"{path}: IDX header declares shape {dims}; every "
-          "dimension must be positive")
+    check(
+        all(d > 0 for d in dims),
+        f"{path}: IDX header declares shape {dims}; every dimension must be positive",
+    )
     expected = header + int(np.prod(dims))
-    check(len(raw) == expected, f"{path}: header declares shape {dims} ({expected} bytes) but "
-          f"the file holds {plural(len(raw), 'byte')}; it is truncated or corrupt, download it "
-          "again")
+    check(
+        len(raw) == expected,
+        f"{path}: header declares shape {dims} ({expected} bytes) but "
+        f"the file holds {plural(len(raw), 'byte')}; it is truncated or corrupt, download it "
+        "again",
+    )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
@@ -99,23 +136,32 @@ def load_idx(images_path: str, labels_path: str | None = None) -> ImageDataset:
     labels = None
     if labels_path is not None:
         labels = _parse_idx(labels_path, _IDX_LABELS, 1)
-        check(len(labels) == len(pixels), f"{labels_path}: holds {plural(len(labels), 'label')} "
-              f"but {images_path} holds {plural(len(pixels), 'image')}; pair files from the "
-              "same split")
+        check(
+            len(labels) == len(pixels),
+            f"{labels_path}: holds {plural(len(labels), 'label')} "
+            f"but {images_path} holds {plural(len(pixels), 'image')}; pair files from the "
+            "same split",
+        )
     return _dataset(pixels[:, None], 255.0, labels, None, images_path)
 
 
 def _dpkg_dirs(package: str) -> list[str]:
     """Directories holding files of an installed Debian package; [] without dpkg or package."""
     try:
-        result = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True,
-                                timeout=10, check=False)
+        result = subprocess.run(
+            ["dpkg", "-L", package], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     if result.returncode != 0:
         return []
-    return sorted({os.path.dirname(line.strip()) for line in result.stdout.splitlines()
-                   if "idx" in os.path.basename(line)})
+    return sorted(
+        {
+            os.path.dirname(line.strip())
+            for line in result.stdout.splitlines()
+            if "idx" in os.path.basename(line)
+        }
+    )
 
 
 def _find(directory: str, name: str) -> str | None:
@@ -134,8 +180,11 @@ def load_fashion_mnist(directory: str | None = None, split: str = "train") -> Im
     prefix = "train" if split == "train" else "t10k"
     names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
     if directory is not None:
-        check(os.path.isdir(directory), f"Fashion-MNIST directory {directory!r} does not exist; "
-              "pass the folder holding the IDX files")
+        check(
+            os.path.isdir(directory),
+            f"Fashion-MNIST directory {directory!r} does not exist; "
+            "pass the folder holding the IDX files",
+        )
         candidates = [directory]
     else:
         candidates = list(FASHION_MNIST_DIRS) + _dpkg_dirs("dataset-fashion-mnist")
@@ -143,14 +192,19 @@ def load_fashion_mnist(directory: str | None = None, split: str = "train") -> Im
         images, labels = (_find(folder, name) for name in names)
         if images and labels:
             data = load_idx(images, labels)
-            check(int(data.labels.max()) < 10, f"{labels}: labels go up to "
-                  f"{int(data.labels.max())}, Fashion-MNIST has 10 classes (0-9)")
+            check(
+                int(data.labels.max()) < 10,
+                f"{labels}: labels go up to "
+                f"{int(data.labels.max())}, Fashion-MNIST has 10 classes (0-9)",
+            )
             data.class_names = list(FASHION_MNIST_CLASSES)
             return data
     where = repr(directory) if directory is not None else "the system data directories"
-    raise MeanFlowError(f"Fashion-MNIST {split} files ({names[0]}[.gz], {names[1]}[.gz]) not "
-                        f"found in {where}; run `apt-get install dataset-fashion-mnist` or pass "
-                        "directory= a folder holding them")
+    raise MeanFlowError(
+        f"Fashion-MNIST {split} files ({names[0]}[.gz], {names[1]}[.gz]) not "
+        f"found in {where}; run `apt-get install dataset-fashion-mnist` or pass "
+        "directory= a folder holding them"
+    )
 
 
 def load_digits(size: int = 16) -> ImageDataset:
@@ -161,8 +215,9 @@ def load_digits(size: int = 16) -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
-        raise MeanFlowError("the digits dataset needs scikit-learn; run "
-                            "`pip install 'meanflow[images]'`") from None
+        raise MeanFlowError(
+            "the digits dataset needs scikit-learn; run `pip install 'meanflow[images]'`"
+        ) from None
     bunch = sklearn_digits()
     factor = size // 8
     pixels = np.asarray(bunch.images, np.float32)
@@ -176,28 +231,41 @@ def load_cifar10_binary(directory: str, split: str = "train") -> ImageDataset:
     3072 pixel bytes (red, green, blue planes, rows of 32). Class names come from
     ``batches.meta.txt`` when present. The pickled python version is refused."""
     check(split in ("train", "test"), f"unknown split {split!r}; use 'train' or 'test'")
-    check(os.path.isdir(directory), f"CIFAR-10 directory {directory!r} does not exist; pass the "
-          "cifar-10-batches-bin folder of the binary version")
-    names = ([f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train"
-             else ["test_batch.bin"])
+    check(
+        os.path.isdir(directory),
+        f"CIFAR-10 directory {directory!r} does not exist; pass the "
+        "cifar-10-batches-bin folder of the binary version",
+    )
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
     missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
     if missing:
         pickled = any(os.path.isfile(os.path.join(directory, n[:-4])) for n in names)
-        check(not pickled, f"{directory} holds the pickled python version of CIFAR-10, which is "
-              "refused because unpickling can execute code; download the binary version "
-              "(cifar-10-binary.tar.gz) instead")
-        raise MeanFlowError(f"{directory}: missing {', '.join(missing)}; pass the "
-                            "cifar-10-batches-bin folder of the CIFAR-10 binary version")
+        check(
+            not pickled,
+            f"{directory} holds the pickled python version of CIFAR-10, which is "
+            "refused because unpickling can execute code; download the binary version "
+            "(cifar-10-binary.tar.gz) instead",
+        )
+        raise MeanFlowError(
+            f"{directory}: missing {', '.join(missing)}; pass the "
+            "cifar-10-batches-bin folder of the CIFAR-10 binary version"
+        )
     records = []
     for name in names:
         path = os.path.join(directory, name)
         raw = _read_bytes(path)
-        check(len(raw) > 0 and len(raw) % _CIFAR_RECORD == 0, f"{path}: "
-              f"{plural(len(raw), 'byte')} is not a whole number of {_CIFAR_RECORD}-byte "
-              "records; the file is truncated or corrupt, download it again")
+        check(
+            len(raw) > 0 and len(raw) % _CIFAR_RECORD == 0,
+            f"{path}: "
+            f"{plural(len(raw), 'byte')} is not a whole number of {_CIFAR_RECORD}-byte "
+            "records; the file is truncated or corrupt, download it again",
+        )
         block = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD)
-        check(int(block[:, 0].max()) < 10, f"{path}: label byte {int(block[:, 0].max())} is "
-              "not a CIFAR-10 class (0-9); the file is corrupt or not CIFAR-10")
+        check(
+            int(block[:, 0].max()) < 10,
+            f"{path}: label byte {int(block[:, 0].max())} is "
+            "not a CIFAR-10 class (0-9); the file is corrupt or not CIFAR-10",
+        )
         records.append(block)
     block = np.concatenate(records)
     class_names = list(CIFAR10_CLASSES)
@@ -212,9 +280,13 @@ def load_cifar10_binary(directory: str, split: str = "train") -> ImageDataset:
 
 
 def _image_files(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-                  and os.path.isfile(os.path.join(folder, n)))
+    return sorted(
+        os.path.join(folder, n)
+        for n in os.listdir(folder)
+        if n.lower().endswith(IMAGE_EXTENSIONS)
+        and not n.startswith(".")
+        and os.path.isfile(os.path.join(folder, n))
+    )
 
 
 def list_image_folder(directory: str) -> tuple[list[str], list[int] | None, list[str] | None]:
@@ -223,21 +295,33 @@ def list_image_folder(directory: str) -> tuple[list[str], list[int] | None, list
     rules of :func:`load_image_folder`, shared by the streamed reader and latent encoding."""
     check(os.path.isdir(directory), f"image folder {directory!r} does not exist; check the path")
     entries = sorted(n for n in os.listdir(directory) if not n.startswith("."))
-    check(len(entries) > 0, f"image folder {directory!r} is empty; put PNG/JPEG files in it "
-          "(or one sub-folder of them per class)")
+    check(
+        len(entries) > 0,
+        f"image folder {directory!r} is empty; put PNG/JPEG files in it "
+        "(or one sub-folder of them per class)",
+    )
     flat = _image_files(directory)
     classes = [n for n in entries if os.path.isdir(os.path.join(directory, n))]
     if flat or not classes:
-        check(len(flat) > 0, f"image folder {directory!r} holds no PNG/JPEG files (found "
-              f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); add images")
-        check(not classes, f"image folder {directory!r} mixes loose images with sub-folders "
-              f"({classes[0] if classes else ''}); use one layout: flat, or one folder per class")
+        check(
+            len(flat) > 0,
+            f"image folder {directory!r} holds no PNG/JPEG files (found "
+            f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); add images",
+        )
+        check(
+            not classes,
+            f"image folder {directory!r} mixes loose images with sub-folders "
+            f"({classes[0] if classes else ''}); use one layout: flat, or one folder per class",
+        )
         return flat, None, None
     files, labels = [], []
     for index, name in enumerate(classes):
         found = _image_files(os.path.join(directory, name))
-        check(len(found) > 0, f"class folder {os.path.join(directory, name)!r} holds no "
-              "PNG/JPEG files; add images or remove the folder")
+        check(
+            len(found) > 0,
+            f"class folder {os.path.join(directory, name)!r} holds no "
+            "PNG/JPEG files; add images or remove the folder",
+        )
         files += found
         labels += [index] * len(found)
     return files, labels, classes
@@ -247,8 +331,9 @@ def _pillow():
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        raise MeanFlowError("image folders need Pillow; run "
-                            "`pip install 'meanflow[images]'`") from None
+        raise MeanFlowError(
+            "image folders need Pillow; run `pip install 'meanflow[images]'`"
+        ) from None
     return Image, UnidentifiedImageError
 
 
@@ -263,8 +348,10 @@ def read_image(path: str):
             gray = image.mode in ("1", "L", "LA")
             return image.convert("L" if gray else "RGB"), gray
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise MeanFlowError(f"{path}: cannot read the image ({exc.__class__.__name__}); it "
-                            "is corrupt or not a PNG/JPEG, fix or remove it") from None
+        raise MeanFlowError(
+            f"{path}: cannot read the image ({exc.__class__.__name__}); it "
+            "is corrupt or not a PNG/JPEG, fix or remove it"
+        ) from None
 
 
 def image_pixels(image, all_gray: bool, size: int | None) -> np.ndarray:
@@ -284,7 +371,8 @@ def size_mismatch(first_path: str, first_size, path: str, size) -> MeanFlowError
     return MeanFlowError(
         f"images differ in size: {first_path} is {first_size[0]}x{first_size[1]} but "
         f"{path} is {size[0]}x{size[1]} (width x height); pass --image-size S "
-        "(Python: size=S) to resize them all to S x S")
+        "(Python: size=S) to resize them all to S x S"
+    )
 
 
 def load_image_folder(directory: str, size: int | None = None) -> ImageDataset:
@@ -295,8 +383,10 @@ def load_image_folder(directory: str, size: int | None = None) -> ImageDataset:
     (:class:`~meanflow.data.image_stream.ImageFolderReader` reads the same pixels batch by
     batch without loading the folder.)"""
     _pillow()
-    check(size is None or (isinstance(size, int) and size > 0),
-          f"size must be a positive integer or None, got {size!r}")
+    check(
+        size is None or (isinstance(size, int) and size > 0),
+        f"size must be a positive integer or None, got {size!r}",
+    )
     files, labels, class_names = list_image_folder(directory)
     loaded = [(path, *read_image(path)) for path in files]
     all_gray = all(gray for _, _, gray in loaded)
@@ -309,6 +399,15 @@ def load_image_folder(directory: str, size: int | None = None) -> ImageDataset:
     return _dataset(np.stack(arrays), 255.0, labels, class_names, directory)
 
 
-__all__ = ["ImageDataset", "load_idx", "load_fashion_mnist", "load_digits",
-           "load_cifar10_binary", "load_image_folder", "list_image_folder",
-           "FASHION_MNIST_CLASSES", "CIFAR10_CLASSES", "FASHION_MNIST_DIRS"]
+__all__ = [
+    "ImageDataset",
+    "load_idx",
+    "load_fashion_mnist",
+    "load_digits",
+    "load_cifar10_binary",
+    "load_image_folder",
+    "list_image_folder",
+    "FASHION_MNIST_CLASSES",
+    "CIFAR10_CLASSES",
+    "FASHION_MNIST_DIRS",
+]

@@ -52,28 +52,42 @@ def read_json(path: str, what: str, fix: str):
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError) as exc:
-        raise MeanFlowError(f"{path}: cannot read {what} ({exc.__class__.__name__}); {fix}"
-                            ) from None
+        raise MeanFlowError(
+            f"{path}: cannot read {what} ({exc.__class__.__name__}); {fix}"
+        ) from None
 
 
 def read_meta(path: str) -> dict:
     """The parsed ``latents.json`` of directory ``path`` (any completeness), checked for the
     format and version."""
     meta_path = os.path.join(path, META_NAME)
-    check(os.path.isdir(path), f"latents directory {path!r} does not exist; create it with "
-          "`meanflow latents encode --data IMAGES --vae VAE_DIR --out LATENTS`")
-    check(os.path.isfile(meta_path), f"{path!r} is not a latents directory (no {META_NAME}); "
-          "create one with `meanflow latents encode`")
+    check(
+        os.path.isdir(path),
+        f"latents directory {path!r} does not exist; create it with "
+        "`meanflow latents encode --data IMAGES --vae VAE_DIR --out LATENTS`",
+    )
+    check(
+        os.path.isfile(meta_path),
+        f"{path!r} is not a latents directory (no {META_NAME}); "
+        "create one with `meanflow latents encode`",
+    )
     meta = read_json(meta_path, "it", "rerun `meanflow latents encode ...` to rewrite it")
-    check(isinstance(meta, dict) and meta.get("format") == FORMAT, f"{meta_path} is not a "
-          f"{FORMAT} file; point at a folder written by `meanflow latents encode`")
-    check(meta.get("version") == VERSION, f"{meta_path} has format version "
-          f"{meta.get('version')!r}; this meanflow reads version {VERSION}, encode again")
+    check(
+        isinstance(meta, dict) and meta.get("format") == FORMAT,
+        f"{meta_path} is not a "
+        f"{FORMAT} file; point at a folder written by `meanflow latents encode`",
+    )
+    check(
+        meta.get("version") == VERSION,
+        f"{meta_path} has format version "
+        f"{meta.get('version')!r}; this meanflow reads version {VERSION}, encode again",
+    )
     return meta
 
 
 def _meta_field(key: str, kind, doc: str = "") -> property:
     """A read-only property: ``kind(meta[key])``, or None where latents.json has null."""
+
     def get(self):
         value = self.meta.get(key)
         return None if value is None else kind(value)
@@ -94,21 +108,30 @@ class LatentShards:
 
     def __init__(self, path: str) -> None:
         meta = read_meta(path)
-        check(meta.get("complete") is True, f"{path!r} holds an unfinished encode "
-              f"({plural(sum(s['count'] for s in meta.get('shards', [])), 'latent')} of "
-              f"{meta.get('count')}); rerun `meanflow latents encode ...` to finish it")
+        check(
+            meta.get("complete") is True,
+            f"{path!r} holds an unfinished encode "
+            f"({plural(sum(s['count'] for s in meta.get('shards', [])), 'latent')} of "
+            f"{meta.get('count')}); rerun `meanflow latents encode ...` to finish it",
+        )
         self.path = os.path.abspath(path)
         self.meta = meta
         counts = [int(s["count"]) for s in meta["shards"]]
-        check(sum(counts) == int(meta["count"]), f"{path}/{META_NAME}: shards hold "
-              f"{sum(counts)} latents but count says {meta['count']}; encode again")
+        check(
+            sum(counts) == int(meta["count"]),
+            f"{path}/{META_NAME}: shards hold "
+            f"{sum(counts)} latents but count says {meta['count']}; encode again",
+        )
         for shard in meta["shards"]:
             for key in ("moments", "labels"):
                 name = shard.get(key)
                 if name is not None:
-                    check(os.path.isfile(os.path.join(self.path, name)), f"latents shard "
-                          f"{os.path.join(self.path, name)!r} is missing; rerun `meanflow "
-                          "latents encode ...` with the same settings to write it again")
+                    check(
+                        os.path.isfile(os.path.join(self.path, name)),
+                        f"latents shard "
+                        f"{os.path.join(self.path, name)!r} is missing; rerun `meanflow "
+                        "latents encode ...` with the same settings to write it again",
+                    )
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._maps: dict[int, _ShardFile] = {}
         self._pid = os.getpid()
@@ -123,12 +146,15 @@ class LatentShards:
         return self.count
 
     def __repr__(self) -> str:
-        return (f"LatentShards({self.path!r}, count={self.count}, shape={self.shape}, "
-                f"flips={self.flips})")
+        return (
+            f"LatentShards({self.path!r}, count={self.count}, shape={self.shape}, "
+            f"flips={self.flips})"
+        )
 
     count = _meta_field("count", int)
-    shape = _meta_field("shape", lambda dims: tuple(int(d) for d in dims),
-                        "(C, H, W) of one latent.")
+    shape = _meta_field(
+        "shape", lambda dims: tuple(int(d) for d in dims), "(C, H, W) of one latent."
+    )
     flips = _meta_field("flips", int, "F: 2 when each image was also encoded flipped, else 1.")
     dtype = _meta_field("dtype", str, "Storage type of the moments: float32 or float16.")
     scaling_factor = _meta_field("scaling_factor", float)
@@ -156,13 +182,15 @@ class LatentShards:
         return self._labels
 
     # ---------------------------------------------------------------------- data
-    def _shard(self, k: int) -> "_ShardFile":
+    def _shard(self, k: int) -> _ShardFile:
         if self._pid != os.getpid():  # forked into a worker: open the files again here
             self._maps, self._pid = {}, os.getpid()
         if k not in self._maps:
             shard = self.meta["shards"][k]
-            self._maps[k] = _ShardFile(os.path.join(self.path, shard["moments"]),
-                                       (int(shard["count"]), self.flips, 2, *self.shape))
+            self._maps[k] = _ShardFile(
+                os.path.join(self.path, shard["moments"]),
+                (int(shard["count"]), self.flips, 2, *self.shape),
+            )
         return self._maps[k]
 
     def moments(self, indices) -> np.ndarray:
@@ -171,8 +199,11 @@ class LatentShards:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size:
             low, high = int(indices.min()), int(indices.max())
-            check(low >= 0 and high < self.count, f"latent index {low if low < 0 else high} is "
-                  f"out of range for {plural(self.count, 'latent')}")
+            check(
+                low >= 0 and high < self.count,
+                f"latent index {low if low < 0 else high} is "
+                f"out of range for {plural(self.count, 'latent')}",
+            )
         out = np.empty((indices.size, self.flips, 2, *self.shape), np.float32)
         shard_of = np.searchsorted(self._starts, indices, side="right") - 1
         for k in np.unique(shard_of):
@@ -203,24 +234,38 @@ class _ShardFile:
         try:
             self.handle = open(path, "rb", buffering=0)
             version = np.lib.format.read_magic(self.handle)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            check(read_header is not None, f"{path}: .npy format version {version} is not "
-                  f"supported; {fix}")
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            check(
+                read_header is not None,
+                f"{path}: .npy format version {version} is not supported; {fix}",
+            )
             shape, fortran, dtype = read_header(self.handle)
         except (OSError, ValueError) as exc:
-            raise MeanFlowError(f"{path}: cannot read the shard ({exc.__class__.__name__}); it "
-                                f"is truncated or corrupt, {fix}") from None
-        check(tuple(shape) == expected, f"{path}: shape {tuple(shape)}, expected {expected} "
-              f"from latents.json; {fix}")
-        check(not fortran and dtype.kind == "f" and dtype.itemsize in (2, 4), f"{path}: "
-              f"holds {dtype}{' in Fortran order' * fortran}, not float32/float16 rows; {fix}")
+            raise MeanFlowError(
+                f"{path}: cannot read the shard ({exc.__class__.__name__}); it "
+                f"is truncated or corrupt, {fix}"
+            ) from None
+        check(
+            tuple(shape) == expected,
+            f"{path}: shape {tuple(shape)}, expected {expected} from latents.json; {fix}",
+        )
+        check(
+            not fortran and dtype.kind == "f" and dtype.itemsize in (2, 4),
+            f"{path}: "
+            f"holds {dtype}{' in Fortran order' * fortran}, not float32/float16 rows; {fix}",
+        )
         self.dtype, self.row_shape = dtype, tuple(shape[1:])
         self.row_bytes = int(np.prod(self.row_shape)) * dtype.itemsize
         self.offset = self.handle.tell()
         size = os.fstat(self.handle.fileno()).st_size
-        check(size >= self.offset + shape[0] * self.row_bytes, f"{path}: {plural(size, 'byte')}"
-              f", too short for shape {tuple(shape)}; it is truncated, {fix}")
+        check(
+            size >= self.offset + shape[0] * self.row_bytes,
+            f"{path}: {plural(size, 'byte')}"
+            f", too short for shape {tuple(shape)}; it is truncated, {fix}",
+        )
 
     def _read(self, view: memoryview, offset: int) -> None:
         done = 0
@@ -230,8 +275,10 @@ class _ShardFile:
             else:  # no pread (Windows): this process's own handle, so seeking is safe
                 self.handle.seek(offset + done)
                 n = self.handle.readinto(view[done:])
-            check(n > 0, f"{self.path}: ended early at byte {offset + done}; it is truncated, "
-                  f"{_SHARD_FIX}")
+            check(
+                n > 0,
+                f"{self.path}: ended early at byte {offset + done}; it is truncated, {_SHARD_FIX}",
+            )
             done += n
 
     def rows(self, local: np.ndarray) -> np.ndarray:
@@ -242,16 +289,23 @@ class _ShardFile:
         start = 0
         for stop in range(1, len(local) + 1):
             if stop == len(local) or local[stop] != local[stop - 1] + 1:
-                self._read(view[start * self.row_bytes:stop * self.row_bytes],
-                           self.offset + int(local[start]) * self.row_bytes)
+                self._read(
+                    view[start * self.row_bytes : stop * self.row_bytes],
+                    self.offset + int(local[start]) * self.row_bytes,
+                )
                 start = stop
         return out
 
 
-def draw_latents(moments: torch.Tensor, generator: torch.Generator | None,
-                 scaling_factor: float, shift_factor: float | None = None,
-                 flip: bool = True, total: int | None = None,
-                 part: slice = slice(None)) -> torch.Tensor:
+def draw_latents(
+    moments: torch.Tensor,
+    generator: torch.Generator | None,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    flip: bool = True,
+    total: int | None = None,
+    part: slice = slice(None),
+) -> torch.Tensor:
     """One posterior sample per row, in training scale: ``(B, C, H, W)`` float32.
 
     ``moments`` is (B, F, 2, C, H, W) (mean, std). With ``flip`` and F == 2, the image or its
@@ -263,8 +317,10 @@ def draw_latents(moments: torch.Tensor, generator: torch.Generator | None,
     ``part``: the choices and ``eps`` are drawn for all ``total`` rows and sliced, so each row
     gets the same draw whatever the number of processes.
     """
-    check(moments.ndim == 6 and moments.shape[2] == 2, "draw_latents takes moments of shape "
-          f"(B, F, 2, C, H, W), got {tuple(moments.shape)}")
+    check(
+        moments.ndim == 6 and moments.shape[2] == 2,
+        f"draw_latents takes moments of shape (B, F, 2, C, H, W), got {tuple(moments.shape)}",
+    )
     moments = moments.float()
     batch, device = moments.shape[0], moments.device
     total = batch if total is None else total
@@ -272,14 +328,19 @@ def draw_latents(moments: torch.Tensor, generator: torch.Generator | None,
         choice = torch.randint(0, 2, (total,), generator=generator, device=device)[part]
     else:
         choice = torch.zeros(batch, dtype=torch.long, device=device)
-    check(choice.shape[0] == batch, f"part {part} of {total} rows does not match the "
-          f"{batch} rows of moments")
+    check(
+        choice.shape[0] == batch,
+        f"part {part} of {total} rows does not match the {batch} rows of moments",
+    )
     chosen = moments[torch.arange(batch, device=device), choice]  # (B, 2, C, H, W)
     mean, std = chosen[:, 0], chosen[:, 1]
-    eps = torch.randn((total, *mean.shape[1:]), generator=generator, device=device,
-                      dtype=torch.float32)[part]
+    eps = torch.randn(
+        (total, *mean.shape[1:]), generator=generator, device=device, dtype=torch.float32
+    )[part]
     return (mean + std * eps - (shift_factor or 0.0)) * scaling_factor
 
 
-__all__ = ["LatentShards", "is_latents_dir", "read_meta", "read_json", "draw_latents", "FORMAT", "VERSION",
-           "META_NAME"]
+__all__ = [
+    "LatentShards", "is_latents_dir", "read_meta", "read_json", "draw_latents", "FORMAT",
+    "VERSION", "META_NAME",
+]  # fmt: skip

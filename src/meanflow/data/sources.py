@@ -30,8 +30,13 @@ import torch
 
 from ..errors import MeanFlowError, check
 from .arrays import load_array
-from .images import (load_cifar10_binary, load_digits, load_fashion_mnist, load_idx,
-                     load_image_folder)
+from .images import (
+    load_cifar10_binary,
+    load_digits,
+    load_fashion_mnist,
+    load_idx,
+    load_image_folder,
+)
 from .toy import TOY_DATASETS
 
 IMAGE_DATASETS = ("fashion-mnist", "digits", "cifar10")
@@ -82,8 +87,14 @@ def _idx_pair(directory: str, split: str) -> tuple[str, str] | None:
     prefix = "train" if split == "train" else "t10k"
     found = []
     for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
-        path = next((os.path.join(directory, stem + ext) for ext in ("", ".gz")
-                     if os.path.isfile(os.path.join(directory, stem + ext))), None)
+        path = next(
+            (
+                os.path.join(directory, stem + ext)
+                for ext in ("", ".gz")
+                if os.path.isfile(os.path.join(directory, stem + ext))
+            ),
+            None,
+        )
         found.append(path)
     return (found[0], found[1]) if all(found) else None
 
@@ -94,8 +105,9 @@ def _open_directory(directory: str, size: int, split: str) -> TrainingSet:
         data = load_idx(*pair)
         data.class_names = [str(i) for i in range(int(data.labels.max()) + 1)]
         return _from_images(data)
-    if os.path.isfile(os.path.join(directory, "data_batch_1.bin")) or \
-            os.path.isfile(os.path.join(directory, "test_batch.bin")):
+    if os.path.isfile(os.path.join(directory, "data_batch_1.bin")) or os.path.isfile(
+        os.path.join(directory, "test_batch.bin")
+    ):
         return _from_images(load_cifar10_binary(directory, split))
     return _from_images(load_image_folder(directory, size or None))
 
@@ -110,8 +122,15 @@ def _open_array(path: str) -> TrainingSet:
     return TrainingSet(x, labels, names, "vectors" if x.dim() == 2 else "arrays", path)
 
 
-def open_data(name: str, *, directory: str = "", size: int = 0, num: int = 100_000,
-              seed: int = 0, split: str = "train") -> TrainingSet:
+def open_data(
+    name: str,
+    *,
+    directory: str = "",
+    size: int = 0,
+    num: int = 100_000,
+    seed: int = 0,
+    split: str = "train",
+) -> TrainingSet:
     """Resolve ``name`` (see the module docstring). ``directory`` locates fashion-mnist or
     cifar10 files; ``size`` resizes folder images (and sets the digits size); ``num`` and
     ``seed`` apply to the built-in 2-D distributions; ``split`` is ``train`` or ``test``."""
@@ -125,8 +144,11 @@ def open_data(name: str, *, directory: str = "", size: int = 0, num: int = 100_0
     if name == "digits":
         return _from_images(load_digits(size or 16))
     if name == "cifar10":
-        check(bool(directory), "--data cifar10 needs --data-dir: the cifar-10-batches-bin folder "
-              "of the CIFAR-10 binary version")
+        check(
+            bool(directory),
+            "--data cifar10 needs --data-dir: the cifar-10-batches-bin folder "
+            "of the CIFAR-10 binary version",
+        )
         return _from_images(load_cifar10_binary(directory, split))
     if os.path.isdir(name):
         return _open_directory(name, size, split)
@@ -135,14 +157,19 @@ def open_data(name: str, *, directory: str = "", size: int = 0, num: int = 100_0
     known = list(TOY_DATASETS) + list(IMAGE_DATASETS)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise MeanFlowError(f"unknown dataset {name!r}: {hint}use one of {', '.join(known)}, a "
-                        "folder of images, or a .npy/.npz file")
+    raise MeanFlowError(
+        f"unknown dataset {name!r}: {hint}use one of {', '.join(known)}, a "
+        "folder of images, or a .npy/.npz file"
+    )
 
 
 def check_same_classes(trained: list[str] | None, other: list[str] | None, what: str) -> None:
     """Refuse comparing a class-conditional run with data whose classes differ."""
     if trained is None or other is None:
         return
-    check(list(trained) == list(other), f"the classes of {what} ({', '.join(other[:5])}"
-          f"{', ...' if len(other) > 5 else ''}) differ from the run's ({', '.join(trained[:5])}"
-          f"{', ...' if len(trained) > 5 else ''}); use data with the same class folders")
+    check(
+        list(trained) == list(other),
+        f"the classes of {what} ({', '.join(other[:5])}"
+        f"{', ...' if len(other) > 5 else ''}) differ from the run's ({', '.join(trained[:5])}"
+        f"{', ...' if len(trained) > 5 else ''}); use data with the same class folders",
+    )

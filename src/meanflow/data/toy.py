@@ -12,7 +12,7 @@ Each sampler takes ``(n, rng)`` with ``rng`` a ``numpy.random.Generator`` and re
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

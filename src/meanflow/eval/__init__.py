@@ -5,6 +5,15 @@ from .frechet import FeatureStats, fd_from_features, frechet_distance
 from .mmd import default_bandwidths, mmd2
 from .precision_recall import density_coverage, precision_recall
 
-__all__ = ["sliced_wasserstein", "energy_distance", "DEFAULT_PROJECTIONS", "FeatureStats",
-           "frechet_distance", "fd_from_features", "precision_recall", "density_coverage", "mmd2",
-           "default_bandwidths"]
+__all__ = [
+    "sliced_wasserstein",
+    "energy_distance",
+    "DEFAULT_PROJECTIONS",
+    "FeatureStats",
+    "frechet_distance",
+    "fd_from_features",
+    "precision_recall",
+    "density_coverage",
+    "mmd2",
+    "default_bandwidths",
+]

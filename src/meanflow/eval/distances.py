@@ -19,8 +19,10 @@ DEFAULT_PROJECTIONS = 512
 
 def _as_points(a, name: str) -> torch.Tensor:
     a = torch.as_tensor(a, dtype=torch.float64)
-    check(a.dim() == 2 and a.shape[0] >= 2, f"{name} must have shape (N, D) with N >= 2, "
-          f"got {tuple(a.shape)}")
+    check(
+        a.dim() == 2 and a.shape[0] >= 2,
+        f"{name} must have shape (N, D) with N >= 2, got {tuple(a.shape)}",
+    )
     check(bool(torch.isfinite(a).all()), f"{name} holds NaN or Inf values")
     return a
 
@@ -38,8 +40,10 @@ def _quantiles(sorted_values: torch.Tensor, n: int) -> torch.Tensor:
 def sliced_wasserstein(x, y, projections: int = DEFAULT_PROJECTIONS, seed: int = 0) -> float:
     """Sliced Wasserstein-2 distance between point sets ``x`` (N, D) and ``y`` (M, D)."""
     x, y = _as_points(x, "samples"), _as_points(y, "reference")
-    check(x.shape[1] == y.shape[1], f"dimension mismatch: samples have D={x.shape[1]}, "
-          f"reference has D={y.shape[1]}")
+    check(
+        x.shape[1] == y.shape[1],
+        f"dimension mismatch: samples have D={x.shape[1]}, reference has D={y.shape[1]}",
+    )
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
     w = w / w.norm(dim=0, keepdim=True)
@@ -52,7 +56,7 @@ def sliced_wasserstein(x, y, projections: int = DEFAULT_PROJECTIONS, seed: int =
 def _mean_distance(a: torch.Tensor, b: torch.Tensor, same: bool, chunk: int = 2048) -> float:
     total = 0.0
     for i in range(0, a.shape[0], chunk):
-        total += float(torch.cdist(a[i:i + chunk], b).sum())
+        total += float(torch.cdist(a[i : i + chunk], b).sum())
     pairs = a.shape[0] * (a.shape[0] - 1) if same else a.shape[0] * b.shape[0]
     return total / pairs  # the diagonal of a set with itself is zero, so only the count changes
 
@@ -60,6 +64,8 @@ def _mean_distance(a: torch.Tensor, b: torch.Tensor, same: bool, chunk: int = 20
 def energy_distance(x, y) -> float:
     """Energy distance between point sets ``x`` (N, D) and ``y`` (M, D)."""
     x, y = _as_points(x, "samples"), _as_points(y, "reference")
-    check(x.shape[1] == y.shape[1], f"dimension mismatch: samples have D={x.shape[1]}, "
-          f"reference has D={y.shape[1]}")
+    check(
+        x.shape[1] == y.shape[1],
+        f"dimension mismatch: samples have D={x.shape[1]}, reference has D={y.shape[1]}",
+    )
     return 2 * _mean_distance(x, y, False) - _mean_distance(x, x, True) - _mean_distance(y, y, True)

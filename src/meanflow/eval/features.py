@@ -42,10 +42,18 @@ class FeatureNet(nn.Module):
         super().__init__()
         self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
         self.body = nn.Sequential(
-            _block(in_channels, width), _block(width, width), nn.AvgPool2d(2),
-            _block(width, 2 * width), _block(2 * width, 2 * width), nn.AvgPool2d(2),
-            _block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(4 * width, FEATURE_DIM), nn.SiLU())
+            _block(in_channels, width),
+            _block(width, width),
+            nn.AvgPool2d(2),
+            _block(width, 2 * width),
+            _block(2 * width, 2 * width),
+            nn.AvgPool2d(2),
+            _block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4 * width, FEATURE_DIM),
+            nn.SiLU(),
+        )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
     @property
@@ -67,30 +75,42 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
     dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None])[:, :, None]          # (b, h, 1)
-    cols = (dx[:, None] + torch.arange(w)[None])[:, None, :]          # (b, 1, w)
-    out = padded[torch.arange(b)[:, None, None], :, rows, cols]       # (b, h, w, C)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, :, None]  # (b, h, 1)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, :]  # (b, 1, w)
+    out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # (b, h, w, C)
     return out.permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
-def accuracy(model: FeatureNet, images: torch.Tensor, labels: torch.Tensor,
-             batch: int = 1000) -> float:
+def accuracy(
+    model: FeatureNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000
+) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(images), batch):
-        correct += int((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum())
+        correct += int((model(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum())
     return correct / len(images)
 
 
-def train_feature_net(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                      test_y: torch.Tensor, num_classes: int, epochs: int = 3,
-                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                      progress: bool = True) -> tuple[FeatureNet, float]:
+def train_feature_net(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[FeatureNet, float]:
     """Train a :class:`FeatureNet`; returns it (in eval mode) and its test accuracy."""
     check(epochs >= 1 and batch_size >= 1, "epochs and batch size must be >= 1")
-    check(len(train_x) >= 2 and len(test_x) >= 1, f"a feature network needs at least 2 "
-          f"training and 1 test images, got {len(train_x)} and {len(test_x)}")
+    check(
+        len(train_x) >= 2 and len(test_x) >= 1,
+        f"a feature network needs at least 2 "
+        f"training and 1 test images, got {len(train_x)} and {len(test_x)}",
+    )
     batch_size = min(batch_size, len(train_x))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +123,7 @@ def train_feature_net(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
         model.train()
         perm = torch.randperm(len(train_x), generator=gen)
         for i in range(0, len(perm) - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             loss = F.cross_entropy(model(_shift(train_x[idx], gen)), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,12 +147,18 @@ def fingerprint(model: FeatureNet) -> str:
 def save_feature_net(model: FeatureNet, path: str, info: dict) -> dict:
     """Write ``path`` (.safetensors) and ``path`` with .json: shape, classes, accuracy, hash."""
     check(path.endswith(".safetensors"), f"feature net file must end in .safetensors, got {path!r}")
-    meta = {**info, "in_channels": model.in_channels, "num_classes": model.num_classes,
-            "width": model.width, "feature_dim": FEATURE_DIM, "fingerprint": fingerprint(model)}
+    meta = {
+        **info,
+        "in_channels": model.in_channels,
+        "num_classes": model.num_classes,
+        "width": model.width,
+        "feature_dim": FEATURE_DIM,
+        "fingerprint": fingerprint(model),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    with open(path[:-len(".safetensors")] + ".json", "w") as f:
+    with open(path[: -len(".safetensors")] + ".json", "w") as f:
         json.dump(meta, f, indent=1)
     return meta
 
@@ -143,38 +169,54 @@ def load_feature_net(name_or_path: str) -> tuple[FeatureNet, dict]:
     path = name_or_path
     if not path.endswith(".safetensors"):
         path = os.path.join(WEIGHTS_DIR, f"{name_or_path}.safetensors")
-        shipped = sorted(n[:-12] for n in os.listdir(WEIGHTS_DIR) if n.endswith(".safetensors")) \
-            if os.path.isdir(WEIGHTS_DIR) else []
-        check(os.path.isfile(path), f"no feature network {name_or_path!r}; shipped: "
-              f"{', '.join(shipped) or 'none'}; or train one with `meanflow features train "
-              "--data NAME --out FILE.safetensors` and pass its path")
+        shipped = (
+            sorted(n[:-12] for n in os.listdir(WEIGHTS_DIR) if n.endswith(".safetensors"))
+            if os.path.isdir(WEIGHTS_DIR)
+            else []
+        )
+        check(
+            os.path.isfile(path),
+            f"no feature network {name_or_path!r}; shipped: "
+            f"{', '.join(shipped) or 'none'}; or train one with `meanflow features train "
+            "--data NAME --out FILE.safetensors` and pass its path",
+        )
     check(os.path.isfile(path), f"feature network file {path!r} does not exist")
     try:
-        with open(path[:-len(".safetensors")] + ".json") as f:
+        with open(path[: -len(".safetensors")] + ".json") as f:
             meta = json.load(f)
         tensors = load_file(path)
         model = FeatureNet(meta["in_channels"], meta["num_classes"], meta["width"])
         model.load_state_dict(tensors)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise MeanFlowError(f"{path}: cannot load the feature network ({exc.__class__.__name__}"
-                            f": {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise MeanFlowError(
+            f"{path}: cannot load the feature network ({exc.__class__.__name__}"
+            f": {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     return model.eval().requires_grad_(False), meta
 
 
 @torch.no_grad()
-def extract(model: nn.Module, images: torch.Tensor, batch: int = 500, progress: bool = False,
-            desc: str = "features") -> torch.Tensor:
+def extract(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch: int = 500,
+    progress: bool = False,
+    desc: str = "features",
+) -> torch.Tensor:
     """Features (N, D) on the CPU of images (N, C, H, W) in [-1, 1], in batches on the model's
     device; ``model`` is a :class:`FeatureNet` or any module with ``features`` and ``channels``
     (e.g. :class:`.inception.InceptionFeatures`); ``progress``: a bar named ``desc`` on stderr."""
-    check(images.dim() == 4 and images.shape[1] in model.channels,
-          f"the feature network takes images of {' or '.join(map(str, model.channels))} "
-          f"channels, got shape {tuple(images.shape[1:])}")
+    check(
+        images.dim() == 4 and images.shape[1] in model.channels,
+        f"the feature network takes images of {' or '.join(map(str, model.channels))} "
+        f"channels, got shape {tuple(images.shape[1:])}",
+    )
     device = next(model.parameters()).device
     out = []
-    with tqdm(total=len(images), disable=not progress, unit="image", desc=desc,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(images), disable=not progress, unit="image", desc=desc, dynamic_ncols=True
+    ) as bar:
         for i in range(0, len(images), batch):
-            out.append(model.features(images[i:i + batch].to(device).float()).cpu())
+            out.append(model.features(images[i : i + batch].to(device).float()).cpu())
             bar.update(len(out[-1]))
     return torch.cat(out)

@@ -47,10 +47,15 @@ class FeatureStats:
         x = _to_numpy(features)
         check(x.ndim == 2, f"features must have shape (n, d), got shape {x.shape}")
         if self._mean is not None:
-            check(x.shape[1] == self.dim, f"feature dimension changed between updates: "
-                  f"had d={self.dim}, got d={x.shape[1]}; use one feature extractor per stats")
-        check(bool(np.isfinite(x).all()), "features hold NaN or Inf values; check the model "
-              "outputs and the feature extractor")
+            check(
+                x.shape[1] == self.dim,
+                f"feature dimension changed between updates: "
+                f"had d={self.dim}, got d={x.shape[1]}; use one feature extractor per stats",
+            )
+        check(
+            bool(np.isfinite(x).all()),
+            "features hold NaN or Inf values; check the model outputs and the feature extractor",
+        )
         n = x.shape[0]
         if n == 0:
             return self
@@ -87,8 +92,11 @@ class FeatureStats:
     @property
     def cov(self) -> np.ndarray:
         """Unbiased sample covariance (divides by n - 1), shape (d, d)."""
-        check(self._count >= 2, f"too few samples: a covariance needs at least 2 feature "
-              f"vectors, got {self._count}; pass a larger --num")
+        check(
+            self._count >= 2,
+            f"too few samples: a covariance needs at least 2 feature "
+            f"vectors, got {self._count}; pass a larger --num",
+        )
         return self._scatter / (self._count - 1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -99,13 +107,20 @@ class FeatureStats:
     def from_arrays(cls, mu, sigma, count) -> FeatureStats:
         """Rebuild from saved arrays, e.g. ``FeatureStats.from_arrays(**np.load(path))``."""
         mu, sigma = _to_numpy(mu), _to_numpy(sigma)
-        check(mu.ndim == 1 and sigma.shape == (mu.shape[0],) * 2, f"saved stats must hold mu "
-              f"of shape (d,) and sigma of shape (d, d), got {mu.shape} and {sigma.shape}")
+        check(
+            mu.ndim == 1 and sigma.shape == (mu.shape[0],) * 2,
+            f"saved stats must hold mu "
+            f"of shape (d,) and sigma of shape (d, d), got {mu.shape} and {sigma.shape}",
+        )
         count_arr = np.asarray(count)
-        check(count_arr.ndim == 0 and float(count_arr) == int(count_arr) and int(count_arr) >= 2,
-              f"saved stats need an integer count >= 2, got {count_arr.tolist()}")
-        check(bool(np.isfinite(mu).all() and np.isfinite(sigma).all()),
-              "saved stats hold NaN or Inf values; recompute them")
+        check(
+            count_arr.ndim == 0 and float(count_arr) == int(count_arr) and int(count_arr) >= 2,
+            f"saved stats need an integer count >= 2, got {count_arr.tolist()}",
+        )
+        check(
+            bool(np.isfinite(mu).all() and np.isfinite(sigma).all()),
+            "saved stats hold NaN or Inf values; recompute them",
+        )
         stats = cls()
         stats._count = int(count_arr)
         stats._mean = mu.copy()
@@ -120,10 +135,15 @@ def _sqrt_psd(s: np.ndarray) -> np.ndarray:
 
 
 def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, which: str) -> None:
-    check(mu.ndim == 1 and sigma.shape == (mu.shape[0],) * 2, f"{which} stats must be mu of shape "
-          f"(d,) and sigma of shape (d, d), got {mu.shape} and {sigma.shape}")
-    check(bool(np.isfinite(mu).all() and np.isfinite(sigma).all()),
-          f"{which} stats hold NaN or Inf values")
+    check(
+        mu.ndim == 1 and sigma.shape == (mu.shape[0],) * 2,
+        f"{which} stats must be mu of shape "
+        f"(d,) and sigma of shape (d, d), got {mu.shape} and {sigma.shape}",
+    )
+    check(
+        bool(np.isfinite(mu).all() and np.isfinite(sigma).all()),
+        f"{which} stats hold NaN or Inf values",
+    )
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -135,8 +155,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, sigma1, mu2, sigma2 = (_to_numpy(a) for a in (mu1, sigma1, mu2, sigma2))
     _check_gaussian(mu1, sigma1, "first")
     _check_gaussian(mu2, sigma2, "second")
-    check(mu1.shape == mu2.shape, f"dimension mismatch: first stats have d={mu1.shape[0]}, "
-          f"second stats have d={mu2.shape[0]}; compute both with the same feature extractor")
+    check(
+        mu1.shape == mu2.shape,
+        f"dimension mismatch: first stats have d={mu1.shape[0]}, "
+        f"second stats have d={mu2.shape[0]}; compute both with the same feature extractor",
+    )
     s1, s2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
     root1 = _sqrt_psd(s1)
     inner = root1 @ s2 @ root1
@@ -156,9 +179,15 @@ def fd_from_features(a, b) -> float:
     stats = []
     for name, x in (("first", a), ("second", b)):
         s = FeatureStats().update(x)
-        check(s.count >= 2, f"too few samples: FD needs at least 2 feature vectors per set, "
-              f"got {s.count} in the {name} set; pass a larger --num")
+        check(
+            s.count >= 2,
+            f"too few samples: FD needs at least 2 feature vectors per set, "
+            f"got {s.count} in the {name} set; pass a larger --num",
+        )
         stats.append(s)
-    check(stats[0].dim == stats[1].dim, f"dimension mismatch: first features have "
-          f"d={stats[0].dim}, second have d={stats[1].dim}; use the same feature extractor")
+    check(
+        stats[0].dim == stats[1].dim,
+        f"dimension mismatch: first features have "
+        f"d={stats[0].dim}, second have d={stats[1].dim}; use the same feature extractor",
+    )
     return frechet_distance(stats[0].mean, stats[0].cov, stats[1].mean, stats[1].cov)

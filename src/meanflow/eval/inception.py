@@ -9,7 +9,8 @@ a local weights file, and torchmetrics' FID is built on the same class. clean-fi
 differently (by design), and pytorch-fid needs torchvision's Inception.
 
 Images enter as the data loaders give them, (N, C, H, W) in [-1, 1]; they are quantised like the
-uint8 export of ``meanflow sample --out FILE.npz``, ``round((x + 1) * 127.5)`` clipped, grey images repeated to three channels.
+uint8 export of ``meanflow sample --out FILE.npz``, ``round((x + 1) * 127.5)`` clipped, grey
+images repeated to three channels.
 
 Weights are never downloaded. They are looked for in this order: ``--inception-weights FILE``,
 the environment variable ``MEANFLOW_INCEPTION_WEIGHTS``, and torch-fidelity's own cache
@@ -42,19 +43,28 @@ def library_cache_path() -> str:
 def find_weights(path: str | None = None) -> str:
     """The Inception weights file to use (see the module docstring for the search order)."""
     if path:
-        check(os.path.isfile(path), f"--inception-weights {path!r} does not exist; download "
-              f"{WEIGHTS_URL} on a machine with internet access and pass its path")
+        check(
+            os.path.isfile(path),
+            f"--inception-weights {path!r} does not exist; download "
+            f"{WEIGHTS_URL} on a machine with internet access and pass its path",
+        )
         return path
     env = os.environ.get(WEIGHTS_ENV, "")
     if env:
-        check(os.path.isfile(env), f"{WEIGHTS_ENV}={env!r} does not exist; point it at the "
-              f"file downloaded from {WEIGHTS_URL}")
+        check(
+            os.path.isfile(env),
+            f"{WEIGHTS_ENV}={env!r} does not exist; point it at the "
+            f"file downloaded from {WEIGHTS_URL}",
+        )
         return env
     cached = library_cache_path()
-    check(os.path.isfile(cached), f"FID needs the Inception-v3 weights, which are never "
-          f"downloaded at run time and are not in {cached}; download {WEIGHTS_URL} on a "
-          f"machine with internet access, then pass --inception-weights FILE, set {WEIGHTS_ENV}"
-          f", or copy it to that path")
+    check(
+        os.path.isfile(cached),
+        f"FID needs the Inception-v3 weights, which are never "
+        f"downloaded at run time and are not in {cached}; download {WEIGHTS_URL} on a "
+        f"machine with internet access, then pass --inception-weights FILE, set {WEIGHTS_ENV}"
+        f", or copy it to that path",
+    )
     return cached
 
 
@@ -70,11 +80,16 @@ def _check_state_dict(path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have many types
-        raise MeanFlowError(f"{path}: not a weights file of plain tensors ({exc.__class__.__name__}"
-                            f": {(str(exc).splitlines() or [''])[0][:200]})") from None
-    check(isinstance(state, dict) and state and all(isinstance(v, torch.Tensor)
-                                                    for v in state.values()),
-          f"{path}: expected a state dict of tensors (torch-fidelity's {WEIGHTS_NAME})")
+        raise MeanFlowError(
+            f"{path}: not a weights file of plain tensors ({exc.__class__.__name__}"
+            f": {(str(exc).splitlines() or [''])[0][:200]})"
+        ) from None
+    check(
+        isinstance(state, dict)
+        and state
+        and all(isinstance(v, torch.Tensor) for v in state.values()),
+        f"{path}: expected a state dict of tensors (torch-fidelity's {WEIGHTS_NAME})",
+    )
 
 
 def _library_class():
@@ -84,7 +99,8 @@ def _library_class():
         raise MeanFlowError(
             "FID needs torch-fidelity: pip install 'meanflow[fid]' (it imports torchvision, "
             f"which must be built for your torch {torch.__version__}); importing it failed with "
-            f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}") from None
+            f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        ) from None
     return FeatureExtractorInceptionV3
 
 
@@ -114,15 +130,22 @@ def load_inception(path: str | None = None) -> tuple[InceptionFeatures, dict]:
     try:
         net = cls("inception-v3-compat", [FEATURE_LAYER], feature_extractor_weights_path=path)
     except Exception as exc:
-        raise MeanFlowError(f"{path}: torch-fidelity cannot load these Inception weights "
-                            f"({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-                            ")") from None
+        raise MeanFlowError(
+            f"{path}: torch-fidelity cannot load these Inception weights "
+            f"({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            ")"
+        ) from None
     import importlib.metadata as md
+
     try:
         version = md.version("torch-fidelity")
     except md.PackageNotFoundError:
         version = "unknown"
-    meta = {"name": "inception-v3", "weights": os.path.abspath(path),
-            "fingerprint": file_fingerprint(path), "library": f"torch-fidelity {version}",
-            "feature_dim": 2048}
+    meta = {
+        "name": "inception-v3",
+        "weights": os.path.abspath(path),
+        "fingerprint": file_fingerprint(path),
+        "library": f"torch-fidelity {version}",
+        "feature_dim": 2048,
+    }
     return InceptionFeatures(net.eval().requires_grad_(False)), meta

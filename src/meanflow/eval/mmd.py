@@ -42,18 +42,20 @@ def default_bandwidths(x, y) -> list[float]:
 
 def _bandwidths(x: torch.Tensor, y: torch.Tensor) -> list[float]:
     med = _median_distance(torch.cat([x, y]))
-    check(med > 0, "median pairwise distance is 0 (most points coincide); pass bandwidths "
-          "explicitly")
+    check(
+        med > 0, "median pairwise distance is 0 (most points coincide); pass bandwidths explicitly"
+    )
     return [c * med for c in BANDWIDTH_SCALES]
 
 
-def _kernel_sum(a: torch.Tensor, b: torch.Tensor, inv_two_s2: torch.Tensor, same: bool,
-                batch: int) -> float:
+def _kernel_sum(
+    a: torch.Tensor, b: torch.Tensor, inv_two_s2: torch.Tensor, same: bool, batch: int
+) -> float:
     """Sum of k(a_i, b_j) over all pairs, or over i != j when ``a`` and ``b`` are one set."""
     total = 0.0
     for i in range(0, a.shape[0], batch):
         for j in range(0, b.shape[0], batch):
-            d2 = _cdist(a[i:i + batch], b[j:j + batch]).square()
+            d2 = _cdist(a[i : i + batch], b[j : j + batch]).square()
             kern = sum(torch.exp(-d2 * g) for g in inv_two_s2)
             total += float(kern.sum())
             if same and i == j:  # same block boundaries: this block holds the diagonal
@@ -61,22 +63,30 @@ def _kernel_sum(a: torch.Tensor, b: torch.Tensor, inv_two_s2: torch.Tensor, same
     return total
 
 
-def mmd2(x, y, bandwidths: float | Sequence[float] | None = None,
-         batch_size: int = DEFAULT_BATCH) -> float:
+def mmd2(
+    x, y, bandwidths: float | Sequence[float] | None = None, batch_size: int = DEFAULT_BATCH
+) -> float:
     """Unbiased squared MMD between ``x`` (N, D) and ``y`` (M, D), N, M >= 2 (module docstring)."""
     xs, ys = _pair(x, y, ("x", "y"))
-    check(xs.shape[0] >= 2 and ys.shape[0] >= 2, f"too few samples: MMD needs at least 2 points "
-          f"per set, got {xs.shape[0]} and {ys.shape[0]}; pass a larger --num")
-    check(isinstance(batch_size, int) and batch_size >= 1,
-          f"batch_size must be a positive integer, got {batch_size!r}")
+    check(
+        xs.shape[0] >= 2 and ys.shape[0] >= 2,
+        f"too few samples: MMD needs at least 2 points "
+        f"per set, got {xs.shape[0]} and {ys.shape[0]}; pass a larger --num",
+    )
+    check(
+        isinstance(batch_size, int) and batch_size >= 1,
+        f"batch_size must be a positive integer, got {batch_size!r}",
+    )
     if bandwidths is None:
         bandwidths = _bandwidths(xs, ys)
     try:
         s = torch.as_tensor(bandwidths, dtype=torch.float64).reshape(-1)
     except (TypeError, ValueError, RuntimeError):
         s = None
-    check(s is not None and s.numel() >= 1 and bool(torch.isfinite(s).all() and (s > 0).all()),
-          f"bandwidths must be one or more positive finite numbers, got {bandwidths!r}")
+    check(
+        s is not None and s.numel() >= 1 and bool(torch.isfinite(s).all() and (s > 0).all()),
+        f"bandwidths must be one or more positive finite numbers, got {bandwidths!r}",
+    )
     inv_two_s2 = 1.0 / (2.0 * s.square())
     n, m = xs.shape[0], ys.shape[0]
     kxx = _kernel_sum(xs, xs, inv_two_s2, True, batch_size) / (n * (n - 1))

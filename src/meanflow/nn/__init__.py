@@ -6,5 +6,17 @@ from .mlp import MLP
 from .songunet import SONGUNET_CONFIGS, SongUNet, songunet
 from .unet import UNET_CONFIGS, UNet, unet
 
-__all__ = ["MLP", "DiT", "dit", "DIT_CONFIGS", "TimeEmbedding", "TIME_INPUTS", "UNet", "unet",
-           "UNET_CONFIGS", "SongUNet", "songunet", "SONGUNET_CONFIGS"]
+__all__ = [
+    "MLP",
+    "DiT",
+    "dit",
+    "DIT_CONFIGS",
+    "TimeEmbedding",
+    "TIME_INPUTS",
+    "UNet",
+    "unet",
+    "UNET_CONFIGS",
+    "SongUNet",
+    "songunet",
+    "SONGUNET_CONFIGS",
+]

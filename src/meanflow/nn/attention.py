@@ -52,9 +52,16 @@ def _compute_dtype(a: torch.Tensor) -> torch.dtype:
     return torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
 
 
-def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  dq: torch.Tensor | None, dk: torch.Tensor | None, dv: torch.Tensor | None,
-                  chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def attention_jvp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    dq: torch.Tensor | None,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
     """Tangent ``dO`` of ``O = attention(q, k, v)`` (given as ``out``) along ``(dq, dk, dv)``
     (None means zero), in query blocks of ``chunk``: ``dO = (P * dS) V - c * O + P dV``."""
     dtype = _compute_dtype(q)
@@ -67,18 +74,18 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     for start in range(0, q.shape[-2], chunk):
         rows = slice(start, start + chunk)
         qc = q[..., rows, :]
-        p = torch.softmax(scale * (qc @ kt), dim=-1)                   # (..., C, N)
+        p = torch.softmax(scale * (qc @ kt), dim=-1)  # (..., C, N)
         ds = None
         if dq is not None:
             ds = dq[..., rows, :] @ kt
         if dkt is not None:
             ds = qc @ dkt if ds is None else ds + qc @ dkt
-        if ds is None:                                                 # only dV
+        if ds is None:  # only dV
             acc = torch.zeros_like(out[..., rows, :])
         else:
             ds = ds * scale
             pds = p * ds
-            c = pds.sum(-1, keepdim=True)                              # (..., C, 1)
+            c = pds.sum(-1, keepdim=True)  # (..., C, 1)
             acc = pds @ v - c * out[..., rows, :]
         if dv is not None:
             acc = acc + p @ dv
@@ -97,7 +104,7 @@ def _attention_backward(q, k, v, out, grad, chunk: int = DEFAULT_CHUNK):
     for start in range(0, q.shape[-2], chunk):
         rows = slice(start, start + chunk)
         qc, gc = q[..., rows, :], grad[..., rows, :]
-        p = torch.softmax(scale * (qc @ kt), dim=-1)                   # (..., C, N)
+        p = torch.softmax(scale * (qc @ kt), dim=-1)  # (..., C, N)
         dp = gc @ v.transpose(-2, -1)
         r = (gc * out[..., rows, :]).sum(-1, keepdim=True)
         ds = p * (dp - r) * scale

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import check
 from .attention import attention
 from .embeddings import Conditioning, check_image_call
-from .forward_mode import Conv2d, GELU, LayerNorm, Linear, SiLU
+from .forward_mode import GELU, Conv2d, LayerNorm, Linear, SiLU
 
 #: depth, hidden width and attention heads; "T" is a tiny size for tests and toy runs.
 DIT_CONFIGS = {
@@ -83,8 +83,9 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads)
         self.norm2 = LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(Linear(hidden, width), GELU(approximate="tanh"),
-                                 Linear(width, hidden))
+        self.mlp = nn.Sequential(
+            Linear(hidden, width), GELU(approximate="tanh"), Linear(width, hidden)
+        )
         self.ada = nn.Sequential(SiLU(), Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -106,15 +107,28 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, input_size: int = 32, in_channels: int = 4, patch: int = 2,
-                 hidden: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000, guidance_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        input_size: int = 32,
+        in_channels: int = 4,
+        patch: int = 2,
+        hidden: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        guidance_inputs: bool = False,
+    ) -> None:
         super().__init__()
-        check(input_size >= 1 and in_channels >= 1 and patch >= 1,
-              "input_size, in_channels and patch must be >= 1, "
-              f"got {input_size}, {in_channels}, {patch}")
-        check(input_size % patch == 0,
-              f"input_size {input_size} is not divisible by the patch size {patch}")
+        check(
+            input_size >= 1 and in_channels >= 1 and patch >= 1,
+            "input_size, in_channels and patch must be >= 1, "
+            f"got {input_size}, {in_channels}, {patch}",
+        )
+        check(
+            input_size % patch == 0,
+            f"input_size {input_size} is not divisible by the patch size {patch}",
+        )
         check(depth >= 1 and heads >= 1, f"depth and heads must be >= 1, got {depth}, {heads}")
         check(hidden % heads == 0, f"hidden {hidden} is not divisible by heads {heads}")
         check(hidden % 4 == 0, f"hidden must be a multiple of 4 (2-D sin-cos), got {hidden}")
@@ -147,34 +161,55 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_image_call("DiT", z, r, t, y, self.in_channels, self.input_size)
         b = z.shape[0]
         c = self.cond(r.to(z.dtype), t.to(z.dtype), y, guidance)
         x = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
         for block in self.blocks:
             x = block(x, c)
-        x = self.final(x, c)                                          # (B, g*g, p*p*C)
+        x = self.final(x, c)  # (B, g*g, p*p*C)
         g, p, ch = self.grid, self.patch, self.in_channels
-        x = x.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)   # (B, C, g, p, g, p)
+        x = x.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return x.reshape(b, ch, g * p, g * p)
 
 
-def dit(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-        patch: int | None = None, **kwargs) -> DiT:
+def dit(
+    name: str,
+    input_size: int = 32,
+    in_channels: int = 4,
+    num_classes: int = 1000,
+    patch: int | None = None,
+    **kwargs,
+) -> DiT:
     """Build a DiT by name: ``"B/2"`` is size B with patch 2 (sizes: see :data:`DIT_CONFIGS`).
     A bare size (``"B"``) takes ``patch`` (default 2); extra keywords go to :class:`DiT`."""
     size, _, patch_text = str(name).partition("/")
-    check(size in DIT_CONFIGS,
-          f"unknown DiT config {name!r}; use SIZE/PATCH with SIZE one of {', '.join(DIT_CONFIGS)}")
+    check(
+        size in DIT_CONFIGS,
+        f"unknown DiT config {name!r}; use SIZE/PATCH with SIZE one of {', '.join(DIT_CONFIGS)}",
+    )
     if patch_text:
-        check(patch_text.isdigit() and int(patch_text) >= 1,
-              f"bad patch size in DiT config {name!r}; use e.g. 'B/2'")
-        check(patch is None or patch == int(patch_text),
-              f"DiT config {name!r} says patch {patch_text} but patch={patch} was passed")
+        check(
+            patch_text.isdigit() and int(patch_text) >= 1,
+            f"bad patch size in DiT config {name!r}; use e.g. 'B/2'",
+        )
+        check(
+            patch is None or patch == int(patch_text),
+            f"DiT config {name!r} says patch {patch_text} but patch={patch} was passed",
+        )
         patch = int(patch_text)
-    return DiT(input_size=input_size, in_channels=in_channels,
-               patch=2 if patch is None else patch, num_classes=num_classes,
-               **{**DIT_CONFIGS[size], **kwargs})
+    return DiT(
+        input_size=input_size,
+        in_channels=in_channels,
+        patch=2 if patch is None else patch,
+        num_classes=num_classes,
+        **{**DIT_CONFIGS[size], **kwargs},
+    )

@@ -51,8 +51,9 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, kind: str = "t,t-r", dim: int = 32, max_freq: float = 6 * math.pi) -> None:
         super().__init__()
-        check(kind in TIME_INPUTS,
-              f"time input must be one of {', '.join(TIME_INPUTS)}, got {kind!r}")
+        check(
+            kind in TIME_INPUTS, f"time input must be one of {', '.join(TIME_INPUTS)}, got {kind!r}"
+        )
         self.kind = kind
         self.embed = SinusoidalEmbedding(dim, max_freq)
         self.out_dim = self.embed.out_dim * len(TIME_INPUTS[kind])
@@ -82,8 +83,10 @@ def guidance_features(guidance: torch.Tensor) -> list[torch.Tensor]:
     """The guidance conditions ``(omega, t_min, t_max)`` (B, 3) as the scalars a network embeds:
     ``1 - 1/omega`` (0 for no guidance, bounded as omega grows, as the iMF authors embed it),
     ``t_min`` and ``t_max``."""
-    check(guidance.dim() == 2 and guidance.shape[1] == 3,
-          f"guidance must have shape (B, 3) = (omega, t_min, t_max), got {tuple(guidance.shape)}")
+    check(
+        guidance.dim() == 2 and guidance.shape[1] == 3,
+        f"guidance must have shape (B, 3) = (omega, t_min, t_max), got {tuple(guidance.shape)}",
+    )
     omega, t_min, t_max = guidance.unbind(1)
     return [1 - 1 / omega, t_min, t_max]
 
@@ -106,11 +109,17 @@ class Conditioning(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden)
         self.h_embedder = TimestepEmbedder(hidden)
         self.label = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
-        self.guidance = (nn.ModuleList(TimestepEmbedder(hidden) for _ in range(3))
-                         if guidance_inputs else None)
+        self.guidance = (
+            nn.ModuleList(TimestepEmbedder(hidden) for _ in range(3)) if guidance_inputs else None
+        )
 
-    def forward(self, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         c = self.t_embedder(t) + self.h_embedder(t - r)
         if self.label is not None:
             if y is None:
@@ -121,32 +130,58 @@ class Conditioning(nn.Module):
             for embed, s in zip(self.guidance, guidance_features(g)):
                 c = c + embed(s)
         else:
-            check(guidance is None, "this network takes no guidance inputs (build it with "
-                  "guidance_inputs=True: --set guidance.inputs=true)")
+            check(
+                guidance is None,
+                "this network takes no guidance inputs (build it with "
+                "guidance_inputs=True: --set guidance.inputs=true)",
+            )
         return c
 
 
-def check_image_call(name: str, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                     y: torch.Tensor | None, channels: int, size: int) -> None:
-    """One clear error for a call ``model(z, r, t, y)`` of an image network with the wrong shapes."""
+def check_image_call(
+    name: str,
+    z: torch.Tensor,
+    r: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor | None,
+    channels: int,
+    size: int,
+) -> None:
+    """One clear error for a call ``model(z, r, t, y)`` of an image network with wrong shapes."""
     want = (channels, size, size)
-    check(z.dim() == 4 and tuple(z.shape[1:]) == want,
-          f"{name} expects z of shape (B, {', '.join(map(str, want))}), got {tuple(z.shape)}")
+    check(
+        z.dim() == 4 and tuple(z.shape[1:]) == want,
+        f"{name} expects z of shape (B, {', '.join(map(str, want))}), got {tuple(z.shape)}",
+    )
     b = z.shape[0]
-    check(r.shape == (b,) and t.shape == (b,),
-          f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}")
+    check(
+        r.shape == (b,) and t.shape == (b,),
+        f"r and t must have shape ({b},), got {tuple(r.shape)} and {tuple(t.shape)}",
+    )
     if y is not None:
         check(y.shape == (b,), f"y must have shape ({b},), got {tuple(y.shape)}")
 
 
-def check_unet_args(in_channels: int, input_size: int, channels: int, channel_mult: tuple,
-                    blocks: int, dropout: float, channels_name: str, blocks_name: str) -> None:
+def check_unet_args(
+    in_channels: int,
+    input_size: int,
+    channels: int,
+    channel_mult: tuple,
+    blocks: int,
+    dropout: float,
+    channels_name: str,
+    blocks_name: str,
+) -> None:
     """One-line errors for the arguments U-Nets share (ours and the SongUNet)."""
-    check(in_channels >= 1 and input_size >= 1 and channels >= 1,
-          f"in_channels, input_size and {channels_name} must be >= 1, "
-          f"got {in_channels}, {input_size}, {channels}")
-    check(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult),
-          f"channel_mult must be a non-empty tuple of ints >= 1, got {channel_mult}")
+    check(
+        in_channels >= 1 and input_size >= 1 and channels >= 1,
+        f"in_channels, input_size and {channels_name} must be >= 1, "
+        f"got {in_channels}, {input_size}, {channels}",
+    )
+    check(
+        len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult),
+        f"channel_mult must be a non-empty tuple of ints >= 1, got {channel_mult}",
+    )
     check(blocks >= 1, f"{blocks_name} must be >= 1, got {blocks}")
     check(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
 
@@ -158,8 +193,10 @@ def resolve_config(configs: dict, name: str, what: str, input_size: int, overrid
     cfg = {**configs[name], **overrides}
     factors = tuple(cfg.pop("attention_downsample", ()))
     if "attention_resolutions" not in overrides:
-        check(all(d >= 1 and input_size % d == 0 for d in factors),
-              f"input_size {input_size} is not divisible by the attention downsampling "
-              f"factors {factors} of {what} config {name!r}")
+        check(
+            all(d >= 1 and input_size % d == 0 for d in factors),
+            f"input_size {input_size} is not divisible by the attention downsampling "
+            f"factors {factors} of {what} config {name!r}",
+        )
         cfg["attention_resolutions"] = tuple(input_size // d for d in factors)
     return cfg

@@ -47,8 +47,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad as fwAD
 
-__all__ = ["Linear", "Conv2d", "GroupNorm", "LayerNorm", "SiLU", "GELU", "silu", "gelu",
-           "in_forward_transform", "lean_rules_active", "tangents_without_graph", "torch_rules"]
+__all__ = [
+    "Linear",
+    "Conv2d",
+    "GroupNorm",
+    "LayerNorm",
+    "SiLU",
+    "GELU",
+    "silu",
+    "gelu",
+    "in_forward_transform",
+    "lean_rules_active",
+    "tangents_without_graph",
+    "torch_rules",
+]
 
 _WITHOUT_GRAPH = [0]
 _TORCH_RULES = [0]
@@ -112,8 +124,9 @@ def _call(fn, x: torch.Tensor, *args, dtype: torch.dtype | None = None):
     if cast is None:
         return fn(x, *args)
     dtype = dtype or cast
-    args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args]
+    args = [
+        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    ]
     with torch.autocast(x.device.type, enabled=False):
         return fn(x.to(dtype), *args)
 
@@ -188,11 +201,14 @@ class _Conv2d(torch.autograd.Function):
             return (None,) * 7
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.bias_shape is not None and ctx.needs_input_grad[2]]
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.bias_shape is not None and ctx.needs_input_grad[2],
+        ]
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
-            mask)
+            grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
+        )
         return gx, gw, gb, None, None, None, None
 
     @staticmethod
@@ -200,8 +216,11 @@ class _Conv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         with _rule_context():
-            out = None if dx is None else F.conv2d(dx, weight, None, stride, padding, dilation,
-                                                   groups)
+            out = (
+                None
+                if dx is None
+                else F.conv2d(dx, weight, None, stride, padding, dilation, groups)
+            )
             if dweight is not None:
                 out = _add(out, F.conv2d(x, dweight, None, stride, padding, dilation, groups))
             if dbias is not None:
@@ -214,11 +233,18 @@ class Conv2d(nn.Conv2d):
     (zero padding with explicit sizes; other settings fall back to ``nn.Conv2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not lean_rules_active() or self.padding_mode != "zeros"
-                or isinstance(self.padding, str)):
+        if not lean_rules_active() or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        return _call(_Conv2d.apply, x, self.weight, self.bias, self.stride, self.padding,
-                     self.dilation, self.groups)
+        return _call(
+            _Conv2d.apply,
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -227,8 +253,9 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(x, groups, weight, bias, eps):
         n, c = x.shape[:2]
-        return torch.ops.aten.native_group_norm(x.contiguous(), weight, bias, n, c,
-                                                x[0, 0].numel(), groups, eps)
+        return torch.ops.aten.native_group_norm(
+            x.contiguous(), weight, bias, n, c, x[0, 0].numel(), groups, eps
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -246,11 +273,23 @@ class _GroupNorm(torch.autograd.Function):
             return (None,) * 5
         x, mean, rstd, weight = ctx.saved_tensors
         n, c = x.shape[:2]
-        mask = [ctx.needs_input_grad[0], ctx.affine[0] and ctx.needs_input_grad[2],
-                ctx.affine[1] and ctx.needs_input_grad[3]]
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.affine[0] and ctx.needs_input_grad[2],
+            ctx.affine[1] and ctx.needs_input_grad[3],
+        ]
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            grad.contiguous(), x.contiguous(), mean, rstd, weight, n, c, x[0, 0].numel(),
-            ctx.groups, mask)
+            grad.contiguous(),
+            x.contiguous(),
+            mean,
+            rstd,
+            weight,
+            n,
+            c,
+            x[0, 0].numel(),
+            ctx.groups,
+            mask,
+        )
         return gx, None, gw, gb, None
 
     @staticmethod
@@ -263,8 +302,17 @@ class _GroupNorm(torch.autograd.Function):
             out = None
             if dx is not None:  # the unit-affine Jacobian is symmetric: backward's kernel
                 out = torch.ops.aten.native_group_norm_backward(
-                    dx.contiguous(), x.contiguous(), mean, rstd, None, n, c, x[0, 0].numel(),
-                    ctx.groups, [True, False, False])[0]
+                    dx.contiguous(),
+                    x.contiguous(),
+                    mean,
+                    rstd,
+                    None,
+                    n,
+                    c,
+                    x[0, 0].numel(),
+                    ctx.groups,
+                    [True, False, False],
+                )[0]
                 if weight is not None:
                     out = out * weight.reshape(channel)
             if dweight is not None:
@@ -281,8 +329,13 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not lean_rules_active():
             return super().forward(x)
-        return _call(lambda x_, w, b: _GroupNorm.apply(x_, self.num_groups, w, b, self.eps)[0],
-                     x, self.weight, self.bias, dtype=torch.float32)
+        return _call(
+            lambda x_, w, b: _GroupNorm.apply(x_, self.num_groups, w, b, self.eps)[0],
+            x,
+            self.weight,
+            self.bias,
+            dtype=torch.float32,
+        )
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -306,10 +359,14 @@ class _LayerNorm(torch.autograd.Function):
         if grad is None:
             return (None,) * 5
         x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
-                bias is not None and ctx.needs_input_grad[3]]
+        mask = [
+            ctx.needs_input_grad[0],
+            weight is not None and ctx.needs_input_grad[2],
+            bias is not None and ctx.needs_input_grad[3],
+        ]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            grad.contiguous(), x, ctx.shape, mean, rstd, weight, bias, mask)
+            grad.contiguous(), x, ctx.shape, mean, rstd, weight, bias, mask
+        )
         return gx, None, gw, gb, None
 
     @staticmethod
@@ -319,8 +376,8 @@ class _LayerNorm(torch.autograd.Function):
             out = None
             if dx is not None:  # the unit-affine Jacobian is symmetric: backward's kernel
                 out = torch.ops.aten.native_layer_norm_backward(
-                    dx.contiguous(), x, ctx.shape, mean, rstd, None, None,
-                    [True, False, False])[0]
+                    dx.contiguous(), x, ctx.shape, mean, rstd, None, None, [True, False, False]
+                )[0]
                 if weight is not None:
                     out = out * weight
             if dweight is not None:
@@ -337,8 +394,13 @@ class LayerNorm(nn.LayerNorm):
         if not lean_rules_active():
             return super().forward(x)
         shape = list(self.normalized_shape)
-        return _call(lambda x_, w, b: _LayerNorm.apply(x_, shape, w, b, self.eps)[0],
-                     x, self.weight, self.bias, dtype=torch.float32)
+        return _call(
+            lambda x_, w, b: _LayerNorm.apply(x_, shape, w, b, self.eps)[0],
+            x,
+            self.weight,
+            self.bias,
+            dtype=torch.float32,
+        )
 
 
 class _Pointwise(torch.autograd.Function):
@@ -374,8 +436,10 @@ class _Pointwise(torch.autograd.Function):
 
 _POINTWISE = {
     "silu": (lambda x, _: F.silu(x), lambda g, x, _: torch.ops.aten.silu_backward(g, x)),
-    "gelu": (lambda x, a: F.gelu(x, approximate=a),
-             lambda g, x, a: torch.ops.aten.gelu_backward(g, x, approximate=a)),
+    "gelu": (
+        lambda x, a: F.gelu(x, approximate=a),
+        lambda g, x, a: torch.ops.aten.gelu_backward(g, x, approximate=a),
+    ),
 }
 
 

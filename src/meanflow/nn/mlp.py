@@ -2,7 +2,8 @@
 
 Input: ``[z, c]`` with ``c = [embed(time quantities), embed(label)]`` -> ``depth`` layers
 ``h <- SiLU(W h + U c)`` of width ``hidden`` (the condition enters every layer, which helps the
-network represent how ``u`` changes with ``t`` and ``t - r``) -> Linear to D. Time quantities default to ``(t, t - r)`` (see embeddings.py).
+network represent how ``u`` changes with ``t`` and ``t - r``) -> Linear to D. Time quantities
+default to ``(t, t - r)`` (see embeddings.py).
 Labels, when ``num_classes > 0``, use a learned table with one extra row for the null label
 (index ``num_classes``) that classifier-free guidance drops to.
 """
@@ -18,9 +19,17 @@ from .forward_mode import Linear, silu
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_input: str = "t,t-r",
-                 time_dim: int = 32, num_classes: int = 0, label_dim: int = 32,
-                 guidance_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 4,
+        time_input: str = "t,t-r",
+        time_dim: int = 32,
+        num_classes: int = 0,
+        label_dim: int = 32,
+        guidance_inputs: bool = False,
+    ) -> None:
         super().__init__()
         check(dim >= 1, f"data dimension must be >= 1, got {dim}")
         check(hidden >= 1 and depth >= 1, f"hidden and depth must be >= 1, got {hidden}, {depth}")
@@ -28,16 +37,24 @@ class MLP(nn.Module):
         self.time = TimeEmbedding(time_input, time_dim)
         self.label = nn.Embedding(num_classes + 1, label_dim) if num_classes > 0 else None
         self.guidance = SinusoidalEmbedding(time_dim) if guidance_inputs else None
-        cond_dim = (self.time.out_dim + (label_dim if num_classes > 0 else 0)
-                    + (3 * self.guidance.out_dim if guidance_inputs else 0))
+        cond_dim = (
+            self.time.out_dim
+            + (label_dim if num_classes > 0 else 0)
+            + (3 * self.guidance.out_dim if guidance_inputs else 0)
+        )
         self.inp = Linear(dim + cond_dim, hidden)
         self.layers = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth - 1))
         self.cond = nn.ModuleList(Linear(cond_dim, hidden, bias=False) for _ in range(depth - 1))
         self.out = Linear(hidden, dim)
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         parts = [self.time(r.to(z.dtype), t.to(z.dtype))]
         if self.label is not None:
             if y is None:
@@ -47,8 +64,11 @@ class MLP(nn.Module):
             g = no_guidance(z.shape[0], z) if guidance is None else guidance.to(z.dtype)
             parts += [self.guidance(s) for s in guidance_features(g)]
         else:
-            check(guidance is None, "this network takes no guidance inputs (build it with "
-                  "guidance_inputs=True: --set guidance.inputs=true)")
+            check(
+                guidance is None,
+                "this network takes no guidance inputs (build it with "
+                "guidance_inputs=True: --set guidance.inputs=true)",
+            )
         c = torch.cat(parts, dim=1)
         h = silu(self.inp(torch.cat([z, c], dim=1)))
         for layer, cond in zip(self.layers, self.cond):

@@ -50,11 +50,25 @@ from .forward_mode import Conv2d, GroupNorm, Linear, silu
 #: channels, multipliers per level, blocks per level, attention at ``input_size // d`` for each
 #: ``d`` in ``attention_downsample``, dropout, time-embedding width factor, augmentation labels.
 SONGUNET_CONFIGS = {
-    "tiny": dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attention_downsample=(2,),
-                 dropout=0.1, channel_mult_noise=1, augment_dim=0),
-    "cifar10-paper": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
-                          attention_downsample=(2,), dropout=0.2, channel_mult_noise=2,
-                          augment_dim=6, augment_columns=(0, 2, 5, 6, 7, 8)),
+    "tiny": dict(
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attention_downsample=(2,),
+        dropout=0.1,
+        channel_mult_noise=1,
+        augment_dim=0,
+    ),
+    "cifar10-paper": dict(
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attention_downsample=(2,),
+        dropout=0.2,
+        channel_mult_noise=2,
+        augment_dim=6,
+        augment_columns=(0, 2, 5, 6, 7, 8),
+    ),
 }
 
 SKIP_SCALE = math.sqrt(0.5)
@@ -78,8 +92,11 @@ def _conv(cin: int, cout: int, kernel: int, gain: float = 1.0) -> nn.Conv2d:
 
 def _norm(channels: int) -> nn.GroupNorm:
     groups = min(32, channels // 4)
-    check(groups >= 1 and channels % groups == 0, f"SongUNet: {channels} channels cannot be "
-          f"split into min(32, C // 4) = {groups} GroupNorm groups; pick other channel counts")
+    check(
+        groups >= 1 and channels % groups == 0,
+        f"SongUNet: {channels} channels cannot be "
+        f"split into min(32, C // 4) = {groups} GroupNorm groups; pick other channel counts",
+    )
     return GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -97,8 +114,16 @@ def _resample(x: torch.Tensor, fir: torch.Tensor, mode: str | None) -> torch.Ten
 class SongBlock(nn.Module):
     """ResNet block with additive conditioning, optional resampling and self-attention."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, fir: torch.Tensor,
-                 resample: str | None = None, attention: bool = False) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        emb_dim: int,
+        dropout: float,
+        fir: torch.Tensor,
+        resample: str | None = None,
+        attention: bool = False,
+    ) -> None:
         super().__init__()
         self.resample, self.attention = resample, attention
         self.register_buffer("fir", fir.clone(), persistent=False)
@@ -125,9 +150,9 @@ class SongBlock(nn.Module):
             b, c, hgt, wid = x.shape
             qkv = self.qkv(self.norm2(x)).reshape(b, 3, 1, c, hgt * wid)
             q, k, v = qkv.transpose(-1, -2).unbind(1)
-            a = attention(q, k, v)                                 # (B, 1, HW, C), one head
+            a = attention(q, k, v)  # (B, 1, HW, C), one head
             a = a.transpose(-1, -2).reshape(b, c, hgt, wid).contiguous()  # (forward AD of
-            x = (self.proj(a) + x) * SKIP_SCALE                # GroupNorm needs it contiguous)
+            x = (self.proj(a) + x) * SKIP_SCALE  # GroupNorm needs it contiguous)
         return x
 
 
@@ -137,34 +162,65 @@ class SongUNet(nn.Module):
     are (:func:`songunet_for_authors`). ``augment_columns``: the columns of the (B, 9) EDM label
     layout (``meanflow.data.augment``) that the network reads; None: ``aug`` is (B, augment_dim)."""
 
-    def __init__(self, in_channels: int = 3, input_size: int = 32, model_channels: int = 128,
-                 channel_mult: tuple[int, ...] = (2, 2, 2), num_blocks: int = 4,
-                 attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0,
-                 channel_mult_noise: int = 2, channel_mult_emb: int = 4,
-                 resample_filter: tuple[int, ...] = (1, 3, 3, 1), num_classes: int = 0,
-                 augment_dim: int = 0, augment_columns: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        input_size: int = 32,
+        model_channels: int = 128,
+        channel_mult: tuple[int, ...] = (2, 2, 2),
+        num_blocks: int = 4,
+        attention_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.0,
+        channel_mult_noise: int = 2,
+        channel_mult_emb: int = 4,
+        resample_filter: tuple[int, ...] = (1, 3, 3, 1),
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        augment_columns: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        check_unet_args(in_channels, input_size, model_channels, channel_mult, num_blocks, dropout,
-                        "model_channels", "num_blocks")
-        check(num_classes >= 0 and augment_dim >= 0,
-              f"num_classes and augment_dim must be >= 0, got {num_classes}, {augment_dim}")
+        check_unet_args(
+            in_channels,
+            input_size,
+            model_channels,
+            channel_mult,
+            num_blocks,
+            dropout,
+            "model_channels",
+            "num_blocks",
+        )
+        check(
+            num_classes >= 0 and augment_dim >= 0,
+            f"num_classes and augment_dim must be >= 0, got {num_classes}, {augment_dim}",
+        )
         if augment_columns is not None:
             augment_columns = tuple(augment_columns)
-            check(len(augment_columns) == augment_dim and all(
-                  0 <= c < EDM_LABELS for c in augment_columns), f"augment_columns "
-                  f"{augment_columns} must be {augment_dim} indices in [0, {EDM_LABELS})")
+            check(
+                len(augment_columns) == augment_dim
+                and all(0 <= c < EDM_LABELS for c in augment_columns),
+                f"augment_columns "
+                f"{augment_columns} must be {augment_dim} indices in [0, {EDM_LABELS})",
+            )
         noise = model_channels * channel_mult_noise
-        check(noise >= 4 and noise % 2 == 0, f"the time embedding width model_channels x "
-              f"channel_mult_noise = {noise} must be even and >= 4")
+        check(
+            noise >= 4 and noise % 2 == 0,
+            f"the time embedding width model_channels x "
+            f"channel_mult_noise = {noise} must be even and >= 4",
+        )
         levels = len(channel_mult)
-        check(input_size % 2 ** (levels - 1) == 0,
-              f"input_size {input_size} is not divisible by 2^{levels - 1} ({levels} levels from "
-              f"channel_mult {channel_mult}); use fewer levels")
+        check(
+            input_size % 2 ** (levels - 1) == 0,
+            f"input_size {input_size} is not divisible by 2^{levels - 1} ({levels} levels from "
+            f"channel_mult {channel_mult}); use fewer levels",
+        )
         sizes = [input_size >> i for i in range(levels)]
         missing = [a for a in attention_resolutions if a not in sizes]
-        check(not missing, f"attention resolutions {missing} are not among the level "
-              f"resolutions {sizes} of a {input_size}x{input_size} input")
+        check(
+            not missing,
+            f"attention resolutions {missing} are not among the level "
+            f"resolutions {sizes} of a {input_size}x{input_size} input",
+        )
         self.in_channels, self.input_size = in_channels, input_size
         self.num_classes, self.augment_dim = num_classes, augment_dim
         self.augment_columns = augment_columns
@@ -175,8 +231,9 @@ class SongUNet(nn.Module):
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
         emb_dim = model_channels * channel_mult_emb
-        self.map_augment = (_init(Linear(augment_dim, 2 * noise, bias=False))
-                            if augment_dim else None)
+        self.map_augment = (
+            _init(Linear(augment_dim, 2 * noise, bias=False)) if augment_dim else None
+        )
         self.label = nn.Embedding(num_classes + 1, 2 * noise) if num_classes else None
         self.map_layer0 = _init(Linear(2 * noise, emb_dim))
         self.map_layer1 = _init(Linear(emb_dim, emb_dim))
@@ -194,8 +251,9 @@ class SongUNet(nn.Module):
                 self.enc[f"{res}_down"] = block(cout, cout, resample="down")
                 skips.append(cout)
             for i in range(num_blocks):
-                self.enc[f"{res}_block{i}"] = block(cout, model_channels * mult,
-                                                    attention=sizes[level] in attention_resolutions)
+                self.enc[f"{res}_block{i}"] = block(
+                    cout, model_channels * mult, attention=sizes[level] in attention_resolutions
+                )
                 cout = model_channels * mult
                 skips.append(cout)
         for level in reversed(range(levels)):
@@ -207,9 +265,9 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}_up"] = block(cout, cout, resample="up")
             for i in range(num_blocks + 1):  # "block" entries take an encoder activation
                 attn = i == num_blocks and sizes[level] in attention_resolutions
-                self.dec[f"{res}_block{i}"] = block(cout + skips.pop(),
-                                                    model_channels * channel_mult[level],
-                                                    attention=attn)
+                self.dec[f"{res}_block{i}"] = block(
+                    cout + skips.pop(), model_channels * channel_mult[level], attention=attn
+                )
                 cout = model_channels * channel_mult[level]
         self.dec[f"{res}_aux_norm"] = _norm(cout)
         self.dec[f"{res}_aux_conv"] = _conv(cout, in_channels, 3, gain=1e-5)
@@ -223,16 +281,24 @@ class SongUNet(nn.Module):
             parts += [angles.sin(), angles.cos()]
         return torch.cat(parts, dim=1)
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None, aug: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        aug: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_image_call("SongUNet", z, r, t, y, self.in_channels, self.input_size)
         emb = self.time_features(r.to(z.dtype), t.to(z.dtype))
         if aug is not None:
             cols = self.augment_columns
             want = (z.shape[0], EDM_LABELS if cols is not None else self.augment_dim)
-            check(self.map_augment is not None and tuple(aug.shape) == want,
-                  f"aug must have shape {want} for this SongUNet (augment_dim="
-                  f"{self.augment_dim}), got {tuple(aug.shape)}")
+            check(
+                self.map_augment is not None and tuple(aug.shape) == want,
+                f"aug must have shape {want} for this SongUNet (augment_dim="
+                f"{self.augment_dim}), got {tuple(aug.shape)}",
+            )
             aug = aug[:, list(cols)] if cols is not None else aug
             emb = emb + self.map_augment(aug.to(z.dtype))
         if self.label is not None:
@@ -240,9 +306,9 @@ class SongUNet(nn.Module):
                 y = torch.full((z.shape[0],), self.num_classes, device=z.device, dtype=torch.long)
             emb = emb + self.label(y)
         emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
-        skips = []
-        for name, layer in self.enc.items():
-            x = layer(x, emb) if isinstance(layer, SongBlock) else layer(z)
+        skips, x = [], z
+        for layer in self.enc.values():  # the first is the input conv, the rest SongBlocks
+            x = layer(x, emb) if isinstance(layer, SongBlock) else layer(x)
             skips.append(x)
         for name, layer in self.dec.items():
             if "_block" in name:
@@ -256,15 +322,15 @@ class SongUNet(nn.Module):
         return x
 
 
-def songunet(name: str, in_channels: int = 3, input_size: int = 32, num_classes: int = 0,
-             **overrides) -> SongUNet:
+def songunet(
+    name: str, in_channels: int = 3, input_size: int = 32, num_classes: int = 0, **overrides
+) -> SongUNet:
     """Build a SongUNet by name (see :data:`SONGUNET_CONFIGS`); keywords override the config.
     Pass ``attention_resolutions`` (absolute sizes) or ``attention_downsample`` (factors)."""
     cfg = resolve_config(SONGUNET_CONFIGS, name, "SongUNet", input_size, overrides)
     if "augment_dim" in overrides and "augment_columns" not in overrides:
         cfg["augment_columns"] = None  # a new width: aug of shape (B, augment_dim)
-    return SongUNet(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
-                    **cfg)
+    return SongUNet(in_channels=in_channels, input_size=input_size, num_classes=num_classes, **cfg)
 
 
 def songunet_for_authors(state: dict[str, torch.Tensor]) -> tuple[SongUNet, tuple, dict]:

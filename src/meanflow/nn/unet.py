@@ -8,13 +8,14 @@ level, each fed the matching down-path activation concatenated on channels, near
 between levels -> GroupNorm-SiLU-Conv3x3 out. ``len(channel_mult)`` levels need ``input_size``
 divisible by ``2 ** (levels - 1)``: 28 -> 14 -> 7 with three levels, 32 -> 16 -> 8 likewise.
 
-The conditioning vector is :class:`meanflow.nn.embeddings.Conditioning` (two time embedders, times in
-[0, 1] as they are, a label table with one extra null row at index ``num_classes`` used when
-``y`` is None): ``c = Emb_t(t) + Emb_h(t - r) (+ Emb_y(y))``. Each ResBlock maps ``SiLU(c)`` to a
-per-channel scale and shift applied after its second GroupNorm (ADM's scale-shift norm). The
-second conv of every ResBlock, the attention output projections and the output conv start at
-zero, so the network outputs exactly 0 at init. Attention is :func:`meanflow.nn.attention.attention`
-(SDPA's kernel forward, a chunked forward-mode rule) and the convolutions, norms and linear
+The conditioning vector is :class:`meanflow.nn.embeddings.Conditioning` (two time embedders,
+times in [0, 1] as they are, a label table with one extra null row at index ``num_classes``
+used when ``y`` is None): ``c = Emb_t(t) + Emb_h(t - r) (+ Emb_y(y))``. Each ResBlock maps
+``SiLU(c)`` to a per-channel scale and shift applied after its second GroupNorm (ADM's
+scale-shift norm). The second conv of every ResBlock, the attention output projections and the
+output conv start at zero, so the network outputs exactly 0 at init. Attention is
+:func:`meanflow.nn.attention.attention` (SDPA's kernel forward, a chunked forward-mode rule) and
+the convolutions, norms and linear
 layers are :mod:`meanflow.nn.forward_mode`'s, whose JVP rules skip the weights' zero tangents.
 
 Sizes (:data:`UNET_CONFIGS`, attention given there as a downsampling factor of the input):
@@ -37,12 +38,30 @@ from .forward_mode import Conv2d, GroupNorm, Linear, SiLU, silu
 #: base channels, channel multipliers (one level each), ResBlocks per level, attention at
 #: ``input_size // d`` for each ``d`` in ``attention_downsample``, dropout, GroupNorm groups.
 UNET_CONFIGS = {
-    "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attention_downsample=(2,), dropout=0.1, groups=4),
-    "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
-                  attention_downsample=(4,), dropout=0.1, groups=8),
-    "cifar10-paper": dict(base_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
-                          attention_downsample=(2,), dropout=0.2, groups=32),
+    "tiny": dict(
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_downsample=(2,),
+        dropout=0.1,
+        groups=4,
+    ),
+    "small": dict(
+        base_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_downsample=(4,),
+        dropout=0.1,
+        groups=8,
+    ),
+    "cifar10-paper": dict(
+        base_channels=128,
+        channel_mult=(2, 2, 2),
+        num_res_blocks=4,
+        attention_downsample=(2,),
+        dropout=0.2,
+        groups=32,
+    ),
 }
 
 
@@ -90,7 +109,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, ch, hgt, wid = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, ch // self.heads, hgt * wid)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                  # (B, heads, HW, ch/heads)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, ch/heads)
         out = attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, ch, hgt, wid))
 
@@ -123,29 +142,55 @@ class Stage(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int = 3, input_size: int = 32, base_channels: int = 128,
-                 channel_mult: tuple[int, ...] = (2, 2, 2), num_res_blocks: int = 4,
-                 attention_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0,
-                 num_classes: int = 0, groups: int = 32, heads: int = 1,
-                 guidance_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        input_size: int = 32,
+        base_channels: int = 128,
+        channel_mult: tuple[int, ...] = (2, 2, 2),
+        num_res_blocks: int = 4,
+        attention_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        groups: int = 32,
+        heads: int = 1,
+        guidance_inputs: bool = False,
+    ) -> None:
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
-        check_unet_args(in_channels, input_size, base_channels, channel_mult, num_res_blocks, dropout,
-                        "base_channels", "num_res_blocks")
+        check_unet_args(
+            in_channels,
+            input_size,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            dropout,
+            "base_channels",
+            "num_res_blocks",
+        )
         check(num_classes >= 0, f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         levels = len(channel_mult)
-        check(input_size % 2 ** (levels - 1) == 0,
-              f"input_size {input_size} is not divisible by 2^{levels - 1} = {2 ** (levels - 1)}"
-              f" ({levels} levels from channel_mult {channel_mult}); use fewer levels")
+        check(
+            input_size % 2 ** (levels - 1) == 0,
+            f"input_size {input_size} is not divisible by 2^{levels - 1} = {2 ** (levels - 1)}"
+            f" ({levels} levels from channel_mult {channel_mult}); use fewer levels",
+        )
         widths = [base_channels * m for m in channel_mult]
-        check(groups >= 1 and all(w % groups == 0 for w in widths),
-              f"every level width {widths} must be divisible by groups={groups}")
-        check(heads >= 1 and all(w % heads == 0 for w in widths),
-              f"every level width {widths} must be divisible by heads={heads}")
-        sizes = [input_size // 2 ** i for i in range(levels)]
+        check(
+            groups >= 1 and all(w % groups == 0 for w in widths),
+            f"every level width {widths} must be divisible by groups={groups}",
+        )
+        check(
+            heads >= 1 and all(w % heads == 0 for w in widths),
+            f"every level width {widths} must be divisible by heads={heads}",
+        )
+        sizes = [input_size // 2**i for i in range(levels)]
         missing = [a for a in attention_resolutions if a not in sizes]
-        check(not missing, f"attention resolutions {missing} are not among the level "
-              f"resolutions {sizes} of a {input_size}x{input_size} input")
+        check(
+            not missing,
+            f"attention resolutions {missing} are not among the level "
+            f"resolutions {sizes} of a {input_size}x{input_size} input",
+        )
         self.in_channels, self.input_size, self.num_classes = in_channels, input_size, num_classes
         emb_dim = 4 * base_channels
         self.cond = Conditioning(emb_dim, num_classes, guidance_inputs)
@@ -183,12 +228,16 @@ class UNet(nn.Module):
                 if level > 0 and i == num_res_blocks:
                     stage.append(Upsample(ch))
                 self.up.append(stage)
-        self.out = nn.Sequential(GroupNorm(groups, ch), SiLU(),
-                                 conv3x3(ch, in_channels, zero=True))
+        self.out = nn.Sequential(GroupNorm(groups, ch), SiLU(), conv3x3(ch, in_channels, zero=True))
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                y: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         check_image_call("UNet", z, r, t, y, self.in_channels, self.input_size)
         emb = silu(self.cond(r.to(z.dtype), t.to(z.dtype), y, guidance))
         h = self.conv_in(z)
@@ -202,8 +251,9 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def unet(name: str, in_channels: int = 3, input_size: int = 32, num_classes: int = 0,
-         **overrides) -> UNet:
+def unet(
+    name: str, in_channels: int = 3, input_size: int = 32, num_classes: int = 0, **overrides
+) -> UNet:
     """Build a U-Net by name (see :data:`UNET_CONFIGS`); keywords override the config. Pass
     ``attention_resolutions`` (absolute sizes) or ``attention_downsample`` (factors)."""
     cfg = resolve_config(UNET_CONFIGS, name, "U-Net", input_size, overrides)

@@ -1,9 +1,11 @@
 """Training: configuration and presets, the loop, EMA, checkpoints, run directories."""
 
 from .config import TrainConfig
-from .presets import PRESETS, apply_preset, configure, default_preset
 from .loop import TrainResult, train
+from .presets import PRESETS, apply_preset, configure, default_preset
 from .run import TrainedRun, load_run
 
-__all__ = ["TrainConfig", "PRESETS", "apply_preset", "default_preset", "configure", "train", "TrainResult",
-           "load_run", "TrainedRun"]
+__all__ = [
+    "TrainConfig", "PRESETS", "apply_preset", "default_preset", "configure", "train",
+    "TrainResult", "load_run", "TrainedRun",
+]  # fmt: skip

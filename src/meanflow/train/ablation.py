@@ -37,38 +37,77 @@ def _one(key: str, values, labels=None) -> dict[str, list[tuple[str, object]]]:
 
 
 STUDIES = {
-    "ratio": Study("fraction of samples with r != t (Table 1a)",
-                   _one("time.ratio", [0.0, 0.25, 0.5, 1.0], ["0%", "25%", "50%", "100%"]),
-                   {"0%": 328.91, "25%": 61.06, "50%": 63.14, "100%": 67.32}, "25%"),
-    "tangent": Study("JVP tangent on (z, r, t) (Table 1b)",
-                     _one("loss.tangent", ["v,0,1", "v,0,0", "v,1,0", "v,1,1"],
-                          ["(v,0,1)", "(v,0,0)", "(v,1,0)", "(v,1,1)"]),
-                     {"(v,0,1)": 61.06, "(v,0,0)": 268.06, "(v,1,0)": 329.22,
-                      "(v,1,1)": 137.96}, "(v,0,1)"),
-    "time-input": Study("time conditioning of the network (Table 1c)",
-                        _one("model.time_input", ["t,t-r", "t,r", "t,r,t-r", "t-r"],
-                             ["(t, t-r)", "(t, r)", "(t, r, t-r)", "t-r only"]),
-                        {}, "(t, t-r)"),
-    "sampler": Study("time sampler, the same law for t and r (Table 1d)", {
-        label: [("time.dist", dist), ("time.mean", mean), ("time.std", std),
-                ("time.r_mean", None), ("time.r_std", None)]
-        for label, dist, mean, std in (
-            ("uniform(0, 1)", "uniform", -0.4, 1.0),
-            ("lognorm(-0.2, 1.0)", "logit-normal", -0.2, 1.0),
-            ("lognorm(-0.2, 1.2)", "logit-normal", -0.2, 1.2),
-            ("lognorm(-0.4, 1.0)", "logit-normal", -0.4, 1.0),
-            ("lognorm(-0.4, 1.2)", "logit-normal", -0.4, 1.2))}, {}, "lognorm(-0.4, 1.0)"),
-    "p": Study("adaptive weighting power p (Table 1e)", _one("loss.p", [0.0, 0.5, 1.0, 1.5, 2.0]),
-               {"0.0": 79.75, "0.5": 63.98, "1.0": 61.06, "1.5": 66.57, "2.0": 69.19}, "1.0"),
-    "omega": Study("guidance omega, class-conditional data (Table 1f)",
-                   _one("guidance.omega", [1.0, 1.5, 2.0, 3.0, 5.0]),
-                   {"1.0": 61.06, "3.0": 15.53}, "3.0"),
-    "kappa": Study("guidance kappa at omega = 1 (effective scale 1 / (1 - kappa))",
-                   {f"{k}": [("guidance.omega", 1.0), ("guidance.kappa", k)]
-                    for k in (0.0, 0.25, 0.5, 0.75)}, {}, ""),
-    "objective": Study("objective: flow matching, MeanFlow, improved MeanFlow, AlphaFlow",
-                       _one("objective", ["flow-matching", "meanflow", "imf", "alphaflow"]),
-                       {}, ""),
+    "ratio": Study(
+        "fraction of samples with r != t (Table 1a)",
+        _one("time.ratio", [0.0, 0.25, 0.5, 1.0], ["0%", "25%", "50%", "100%"]),
+        {"0%": 328.91, "25%": 61.06, "50%": 63.14, "100%": 67.32},
+        "25%",
+    ),
+    "tangent": Study(
+        "JVP tangent on (z, r, t) (Table 1b)",
+        _one(
+            "loss.tangent",
+            ["v,0,1", "v,0,0", "v,1,0", "v,1,1"],
+            ["(v,0,1)", "(v,0,0)", "(v,1,0)", "(v,1,1)"],
+        ),
+        {"(v,0,1)": 61.06, "(v,0,0)": 268.06, "(v,1,0)": 329.22, "(v,1,1)": 137.96},
+        "(v,0,1)",
+    ),
+    "time-input": Study(
+        "time conditioning of the network (Table 1c)",
+        _one(
+            "model.time_input",
+            ["t,t-r", "t,r", "t,r,t-r", "t-r"],
+            ["(t, t-r)", "(t, r)", "(t, r, t-r)", "t-r only"],
+        ),
+        {},
+        "(t, t-r)",
+    ),
+    "sampler": Study(
+        "time sampler, the same law for t and r (Table 1d)",
+        {
+            label: [
+                ("time.dist", dist),
+                ("time.mean", mean),
+                ("time.std", std),
+                ("time.r_mean", None),
+                ("time.r_std", None),
+            ]
+            for label, dist, mean, std in (
+                ("uniform(0, 1)", "uniform", -0.4, 1.0),
+                ("lognorm(-0.2, 1.0)", "logit-normal", -0.2, 1.0),
+                ("lognorm(-0.2, 1.2)", "logit-normal", -0.2, 1.2),
+                ("lognorm(-0.4, 1.0)", "logit-normal", -0.4, 1.0),
+                ("lognorm(-0.4, 1.2)", "logit-normal", -0.4, 1.2),
+            )
+        },
+        {},
+        "lognorm(-0.4, 1.0)",
+    ),
+    "p": Study(
+        "adaptive weighting power p (Table 1e)",
+        _one("loss.p", [0.0, 0.5, 1.0, 1.5, 2.0]),
+        {"0.0": 79.75, "0.5": 63.98, "1.0": 61.06, "1.5": 66.57, "2.0": 69.19},
+        "1.0",
+    ),
+    "omega": Study(
+        "guidance omega, class-conditional data (Table 1f)",
+        _one("guidance.omega", [1.0, 1.5, 2.0, 3.0, 5.0]),
+        {"1.0": 61.06, "3.0": 15.53},
+        "3.0",
+    ),
+    "kappa": Study(
+        "guidance kappa at omega = 1 (effective scale 1 / (1 - kappa))",
+        {f"{k}": [("guidance.omega", 1.0), ("guidance.kappa", k)] for k in (0.0, 0.25, 0.5, 0.75)},
+        {},
+        "",
+    ),
+    "objective": Study(
+        "objective: flow matching, MeanFlow, improved MeanFlow, AlphaFlow",
+        _one("objective", ["flow-matching", "meanflow", "imf", "alphaflow"]),
+        {},
+        "",
+    ),
 }
 
 
@@ -84,11 +123,29 @@ def _slug(label: str) -> str:
 
 def evaluate(run_dir: str, reference: str, steps: int, num: int, device: str) -> dict:
     """``meanflow eval`` of a run at ``steps`` sampling steps (one JSON line, parsed)."""
-    cmd = [sys.executable, "-m", "meanflow", "eval", "--run", run_dir, "--reference", reference,
-           "--steps", str(steps), "--num", str(num), "--quiet", "--device", device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meanflow",
+        "eval",
+        "--run",
+        run_dir,
+        "--reference",
+        reference,
+        "--steps",
+        str(steps),
+        "--num",
+        str(num),
+        "--quiet",
+        "--device",
+        device,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    check(out.returncode == 0, f"meanflow eval failed on {run_dir}: "
-          f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    check(
+        out.returncode == 0,
+        f"meanflow eval failed on {run_dir}: "
+        f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}",
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -102,9 +159,19 @@ def headline(result: dict) -> tuple[str, float]:
     raise ValueError(f"no fd or swd in {sorted(metrics)}")
 
 
-def run_study(name: str, base: list[tuple[str, object]], out: str, *, preset: str | None,
-              reference: str, num: int = 2000, device: str = "cpu", overwrite: bool = False,
-              progress: bool = True, log=print) -> list[dict]:
+def run_study(
+    name: str,
+    base: list[tuple[str, object]],
+    out: str,
+    *,
+    preset: str | None,
+    reference: str,
+    num: int = 2000,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> list[dict]:
     """Train and evaluate every setting of study ``name``; returns one row per setting. A
     setting whose run already finished (its ``eval.json`` exists) is reused unless
     ``overwrite``."""
@@ -124,11 +191,20 @@ def run_study(name: str, base: list[tuple[str, object]], out: str, *, preset: st
         settings = ", ".join(f"{k}={v}" for k, v in overrides)
         log(f"{name}: {label}: training {cfg.steps} steps ({settings})")
         result = train(cfg, run_dir, overwrite=True, progress=progress)
-        check(result.stopped_by is None, f"{name}: {label}: training stopped by "
-              f"{result.stopped_by} at step {result.step}; rerun the same command to go on "
-              "(finished settings are reused)")
-        row = {"study": name, "setting": label, "overrides": [[k, v] for k, v in overrides],
-               "train_s": result.seconds, "steps": cfg.steps, "paper_fid": s.paper.get(label)}
+        check(
+            result.stopped_by is None,
+            f"{name}: {label}: training stopped by "
+            f"{result.stopped_by} at step {result.step}; rerun the same command to go on "
+            "(finished settings are reused)",
+        )
+        row = {
+            "study": name,
+            "setting": label,
+            "overrides": [[k, v] for k, v in overrides],
+            "train_s": result.seconds,
+            "steps": cfg.steps,
+            "paper_fid": s.paper.get(label),
+        }
         for k in (1, 2):
             metric, value = headline(evaluate(run_dir, reference, k, num, device))
             row["metric"], row[f"{k}-step"] = metric, value
@@ -142,16 +218,21 @@ def write_report(name: str, rows: list[dict], out: str, data: str) -> str:
     """``table.md``, ``results.csv`` and ``plot.png`` of a study in ``out``; returns the table."""
     s = study(name)
     metric = rows[0]["metric"].upper() if rows else "-"
-    lines = [f"**{s.title}** on `{data}`, {rows[0]['steps'] if rows else 0} steps per setting; "
-             f"{metric} of 1- and 2-step samples (lower is better); paper: 1-NFE FID, "
-             "ImageNet 256, DiT-B/4, 80 epochs.", "",
-             f"| setting | {metric} 1-step | {metric} 2-step | paper FID | train s |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"**{s.title}** on `{data}`, {rows[0]['steps'] if rows else 0} steps per setting; "
+        f"{metric} of 1- and 2-step samples (lower is better); paper: 1-NFE FID, "
+        "ImageNet 256, DiT-B/4, 80 epochs.",
+        "",
+        f"| setting | {metric} 1-step | {metric} 2-step | paper FID | train s |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         paper = "-" if r.get("paper_fid") is None else f"{r['paper_fid']:.2f}"
         mark = " (paper's choice)" if r["setting"] == s.default else ""
-        lines.append(f"| {r['setting']}{mark} | {r['1-step']:.4f} | {r['2-step']:.4f} | "
-                     f"{paper} | {r['train_s']:.0f} |")
+        lines.append(
+            f"| {r['setting']}{mark} | {r['1-step']:.4f} | {r['2-step']:.4f} | "
+            f"{paper} | {r['train_s']:.0f} |"
+        )
     ordering = _ordering(rows)
     if ordering:
         lines += ["", ordering]
@@ -160,11 +241,22 @@ def write_report(name: str, rows: list[dict], out: str, data: str) -> str:
         f.write(table)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["study", "setting", "metric", "1-step", "2-step", "paper_fid", "train_s",
-                    "steps"])
+        w.writerow(
+            ["study", "setting", "metric", "1-step", "2-step", "paper_fid", "train_s", "steps"]
+        )
         for r in rows:
-            w.writerow([name, r["setting"], r["metric"], r["1-step"], r["2-step"],
-                        r.get("paper_fid"), r["train_s"], r["steps"]])
+            w.writerow(
+                [
+                    name,
+                    r["setting"],
+                    r["metric"],
+                    r["1-step"],
+                    r["2-step"],
+                    r.get("paper_fid"),
+                    r["train_s"],
+                    r["steps"],
+                ]
+            )
     _plot(s, rows, os.path.join(out, "plot.png"))
     return table
 
@@ -177,12 +269,15 @@ def _ordering(rows: list[dict]) -> str:
     ours = [r["setting"] for r in sorted(both, key=lambda r: r["1-step"])]
     paper = [r["setting"] for r in sorted(both, key=lambda r: r["paper_fid"])]
     verdict = "matches" if ours == paper else "differs from"
-    return (f"Best to worst, ours (1-step): {', '.join(ours)}; the paper: {', '.join(paper)}. "
-            f"Our ordering {verdict} the paper's.")
+    return (
+        f"Best to worst, ours (1-step): {', '.join(ours)}; the paper: {', '.join(paper)}. "
+        f"Our ordering {verdict} the paper's."
+    )
 
 
 def _plot(s: Study, rows: list[dict], path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,8 +22,14 @@ class Batches:
     ``(seed, epoch)`` so the position ``(epoch, index)`` is all a checkpoint needs. ``part``
     (a slice) keeps only this process's rows of each batch (data-parallel training)."""
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int,
-                 labels: torch.Tensor | None = None, part: slice = slice(None)) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        labels: torch.Tensor | None = None,
+        part: slice = slice(None),
+    ) -> None:
         self.data, self.labels, self.batch_size, self.seed = data, labels, batch_size, seed
         self.part = part
         self.epoch, self.index = 0, 0
@@ -37,7 +43,7 @@ class Batches:
         if self.index + self.batch_size > self.data.shape[0]:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation()
-        idx = self._perm[self.index:self.index + self.batch_size][self.part]
+        idx = self._perm[self.index : self.index + self.batch_size][self.part]
         self.index += self.batch_size
         return self.data[idx], None if self.labels is None else self.labels[idx]
 
@@ -64,8 +70,9 @@ def open_training_data(cfg: TrainConfig) -> TrainingSet:
     elif cfg.stream and is_image_folder(cfg.data):
         data = open_image_stream(cfg.data, cfg.image_size, labelled=cfg.conditional)
     else:
-        data = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size,
-                         num=cfg.num_data, seed=cfg.seed)
+        data = open_data(
+            cfg.data, directory=cfg.data_dir, size=cfg.image_size, num=cfg.num_data, seed=cfg.seed
+        )
     record_data(cfg, data)
     return data
 
@@ -77,12 +84,22 @@ def open_latents(path: str) -> TrainingSet:
     shards = LatentShards(path)
     labels = shards.labels
     return TrainingSet(
-        None, None if labels is None else torch.from_numpy(labels),
-        shards.class_names if labels is not None else None, "latents", os.path.abspath(path),
-        reader=shards, sample_shape=tuple(shards.shape),
-        latents={"scaling_factor": shards.scaling_factor, "shift_factor": shards.shift_factor,
-                 "vae": shards.vae, "flips": shards.flips, "image_size": shards.image_size,
-                 "source": shards.meta.get("source")})
+        None,
+        None if labels is None else torch.from_numpy(labels),
+        shards.class_names if labels is not None else None,
+        "latents",
+        os.path.abspath(path),
+        reader=shards,
+        sample_shape=tuple(shards.shape),
+        latents={
+            "scaling_factor": shards.scaling_factor,
+            "shift_factor": shards.shift_factor,
+            "vae": shards.vae,
+            "flips": shards.flips,
+            "image_size": shards.image_size,
+            "source": shards.meta.get("source"),
+        },
+    )
 
 
 def record_data(cfg: TrainConfig, data: TrainingSet) -> None:

@@ -46,8 +46,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                   meta: dict) -> None:
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -56,8 +57,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(directory: str, step: int, tensors: dict[str, torch.Tensor],
-                    meta: dict[str, Any], keep: int = 2) -> str:
+def save_checkpoint(
+    directory: str, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 2
+) -> str:
     """Write ``step-XXXXXXXX.{safetensors,json}`` atomically; prune all but the newest ``keep``."""
     os.makedirs(directory, exist_ok=True)
     stem = os.path.join(directory, f"step-{step:08d}")
@@ -72,9 +74,11 @@ def save_checkpoint(directory: str, step: int, tensors: dict[str, torch.Tensor],
         for path in (tmp, stem + ".json.tmp"):
             if os.path.exists(path):
                 os.remove(path)
-        raise MeanFlowError(f"could not write the checkpoint of step {step} in {directory} "
-                            f"({exc.strerror or exc}); the earlier checkpoints are kept; fix "
-                            "the cause and rerun the same command to resume") from None
+        raise MeanFlowError(
+            f"could not write the checkpoint of step {step} in {directory} "
+            f"({exc.strerror or exc}); the earlier checkpoints are kept; fix "
+            "the cause and rerun the same command to resume"
+        ) from None
     for old in list_checkpoints(directory)[:-keep]:
         for ext in (".json", ".safetensors"):
             if os.path.exists(old + ext):
@@ -96,13 +100,16 @@ def read_meta(stem: str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise MeanFlowError(f"checkpoint {stem}.json is unreadable or corrupt ({exc})") from None
     if meta.get("format") != FORMAT:
-        raise MeanFlowError(f"{stem}.json is not a meanflow checkpoint (format "
-                            f"{meta.get('format')!r}, expected {FORMAT!r})")
+        raise MeanFlowError(
+            f"{stem}.json is not a meanflow checkpoint (format "
+            f"{meta.get('format')!r}, expected {FORMAT!r})"
+        )
     return meta
 
 
-def load_checkpoint(stem: str, tensors: bool = True
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    stem: str, tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read one checkpoint; a damaged file gives one clear error naming it. With
     ``tensors=False`` the safetensors file is only checked (header and size), not loaded, and
     ``{}`` is returned in its place."""
@@ -113,20 +120,24 @@ def load_checkpoint(stem: str, tensors: bool = True
                 return {}, meta
         return load_file(stem + ".safetensors"), meta
     except (OSError, SafetensorError, ValueError) as exc:
-        raise MeanFlowError(f"checkpoint {stem}.safetensors is unreadable or corrupt ({exc})"
-                            ) from None
+        raise MeanFlowError(
+            f"checkpoint {stem}.safetensors is unreadable or corrupt ({exc})"
+        ) from None
 
 
 def latest_checkpoint(run_dir: str) -> str:
     stems = list_checkpoints(os.path.join(run_dir, "checkpoints"))
     if not stems:
-        raise MeanFlowError(f"no checkpoint in {run_dir}/checkpoints; is {run_dir!r} a run "
-                            "directory written by 'meanflow train'?")
+        raise MeanFlowError(
+            f"no checkpoint in {run_dir}/checkpoints; is {run_dir!r} a run "
+            "directory written by 'meanflow train'?"
+        )
     return stems[-1]
 
 
-def load_latest_good(run_dir: str, tensors: bool = True
-                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+def load_latest_good(
+    run_dir: str, tensors: bool = True
+) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """The newest checkpoint of ``run_dir`` that loads, as ``(stem, tensors, meta)``. A damaged
     newer one is reported (one line on stderr naming it) and the previous one is used; when none
     loads, the newest one's error is raised. ``tensors=False``: see :func:`load_checkpoint`."""
@@ -141,8 +152,10 @@ def load_latest_good(run_dir: str, tensors: bool = True
             errors.append(exc)
             continue
         for exc in errors:
-            print(f"meanflow: warning: {exc}; using the older {os.path.basename(stem)}",
-                  file=sys.stderr)
+            print(
+                f"meanflow: warning: {exc}; using the older {os.path.basename(stem)}",
+                file=sys.stderr,
+            )
         return stem, loaded, meta
     more = f" (the {len(errors) - 1} older ones fail too)" if len(errors) > 1 else ""
     raise MeanFlowError(f"{errors[0]}{more}")
@@ -150,4 +163,4 @@ def load_latest_good(run_dir: str, tensors: bool = True
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``tensors`` under ``prefix.``, with the prefix removed."""
-    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

@@ -37,10 +37,10 @@ class ModelConfig:
     depth: int = 4
     time_input: str = "t,t-r"
     time_dim: int = 32
-    size: str = ""          # U-Net config name or DiT "SIZE/PATCH"
-    channels: int = 0       # U-Net base channels (0: the size's default)
-    blocks: int = 0         # U-Net ResBlocks per level (0: the size's default)
-    dropout: float = -1.0   # U-Net dropout (-1: the size's default)
+    size: str = ""  # U-Net config name or DiT "SIZE/PATCH"
+    channels: int = 0  # U-Net base channels (0: the size's default)
+    blocks: int = 0  # U-Net ResBlocks per level (0: the size's default)
+    dropout: float = -1.0  # U-Net dropout (-1: the size's default)
 
 
 @dataclass
@@ -52,9 +52,9 @@ class GuidanceConfig:
     t_min: float = 0.0
     t_max: float = 1.0
     label_dropout: float = 0.1
-    drop_rows: str = "r=t"   # null labels only on r = t rows (the authors'), or "any"
-    inputs: bool = False     # imf: scale and interval as network inputs, chosen when sampling
-    omega_max: float = 8.0   # imf with inputs: omega log-uniform on [1, omega_max]
+    drop_rows: str = "r=t"  # null labels only on r = t rows (the authors'), or "any"
+    inputs: bool = False  # imf: scale and interval as network inputs, chosen when sampling
+    omega_max: float = 8.0  # imf with inputs: omega log-uniform on [1, omega_max]
 
 
 @dataclass
@@ -64,9 +64,9 @@ class AlphaConfig:
     start: float = 1.0
     end: float = 0.0
     gamma: float = 25.0
-    begin: float = 0.0    # window start, fraction of the run
-    finish: float = 1.0   # window end, fraction of the run
-    snap: float = 0.005   # alpha below snap -> 0, above 1 - snap -> 1
+    begin: float = 0.0  # window start, fraction of the run
+    finish: float = 1.0  # window end, fraction of the run
+    snap: float = 0.005  # alpha below snap -> 0, above 1 - snap -> 1
 
 
 @dataclass
@@ -97,8 +97,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping (the gradient norm is still logged)
     schedule: str = "constant"  # or "cosine": lr decays to 0 at the last step
-    warmup: int = 0             # steps of linear warm-up from 0
-    fused: str = "auto"         # fused Adam kernel: auto (on CUDA), on, off
+    warmup: int = 0  # steps of linear warm-up from 0
+    fused: str = "auto"  # fused Adam kernel: auto (on CUDA), on, off
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
@@ -117,34 +117,34 @@ class TrainConfig:
     steps: int = 5000
     batch_size: int = 1024
     seed: int = 0
-    num_data: int = 100_000       # samples drawn from a built-in distribution
-    normalize: bool = True        # standardize each dimension; samples are mapped back
+    num_data: int = 100_000  # samples drawn from a built-in distribution
+    normalize: bool = True  # standardize each dimension; samples are mapped back
     ema_decay: float = 0.999
-    ema_extra: str = ""           # extra EMA decays, comma-separated (e.g. "0.99995,0.9996")
-    ema_every: int = 1            # update the EMAs every k optimizer steps with decay^k
-    ema_warmup: bool = True       # decay min(d, (1+n)/(10+n)); false: constant d (authors)
+    ema_extra: str = ""  # extra EMA decays, comma-separated (e.g. "0.99995,0.9996")
+    ema_every: int = 1  # update the EMAs every k optimizer steps with decay^k
+    ema_warmup: bool = True  # decay min(d, (1+n)/(10+n)); false: constant d (authors)
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
-    sample_num: int = 5000        # points in the scatter plot written at the end of training
-    data_dir: str = ""            # folder of fashion-mnist / cifar10 files
-    image_size: int = 0           # resize folder images (digits: 8, 16 or 32); 0: native
-    hflip: bool = False           # random horizontal flips of images
-    augment: str = ""             # augmentation pipeline: "" (none) or "edm-cifar10"
-    augment_p: float = 0.12       # its probability per transformation (EDM's p)
-    conditional: bool = True      # use the data's labels when it has them
-    data_shape: str = ""          # one sample's shape, e.g. 1x28x28 (set from the data)
-    num_classes: int = 0          # classes the network is conditioned on (set from the data)
-    grid_every: int = 1000        # steps between sample grids of image runs (0: end only)
-    grid_num: int = 100           # images in each grid
-    tensorboard: bool = False     # also log to RUN/tensorboard (needs the tensorboard package)
-    grad_accum: int = 1           # micro-batches per optimizer step (batch_size splits evenly)
-    max_bad_steps: int = 20       # consecutive non-finite steps that stop the run
-    precision: str = "fp32"       # "bf16": the network under bf16 autocast (fp32 weights)
-    compile: bool = False         # torch.compile the network
-    tf32: bool = True             # TF32 matrix products on CUDA
-    stream: bool = False          # read batches through DataLoader workers (latents: always)
-    workers: int = 2              # DataLoader worker processes of a streamed run
+    sample_num: int = 5000  # points in the scatter plot written at the end of training
+    data_dir: str = ""  # folder of fashion-mnist / cifar10 files
+    image_size: int = 0  # resize folder images (digits: 8, 16 or 32); 0: native
+    hflip: bool = False  # random horizontal flips of images
+    augment: str = ""  # augmentation pipeline: "" (none) or "edm-cifar10"
+    augment_p: float = 0.12  # its probability per transformation (EDM's p)
+    conditional: bool = True  # use the data's labels when it has them
+    data_shape: str = ""  # one sample's shape, e.g. 1x28x28 (set from the data)
+    num_classes: int = 0  # classes the network is conditioned on (set from the data)
+    grid_every: int = 1000  # steps between sample grids of image runs (0: end only)
+    grid_num: int = 100  # images in each grid
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size splits evenly)
+    max_bad_steps: int = 20  # consecutive non-finite steps that stop the run
+    precision: str = "fp32"  # "bf16": the network under bf16 autocast (fp32 weights)
+    compile: bool = False  # torch.compile the network
+    tf32: bool = True  # TF32 matrix products on CUDA
+    stream: bool = False  # read batches through DataLoader workers (latents: always)
+    workers: int = 2  # DataLoader worker processes of a streamed run
     model: ModelConfig = field(default_factory=ModelConfig)
     time: TimeSampler = field(default_factory=TimeSampler)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -158,76 +158,137 @@ class TrainConfig:
         return parse_shape(self.data_shape)
 
     def validate(self) -> None:
-        check(self.objective in OBJECTIVES,
-              f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        check(self.optim.name in OPTIMIZERS,
-              f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.optim.name!r}")
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints",
-                     "num_data", "sample_num", "grid_num", "grad_accum", "max_bad_steps"):
+        check(
+            self.objective in OBJECTIVES,
+            f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
+        )
+        check(
+            self.optim.name in OPTIMIZERS,
+            f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.optim.name!r}",
+        )
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "ckpt_every",
+            "keep_checkpoints",
+            "num_data",
+            "sample_num",
+            "grid_num",
+            "grad_accum",
+            "max_bad_steps",
+        ):
             value = getattr(self, name)
             check(value >= 1, f"{name} must be >= 1, got {value}")
         check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         extras = self.ema_extras
-        check(len(set(extras) | {self.ema_decay}) == len(extras) + 1, f"ema_extra "
-              f"{self.ema_extra!r} repeats a decay (ema_decay is {self.ema_decay})")
+        check(
+            len(set(extras) | {self.ema_decay}) == len(extras) + 1,
+            f"ema_extra {self.ema_extra!r} repeats a decay (ema_decay is {self.ema_decay})",
+        )
         check(self.ema_every >= 1, f"ema_every must be >= 1, got {self.ema_every}")
         check(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
-        check(self.optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of "
-              f"{', '.join(LR_SCHEDULES)}, got {self.optim.schedule!r}")
+        check(
+            self.optim.schedule in LR_SCHEDULES,
+            f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.optim.schedule!r}",
+        )
         check(self.optim.warmup >= 0, f"optim.warmup must be >= 0, got {self.optim.warmup}")
-        check(self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}")
+        check(
+            self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.optim.grad_clip}"
+        )
         for beta in ("beta1", "beta2"):
             value = getattr(self.optim, beta)
             check(0.0 <= value < 1.0, f"optim.{beta} must be in [0, 1), got {value}")
         TimeSampler(**dataclasses.asdict(self.time))  # re-run its checks after --set
-        check(self.loss.p >= 0 and self.loss.c > 0,
-              f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}")
-        check(self.model.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got "
-              f"{self.model.arch!r}")
-        check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, "
-              f"got {self.precision!r}")
-        check(self.loss.jvp_dtype in ("float32", "autocast"), "loss.jvp_dtype must be float32 "
-              f"or autocast, got {self.loss.jvp_dtype!r}")
-        check(self.loss.jvp_backend in JVP_BACKENDS, "loss.jvp_backend must be one of "
-              f"{', '.join(JVP_BACKENDS)}, got {self.loss.jvp_backend!r}")
-        check(self.loss.fd_scheme in FD_SCHEMES, "loss.fd_scheme must be one of "
-              f"{', '.join(FD_SCHEMES)}, got {self.loss.fd_scheme!r}")
-        check(self.loss.tangent in TANGENTS, f"loss.tangent must be one of "
-              f"{', '.join(TANGENTS)}, got {self.loss.tangent!r}")
-        check(self.loss.tangent == "v,0,1" or self.loss.jvp_backend != "finite-difference",
-              "loss.tangent other than v,0,1 needs an exact loss.jvp_backend (forward-ad, func)")
-        check(0 <= self.loss.fd_step <= 0.5, "loss.fd_step must be in [0, 0.5] (0: default), "
-              f"got {self.loss.fd_step}")
-        check(self.optim.fused in ("auto", "on", "off"), "optim.fused must be auto, on or off, "
-              f"got {self.optim.fused!r}")
+        check(
+            self.loss.p >= 0 and self.loss.c > 0,
+            f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}",
+        )
+        check(
+            self.model.arch in ARCHS,
+            f"model.arch must be one of {', '.join(ARCHS)}, got {self.model.arch!r}",
+        )
+        check(
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        check(
+            self.loss.jvp_dtype in ("float32", "autocast"),
+            f"loss.jvp_dtype must be float32 or autocast, got {self.loss.jvp_dtype!r}",
+        )
+        check(
+            self.loss.jvp_backend in JVP_BACKENDS,
+            "loss.jvp_backend must be one of "
+            f"{', '.join(JVP_BACKENDS)}, got {self.loss.jvp_backend!r}",
+        )
+        check(
+            self.loss.fd_scheme in FD_SCHEMES,
+            f"loss.fd_scheme must be one of {', '.join(FD_SCHEMES)}, got {self.loss.fd_scheme!r}",
+        )
+        check(
+            self.loss.tangent in TANGENTS,
+            f"loss.tangent must be one of {', '.join(TANGENTS)}, got {self.loss.tangent!r}",
+        )
+        check(
+            self.loss.tangent == "v,0,1" or self.loss.jvp_backend != "finite-difference",
+            "loss.tangent other than v,0,1 needs an exact loss.jvp_backend (forward-ad, func)",
+        )
+        check(
+            0 <= self.loss.fd_step <= 0.5,
+            f"loss.fd_step must be in [0, 0.5] (0: default), got {self.loss.fd_step}",
+        )
+        check(
+            self.optim.fused in ("auto", "on", "off"),
+            f"optim.fused must be auto, on or off, got {self.optim.fused!r}",
+        )
         check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         check(0 <= self.augment_p <= 1, f"augment_p must be in [0, 1], got {self.augment_p}")
-        check(self.batch_size % self.grad_accum == 0, f"batch_size {self.batch_size} must be "
-              f"divisible by grad_accum {self.grad_accum}")
+        check(
+            self.batch_size % self.grad_accum == 0,
+            f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}",
+        )
         check(self.grid_every >= 0, f"grid_every must be >= 0, got {self.grid_every}")
         check(self.image_size >= 0, f"image_size must be >= 0, got {self.image_size}")
         check(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
-        check(self.model.dropout == -1.0 or 0 <= self.model.dropout < 1,
-              f"model.dropout must be in [0, 1) (or -1: default), got {self.model.dropout}")
+        check(
+            self.model.dropout == -1.0 or 0 <= self.model.dropout < 1,
+            f"model.dropout must be in [0, 1) (or -1: default), got {self.model.dropout}",
+        )
         g = self.guidance
-        check(g.omega > 0 and g.kappa < 1, f"guidance needs omega > 0 and kappa < 1, got "
-              f"omega={g.omega}, kappa={g.kappa}")
-        check(0 <= g.t_min <= g.t_max <= 1, f"guidance needs 0 <= t_min <= t_max <= 1, got "
-              f"[{g.t_min}, {g.t_max}]")
-        check(0 <= g.label_dropout <= 1, f"guidance.label_dropout must be in [0, 1], got "
-              f"{g.label_dropout}")
-        check(g.drop_rows in ("r=t", "any"), f"guidance.drop_rows must be r=t or any, got "
-              f"{g.drop_rows!r}")
-        check(not g.inputs or self.objective == "imf", f"guidance.inputs=true is improved "
-              f"MeanFlow's guidance (--objective imf), not {self.objective}'s")
+        check(
+            g.omega > 0 and g.kappa < 1,
+            f"guidance needs omega > 0 and kappa < 1, got omega={g.omega}, kappa={g.kappa}",
+        )
+        check(
+            0 <= g.t_min <= g.t_max <= 1,
+            f"guidance needs 0 <= t_min <= t_max <= 1, got [{g.t_min}, {g.t_max}]",
+        )
+        check(
+            0 <= g.label_dropout <= 1,
+            f"guidance.label_dropout must be in [0, 1], got {g.label_dropout}",
+        )
+        check(
+            g.drop_rows in ("r=t", "any"),
+            f"guidance.drop_rows must be r=t or any, got {g.drop_rows!r}",
+        )
+        check(
+            not g.inputs or self.objective == "imf",
+            f"guidance.inputs=true is improved "
+            f"MeanFlow's guidance (--objective imf), not {self.objective}'s",
+        )
         check(g.omega_max >= 1, f"guidance.omega_max must be >= 1, got {g.omega_max}")
         a = self.alpha
-        check(0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,
-              f"alpha needs start and end in [0, 1], gamma > 0 and snap in [0, 0.5), got "
-              f"start={a.start}, end={a.end}, gamma={a.gamma}, snap={a.snap}")
-        check(0 <= a.begin < a.finish <= 1, f"alpha needs 0 <= begin < finish <= 1 (fractions "
-              f"of the run), got [{a.begin}, {a.finish}]")
+        check(
+            0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,
+            f"alpha needs start and end in [0, 1], gamma > 0 and snap in [0, 0.5), got "
+            f"start={a.start}, end={a.end}, gamma={a.gamma}, snap={a.snap}",
+        )
+        check(
+            0 <= a.begin < a.finish <= 1,
+            f"alpha needs 0 <= begin < finish <= 1 (fractions "
+            f"of the run), got [{a.begin}, {a.finish}]",
+        )
         parse_shape(self.data_shape)
 
     @property
@@ -239,15 +300,17 @@ class TrainConfig:
                 decays.append(float(item))
             except ValueError:
                 decays.append(math.nan)
-            check(0.0 <= decays[-1] < 1.0, f"ema_extra needs comma-separated decays in [0, 1), "
-                  f"got {item!r}")
+            check(
+                0.0 <= decays[-1] < 1.0,
+                f"ema_extra needs comma-separated decays in [0, 1), got {item!r}",
+            )
         return tuple(decays)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         cfg = cls()
         for key, value in _flatten(data).items():
             set_value(cfg, key, value)
@@ -256,69 +319,69 @@ class TrainConfig:
 
 KEY_HELP = {
     "data": "built-in distribution, image dataset (fashion-mnist, digits, cifar10), folder or "
-            ".npy/.npz path (`--data`); see docs/data.md",
+    ".npy/.npz path (`--data`); see docs/data.md",
     "preset": "name of the preset applied (`--preset`)",
     "objective": "`meanflow`, `flow-matching`, `imf` (improved MeanFlow) or `alphaflow` "
-                 "(`--objective`; docs/method.md)",
+    "(`--objective`; docs/method.md)",
     "steps": "optimizer steps in total (`--steps`)",
     "batch_size": "samples per step (`--batch-size`)",
     "seed": "seed of initialization, data order, noise and times (`--seed`)",
     "num_data": "points drawn from a built-in distribution as the training set",
     "normalize": "standardize each dimension with the training set's mean and std; samples "
-                 "are mapped back",
+    "are mapped back",
     "ema_decay": "decay of the primary EMA, the weights sampling uses (warmed up as min(decay, "
-                 "(1+n)/(10+n)) unless ema_warmup=false); the authors use 0.9999 (ImageNet and "
-                 "CIFAR-10)",
+    "(1+n)/(10+n)) unless ema_warmup=false); the authors use 0.9999 (ImageNet and "
+    "CIFAR-10)",
     "ema_extra": "extra EMAs kept beside the primary, comma-separated decays (e.g. "
-                 "\"0.99995,0.9996\", the authors' CIFAR-10 extras; their demo reports FID "
-                 "with 0.99995); sample one with `--weights 0.99995` (docs/reliability.md)",
+    '"0.99995,0.9996", the authors\' CIFAR-10 extras; their demo reports FID '
+    "with 0.99995); sample one with `--weights 0.99995` (docs/reliability.md)",
     "ema_every": "update the EMAs every k optimizer steps with decay^k applied to the current "
-                 "weights (the authors' CIFAR-10 code: 16; their ImageNet code: 1)",
+    "weights (the authors' CIFAR-10 code: 16; their ImageNet code: 1)",
     "ema_warmup": "warm the decay up as min(decay, (1+n)/(10+n)); false: constant decay from "
-                  "step 1, as the authors",
+    "step 1, as the authors",
     "log_every": "steps between metrics.jsonl records",
     "ckpt_every": "steps between checkpoints (one is always written at the end)",
     "keep_checkpoints": "newest checkpoints kept in checkpoints/",
     "sample_num": "points in samples-1step.png of vector runs, written at the end of training",
     "data_dir": "folder holding the fashion-mnist IDX or cifar10 binary files (`--data-dir`)",
     "image_size": "resize folder images to this square size; digits size 8, 16 or 32 "
-                  "(0: native; digits 16)",
+    "(0: native; digits 16)",
     "hflip": "flip each training image horizontally with probability 1/2",
     "augment": "EDM's augmentation pipeline: `edm-cifar10` (the authors' CIFAR-10 setting, "
-               "docs/augmentation.md) or empty; its labels condition the network (SongUNet)",
+    "docs/augmentation.md) or empty; its labels condition the network (SongUNet)",
     "augment_p": "augmentation probability p of the pipeline (the authors: 0.12)",
     "conditional": "train class-conditional when the data has labels (`--unconditional` sets "
-                   "false)",
+    "false)",
     "data_shape": "one sample's shape, D or CxHxW; set from the data (presets give it for "
-                  "`--dry-run` without data)",
+    "`--dry-run` without data)",
     "num_classes": "classes of a conditional run; set from the data (0: unconditional)",
     "grid_every": "steps between sample grids samples/step-N.png of image runs, from fixed "
-                  "noise (0: only at the end)",
+    "noise (0: only at the end)",
     "grid_num": "images in each sample grid (one row per class when conditional)",
     "grad_accum": "split each batch into this many micro-batches whose gradients add up "
-                  "(the same objective per sample; less memory per pass)",
+    "(the same objective per sample; less memory per pass)",
     "max_bad_steps": "this many non-finite steps in a row stop the run (with a diagnostic and "
-                     "the last good state saved); each one is skipped and counted",
+    "the last good state saved); each one is skipped and counted",
     "tensorboard": "also log losses, gradient norm and grids to RUN/tensorboard (`pip install "
-                   "tensorboard`)",
+    "tensorboard`)",
     "precision": "`fp32`, or `bf16`: the network runs under bf16 autocast with fp32 master "
-                 "weights (the JVP stays fp32 unless loss.jvp_dtype=autocast)",
+    "weights (the JVP stays fp32 unless loss.jvp_dtype=autocast)",
     "compile": "torch.compile the network (eager JVP around it; docs/distributed.md)",
     "tf32": "allow TF32 matrix products on CUDA (no effect on CPU)",
     "stream": "read batches from disk through DataLoader workers instead of holding the data "
-              "set in memory (image folders; latent directories always stream)",
+    "set in memory (image folders; latent directories always stream)",
     "workers": "DataLoader worker processes of a streamed run (0: in the training process)",
     "model.arch": "network: `mlp` (vectors), `unet`, `songunet` (the authors' CIFAR-10 "
-                  "DDPM++ U-Net) or `dit` (images, latents)",
+    "DDPM++ U-Net) or `dit` (images, latents)",
     "model.hidden": "MLP width",
     "model.depth": "MLP hidden layers",
     "model.size": "U-Net config (tiny, small, cifar10-paper) or DiT SIZE/PATCH (T, S, B, M, L, "
-                  "XL; e.g. B/2); see docs/networks.md",
+    "XL; e.g. B/2); see docs/networks.md",
     "model.channels": "U-Net base channels (0: the config's)",
     "model.blocks": "U-Net ResBlocks per level (0: the config's)",
     "model.dropout": "U-Net dropout (-1: the config's)",
     "model.time_input": "time quantities the MLP sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
-                        "(paper Table 1c; image networks embed t, t-r)",
+    "(paper Table 1c; image networks embed t, t-r)",
     "model.time_dim": "sinusoidal features per time quantity",
     "time.dist": "`logit-normal` or `uniform`",
     "time.mean": "logit-normal mean of t (and of r unless time.r_mean is set)",
@@ -327,20 +390,20 @@ KEY_HELP = {
     "time.r_std": "logit-normal std of r's draw (None: same as t)",
     "time.ratio": "fraction of samples with r != t (0: flow-matching targets only)",
     "time.order": "`sorted` (t = max, r = min of the two draws; the paper's) or `official-v1` "
-                  "(t unsorted, mask, then r = min(t, r): the authors' improved CIFAR-10 "
-                  "sampler; docs/method.md)",
+    "(t unsorted, mask, then r = min(t, r): the authors' improved CIFAR-10 "
+    "sampler; docs/method.md)",
     "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",
     "loss.c": "adaptive weight constant c",
     "loss.jvp": "`subset` (JVP only on r != t samples, its output reused for the loss), "
-                "`full` (whole batch, as the authors' code) or `detached` (JVP without graph, "
-                "then one plain forward; fastest, see docs/method.md); same loss and gradients",
+    "`full` (whole batch, as the authors' code) or `detached` (JVP without graph, "
+    "then one plain forward; fastest, see docs/method.md); same loss and gradients",
     "loss.jvp_dtype": "`float32` (default: the JVP with autocast off, as the authors) or "
-                      "`autocast` (the JVP in the run's precision, e.g. bf16)",
+    "`autocast` (the JVP in the run's precision, e.g. bf16)",
     "loss.jvp_backend": "how du/dt is computed: `forward-ad` (default, dual tensors), `func` "
-                        "(torch.func.jvp, same numbers) or `finite-difference` (1-2 extra no-grad "
-                        "forwards, approximate; refused with dropout; docs/method.md)",
+    "(torch.func.jvp, same numbers) or `finite-difference` (1-2 extra no-grad "
+    "forwards, approximate; refused with dropout; docs/method.md)",
     "loss.tangent": "JVP tangent on (z, r, t): `v,0,1` (default, the MeanFlow identity's), or "
-                    "`v,0,0`, `v,1,0`, `v,1,1` for the paper's ablation (Table 1b)",
+    "`v,0,0`, `v,1,0`, `v,1,1` for the paper's ablation (Table 1b)",
     "loss.fd_step": "finite-difference step h (0: 1e-3 forward, 3e-3 central; measured)",
     "loss.fd_scheme": "finite-difference scheme: `forward` (1 extra forward) or `central` (2)",
     "optim.fused": "fused Adam kernel: `auto` (on CUDA), `on`, `off`",
@@ -351,7 +414,7 @@ KEY_HELP = {
     "optim.weight_decay": "weight decay (decoupled for adamw)",
     "optim.grad_clip": "clip the gradient norm to this value (0: off; the norm is logged)",
     "optim.schedule": "`constant`, or `cosine` decay to 0 at the last step (resuming with a "
-                      "larger --steps stretches the cosine)",
+    "larger --steps stretches the cosine)",
     "optim.warmup": "linear warm-up steps",
     "alpha.start": "AlphaFlow: alpha before the window (1: trajectory flow matching)",
     "alpha.end": "AlphaFlow: alpha after the window (0: MeanFlow)",
@@ -360,20 +423,20 @@ KEY_HELP = {
     "alpha.finish": "AlphaFlow: window end, as a fraction of the run",
     "alpha.snap": "AlphaFlow: alpha below snap becomes 0, above 1 - snap becomes 1",
     "guidance.omega": "guidance weight omega on the conditional velocity; effective CFG scale "
-                      "omega / (1 - kappa) (conditional runs)",
+    "omega / (1 - kappa) (conditional runs)",
     "guidance.kappa": "guidance mixing kappa on u(z, t, t | y) (0: the plain form)",
     "guidance.t_min": "guidance applies for t_min <= t <= t_max (with guidance.inputs: the "
-                      "interval sampling uses)",
+    "interval sampling uses)",
     "guidance.t_max": "guidance applies for t_min <= t <= t_max (with guidance.inputs: the "
-                      "interval sampling uses)",
+    "interval sampling uses)",
     "guidance.label_dropout": "probability of replacing a label by the null label",
     "guidance.inputs": "imf: the guidance scale and interval are network inputs, drawn per row "
-                       "in training (omega log-uniform on [1, omega_max], t_min ~ U(0, 0.5), "
-                       "t_max ~ U(0.5, 1)); sampling picks omega (`--guidance W`) and the "
-                       "interval [t_min, t_max] in one evaluation",
+    "in training (omega log-uniform on [1, omega_max], t_min ~ U(0, 0.5), "
+    "t_max ~ U(0.5, 1)); sampling picks omega (`--guidance W`) and the "
+    "interval [t_min, t_max] in one evaluation",
     "guidance.omega_max": "imf with guidance.inputs: the largest omega drawn in training",
     "guidance.drop_rows": "`r=t` (default, the authors': the null-label rows are r = t rows, "
-                          "label_dropout of the batch) or `any` (each row independently)",
+    "label_dropout of the batch) or `any` (each row independently)",
 }
 
 
@@ -385,8 +448,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
         shape = ()
-    check(len(shape) in (1, 3) and all(v > 0 for v in shape),
-          f"data_shape must look like D or CxHxW (e.g. 4x32x32), got {text!r}")
+    check(
+        len(shape) in (1, 3) and all(v > 0 for v in shape),
+        f"data_shape must look like D or CxHxW (e.g. 4x32x32), got {text!r}",
+    )
     return shape
 
 
@@ -427,7 +492,9 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     target = args[0] if optional and args else hint
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+    if optional and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
         return None
     try:
         if target is bool:
@@ -455,23 +522,27 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
 
 
 def set_value(cfg: Any, key: str, value: Any) -> None:
-    """Set dotted ``key`` (e.g. ``time.ratio``) on ``cfg``, converting ``value`` to the field type."""
+    """Set dotted ``key`` (e.g. ``time.ratio``) on ``cfg``, converting ``value`` to its type."""
     parts = key.split(".")
     target = cfg
     for i, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(target)}
         if part not in names:
-            full = ".".join(parts[:i + 1])
-            raise MeanFlowError(f"unknown config key {key!r}{_suggest(full, config_keys())}; "
-                                "run 'meanflow train --help' for the list of keys")
+            full = ".".join(parts[: i + 1])
+            raise MeanFlowError(
+                f"unknown config key {key!r}{_suggest(full, config_keys())}; "
+                "run 'meanflow train --help' for the list of keys"
+            )
         if i < len(parts) - 1:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
-                raise MeanFlowError(f"config key {'.'.join(parts[:i + 1])!r} has no sub-keys")
+                raise MeanFlowError(f"config key {'.'.join(parts[: i + 1])!r} has no sub-keys")
     hints = typing.get_type_hints(type(target))
     if dataclasses.is_dataclass(getattr(target, parts[-1])):
-        raise MeanFlowError(f"config key {key!r} is a group; set one of its keys, e.g. "
-                            f"{key}.{dataclasses.fields(getattr(target, parts[-1]))[0].name}")
+        raise MeanFlowError(
+            f"config key {key!r} is a group; set one of its keys, e.g. "
+            f"{key}.{dataclasses.fields(getattr(target, parts[-1]))[0].name}"
+        )
     setattr(target, parts[-1], _convert(key, value, hints[parts[-1]]))
 
 

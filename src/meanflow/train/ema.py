@@ -42,13 +42,22 @@ class EMA:
     ``models[name]`` is each average's network (eval mode, no gradients); ``model`` the primary
     one; ``decays[name]`` its decay; ``updates`` the optimizer steps seen so far."""
 
-    def __init__(self, model: nn.Module, decay: float, extra: tuple[float, ...] = (),
-                 every: int = 1, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        extra: tuple[float, ...] = (),
+        every: int = 1,
+        warmup: bool = True,
+    ) -> None:
         self.decays = {PRIMARY: float(decay), **{ema_name(d): float(d) for d in extra}}
-        check(len(self.decays) == 1 + len(extra), f"EMA decays must differ, got {decay} and "
-              f"{', '.join(map(str, extra))}")
-        self.models = {name: copy.deepcopy(model).eval().requires_grad_(False)
-                       for name in self.decays}
+        check(
+            len(self.decays) == 1 + len(extra),
+            f"EMA decays must differ, got {decay} and {', '.join(map(str, extra))}",
+        )
+        self.models = {
+            name: copy.deepcopy(model).eval().requires_grad_(False) for name in self.decays
+        }
         self._params = {name: list(m.parameters()) for name, m in self.models.items()}
         self.every, self.warmup = int(every), bool(warmup)
         self.updates = 0
@@ -62,7 +71,7 @@ class EMA:
         old average of decay ``decay``."""
         m = n - self.every
         d = min(decay, (1 + m) / (10 + m)) if self.warmup else decay
-        return d ** self.every
+        return d**self.every
 
     def current_decay(self, name: str = PRIMARY) -> float:
         """The weight of the old average in the next averaging update of ``name``."""
@@ -85,8 +94,9 @@ class EMA:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every average's state as checkpoint tensors ``<name>.<key>`` (``ema.*``: primary)."""
-        return {f"{name}.{k}": v for name, m in self.models.items()
-                for k, v in m.state_dict().items()}
+        return {
+            f"{name}.{k}": v for name, m in self.models.items() for k, v in m.state_dict().items()
+        }
 
     def state(self) -> dict:
         """The checkpoint metadata: the step count and each average's decay by name."""
@@ -96,7 +106,10 @@ class EMA:
         """Restore what :meth:`tensors` and :meth:`state` saved."""
         for name, m in self.models.items():
             state = prefixed(tensors, name)
-            check(bool(state), f"the checkpoint holds no EMA {name!r}; resume with the "
-                  "ema_decay and ema_extra it was trained with")
+            check(
+                bool(state),
+                f"the checkpoint holds no EMA {name!r}; resume with the "
+                "ema_decay and ema_extra it was trained with",
+            )
             m.load_state_dict(state)
         self.updates = int(meta["ema_updates"])

@@ -27,20 +27,30 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import TrainingSet
-from ..errors import MeanFlowError, check, plural
 from .. import distributed
+from ..data import TrainingSet
+from ..data.latents import draw_latents
+from ..errors import MeanFlowError, check, plural
 from .batches import Batches, open_training_data
-from .checkpoint import load_latest_good, load_optimizer, optimizer_tensors, prefixed, \
-    save_checkpoint
+from .checkpoint import (
+    load_latest_good,
+    load_optimizer,
+    optimizer_tensors,
+    prefixed,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .ema import EMA
-from .factory import (build_augment, build_model, build_objective, build_optimizer,
-                      count_parameters)
-from .reliability import (StopSignals, all_finite, memory_mib, restore_host_rng, host_rng_state,
-                          trim_metrics)
+from .factory import build_augment, build_model, build_objective, build_optimizer, count_parameters
+from .reliability import (
+    StopSignals,
+    all_finite,
+    host_rng_state,
+    memory_mib,
+    restore_host_rng,
+    trim_metrics,
+)
 from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
-from ..data.latents import draw_latents
 from .step import CompiledForward, LossModule, Rows, flip_rows, forward_backward
 from .stream import StreamedBatches, TensorReader
 
@@ -63,8 +73,10 @@ def prepare_run_dir(out: str, overwrite: bool) -> None:
         raise MeanFlowError(f"--out {out!r} is an existing file; give a directory path")
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
-            raise MeanFlowError(f"run directory {out!r} already exists and is not empty; pass "
-                                "--resume to continue it, --overwrite to replace it, or another --out")
+            raise MeanFlowError(
+                f"run directory {out!r} already exists and is not empty; pass "
+                "--resume to continue it, --overwrite to replace it, or another --out"
+            )
         for name in RUN_FILES:
             path = os.path.join(out, name)
             if os.path.isdir(path):
@@ -74,9 +86,16 @@ def prepare_run_dir(out: str, overwrite: bool) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool = False,
-          device: torch.device | str = "cpu", progress: bool = True,
-          data: TrainingSet | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    out: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    data: TrainingSet | None = None,
+) -> TrainResult:
     """Train per ``cfg`` into run directory ``out`` (or continue it with ``resume``). ``data``:
     the training set already opened from ``cfg`` (by :func:`open_training_data`), if any.
 
@@ -85,15 +104,24 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     cfg.validate()
     ranks, device = distributed.init(torch.device(device))
     main = ranks.is_main
-    check(cfg.batch_size % ranks.world_size == 0 and
-          cfg.batch_size // ranks.world_size >= cfg.grad_accum, f"batch_size {cfg.batch_size} "
-          f"must split evenly over {ranks.world_size} processes, each with at least grad_accum "
-          f"{cfg.grad_accum} rows; change --batch-size or --nproc_per_node")
+    check(
+        cfg.batch_size % ranks.world_size == 0
+        and cfg.batch_size // ranks.world_size >= cfg.grad_accum,
+        f"batch_size {cfg.batch_size} "
+        f"must split evenly over {ranks.world_size} processes, each with at least grad_accum "
+        f"{cfg.grad_accum} rows; change --batch-size or --nproc_per_node",
+    )
     data = open_training_data(cfg) if data is None else data
-    check(len(data) >= cfg.batch_size, f"the dataset has {plural(len(data), 'sample')}, "
-          f"fewer than the batch size {cfg.batch_size}; lower --batch-size")
-    check(not cfg.hflip or data.kind == "images", f"hflip needs image data, not {data.kind}"
-          f"{' (latents encoded with flips use them: see docs/latents.md)' * (data.kind == 'latents')}")
+    check(
+        len(data) >= cfg.batch_size,
+        f"the dataset has {plural(len(data), 'sample')}, "
+        f"fewer than the batch size {cfg.batch_size}; lower --batch-size",
+    )
+    hint = " (latents encoded with flips use them: see docs/latents.md)"
+    check(
+        not cfg.hflip or data.kind == "images",
+        f"hflip needs image data, not {data.kind}{hint * (data.kind == 'latents')}",
+    )
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -101,10 +129,12 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     fit = cfg.normalize and data.kind in ("vectors", "arrays")
     normalizer = Normalizer.fit(data.x) if fit else Normalizer.identity(data.shape)
     if data.streamed or cfg.stream:
-        reader = data.reader if data.streamed else TensorReader(
-            normalizer.encode(data.x) if fit else data.x, data.labels)
-        batches = StreamedBatches(reader, cfg.batch_size, cfg.seed, rows.part, cfg.workers,
-                                  device)
+        reader = (
+            data.reader
+            if data.streamed
+            else TensorReader(normalizer.encode(data.x) if fit else data.x, data.labels)
+        )
+        batches = StreamedBatches(reader, cfg.batch_size, cfg.seed, rows.part, cfg.workers, device)
     else:
         x_all = (normalizer.encode(data.x) if fit else data.x).to(device)  # images: no copy
         labels = None if data.labels is None else data.labels.to(device)
@@ -114,23 +144,32 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     model = build_model(cfg, data.shape, cfg.num_classes).to(device)
     if ranks.active:  # dropout masks differ between processes
         torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
-    twice = ("loss.jvp=detached" if cfg.loss.jvp == "detached" else
-             "loss.jvp_backend=finite-difference"
-             if cfg.loss.jvp_backend == "finite-difference" else None)
-    check(twice is None or not any(
-        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()),
+    twice = (
+        "loss.jvp=detached"
+        if cfg.loss.jvp == "detached"
+        else "loss.jvp_backend=finite-difference"
+        if cfg.loss.jvp_backend == "finite-difference"
+        else None
+    )
+    check(
+        twice is None
+        or not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()),
         f"{twice} runs the network more than once, so dropout masks would differ between the "
-        "passes; use loss.jvp=subset with loss.jvp_backend=func or set model.dropout=0")
+        "passes; use loss.jvp=subset with loss.jvp_backend=func or set model.dropout=0",
+    )
     objective = build_objective(cfg, cfg.num_classes)
     objective.check_inputs = False  # its draws are valid by construction: no host syncs
     augment = build_augment(cfg, model, data.kind)
     optimizer = build_optimizer(cfg, model)
     if progress and main:
-        tqdm.write(f"meanflow: preset {cfg.preset!r}: {type(model).__name__} with "
-                   f"{count_parameters(model):,} parameters, {type(objective).__name__}, data "
-                   f"{cfg.data} of shape {cfg.data_shape}"
-                   f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}"
-                   f"{_cpu_threads(device)}{_processes(ranks)}", file=sys.stderr)
+        tqdm.write(
+            f"meanflow: preset {cfg.preset!r}: {type(model).__name__} with "
+            f"{count_parameters(model):,} parameters, {type(objective).__name__}, data "
+            f"{cfg.data} of shape {cfg.data_shape}"
+            f"{f', {cfg.num_classes} classes' if cfg.num_classes else ''}"
+            f"{_cpu_threads(device)}{_processes(ranks)}",
+            file=sys.stderr,
+        )
     ema = EMA(model, cfg.ema_decay, cfg.ema_extras, cfg.ema_every, cfg.ema_warmup)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step, skipped = 0, 0
@@ -139,8 +178,11 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     if resume:
         stem, tensors, meta = load_latest_good(out)
         saved = tuple(meta.get("shape", [meta.get("dim")]))
-        check(saved == data.shape, f"the data now has samples of shape {data.shape} but run "
-              f"{out!r} was trained on {saved}; resume with the same data")
+        check(
+            saved == data.shape,
+            f"the data now has samples of shape {data.shape} but run "
+            f"{out!r} was trained on {saved}; resume with the same data",
+        )
         model.load_state_dict(prefixed(tensors, "model"))
         ema.load(tensors, meta)
         load_optimizer(optimizer, tensors, meta["optimizer"])
@@ -150,8 +192,11 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         restore_host_rng(meta.get("rng"), tensors)
         batches.load_state(meta["batches"])
         step, skipped = meta["step"], meta["skipped_steps"]
-        check(step < cfg.steps, f"run {out!r} already finished {plural(step, 'step')}; pass a "
-              "larger --steps to continue training")
+        check(
+            step < cfg.steps,
+            f"run {out!r} already finished {plural(step, 'step')}; pass a "
+            "larger --steps to continue training",
+        )
         if main:
             trim_metrics(os.path.join(out, "metrics.jsonl"), step)
     elif main:
@@ -165,39 +210,73 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
     loss_module: torch.nn.Module = LossModule(net, objective)
     if ranks.active:
         loss_module = DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     def checkpoint() -> None:
-        check(all_finite(model) and all(map(all_finite, ema.models.values())), f"refusing to "
-              f"save step {step}: the weights hold NaN or Inf; the previous checkpoint is kept")
+        check(
+            all_finite(model) and all(map(all_finite, ema.models.values())),
+            f"refusing to "
+            f"save step {step}: the weights hold NaN or Inf; the previous checkpoint is kept",
+        )
         rng_meta, rng_tensors = host_rng_state()
         own = torch.get_rng_state()
         states = distributed.gather_objects(own)  # every rank's dropout RNG
         if not main:
             return
-        tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **ema.tensors(),  # ema.* (primary), ema-<decay>.* (extras)
-                   **normalizer.tensors(), **rng_tensors,
-                   "rng.generator": gen.get_state(), "rng.torch": own,
-                   **{f"rng.torch.rank{k}": v for k, v in enumerate(states) if k}}
+        tensors = {
+            **{f"model.{k}": v for k, v in model.state_dict().items()},
+            **ema.tensors(),  # ema.* (primary), ema-<decay>.* (extras)
+            **normalizer.tensors(),
+            **rng_tensors,
+            "rng.generator": gen.get_state(),
+            "rng.torch": own,
+            **{f"rng.torch.rank{k}": v for k, v in enumerate(states) if k},
+        }
         optim_tensors, optim_meta = optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
-        save_checkpoint(os.path.join(out, "checkpoints"), step, tensors,
-                        {"config": cfg.to_dict(), "optimizer": optim_meta,
-                         "batches": batches.state(), **ema.state(),
-                         "skipped_steps": skipped, "shape": list(data.shape),
-                         "class_names": data.class_names, "rng": rng_meta,
-                         "threads": torch.get_num_threads(), "world_size": ranks.world_size,
-                         **({"latents": data.latents} if data.latents else {})},
-                        keep=cfg.keep_checkpoints)
+        save_checkpoint(
+            os.path.join(out, "checkpoints"),
+            step,
+            tensors,
+            {
+                "config": cfg.to_dict(),
+                "optimizer": optim_meta,
+                "batches": batches.state(),
+                **ema.state(),
+                "skipped_steps": skipped,
+                "shape": list(data.shape),
+                "class_names": data.class_names,
+                "rng": rng_meta,
+                "threads": torch.get_num_threads(),
+                "world_size": ranks.world_size,
+                **({"latents": data.latents} if data.latents else {}),
+            },
+            keep=cfg.keep_checkpoints,
+        )
 
     model.train()
-    run = TrainedRun(ema.model, cfg, normalizer, step, "ema", data.shape, data.class_names,
-                     _decoder(data, device) if main else None, data.latents)
+    run = TrainedRun(
+        ema.model,
+        cfg,
+        normalizer,
+        step,
+        "ema",
+        data.shape,
+        data.class_names,
+        _decoder(data, device) if main else None,
+        data.latents,
+    )
     quality, floor = _quality_probe(run, data, device, cfg.seed) if main else (None, None)
     log = open(os.path.join(out, "metrics.jsonl"), "a") if main else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main),
-               dynamic_ncols=True, desc=f"{cfg.objective} {cfg.data}", unit="step")
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not (progress and main),
+        dynamic_ncols=True,
+        desc=f"{cfg.objective} {cfg.data}",
+        unit="step",
+    )
     start, window_start, window = time.perf_counter(), time.perf_counter(), []
     consecutive_bad, last_loss, saved_at = 0, math.nan, (step if resume else None)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -211,9 +290,15 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 y = None if data.labels is None else y  # a reader's labels, unconditional run
                 if data.latents:
                     # a set encoded with mirror images trains on both (docs/latents.md)
-                    x = draw_latents(x, gen, data.latents["scaling_factor"],
-                                     data.latents.get("shift_factor"), True,
-                                     rows.total, rows.part)
+                    x = draw_latents(
+                        x,
+                        gen,
+                        data.latents["scaling_factor"],
+                        data.latents.get("shift_factor"),
+                        True,
+                        rows.total,
+                        rows.part,
+                    )
                 elif cfg.hflip:
                     x = flip_rows(x, gen, rows)
                 cond = None
@@ -222,20 +307,28 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                     cond = {"aug": aug}
                 if hasattr(objective, "at_step"):  # a schedule (AlphaFlow's alpha)
                     objective.at_step(step, cfg.steps)
-                draws = objective.draw(cfg.batch_size, data.shape, generator=gen,
-                                       device=device, dtype=x.dtype)
+                draws = objective.draw(
+                    cfg.batch_size, data.shape, generator=gen, device=device, dtype=x.dtype
+                )
                 optimizer.zero_grad(set_to_none=True)
-                loss_t, err_t, times = forward_backward(loss_module, x, y, draws, rows,
-                                                        cfg.grad_accum, cfg.precision, cond)
-                stats = torch.stack([loss_t.float(), err_t.float(), torch.tensor(
-                    float(stop.received is not None), device=loss_t.device)])
+                loss_t, err_t, times = forward_backward(
+                    loss_module, x, y, draws, rows, cfg.grad_accum, cfg.precision, cond
+                )
+                stats = torch.stack(
+                    [
+                        loss_t.float(),
+                        err_t.float(),
+                        torch.tensor(float(stop.received is not None), device=loss_t.device),
+                    ]
+                )
                 if ranks.active:  # the global batch's mean loss; stop when any rank was told
                     torch.distributed.all_reduce(stats)
                     stats[:2] /= ranks.world_size
                 grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 # one device-to-host transfer per step for everything the loop reads
                 loss, mse, stop_votes, grad_norm = torch.cat(
-                    [stats, grad_norm_t.reshape(1).to(stats)]).tolist()
+                    [stats, grad_norm_t.reshape(1).to(stats)]
+                ).tolist()
                 stop_all = stop_votes > 0
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     skipped += 1  # its gradients are cleared at the next step's start
@@ -243,8 +336,9 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                     if consecutive_bad >= cfg.max_bad_steps:
                         if step > 0 and saved_at != step:
                             checkpoint()
-                        raise MeanFlowError(_diagnose(consecutive_bad, step, loss, grad_norm,
-                                                      times, step > 0))
+                        raise MeanFlowError(
+                            _diagnose(consecutive_bad, step, loss, grad_norm, times, step > 0)
+                        )
                     continue
                 consecutive_bad = 0
                 optimizer.step()
@@ -257,12 +351,18 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                 if main and (step % cfg.log_every == 0 or step == cfg.steps):
                     now = time.perf_counter()
                     mean = [sum(w[i] for w in window) / len(window) for i in range(3)]
-                    record = {"step": step, "loss": mean[0], "mse": mean[1],
-                              "grad_norm": mean[2],
-                              "steps_per_s": len(window) / max(now - window_start, 1e-9),
-                              "lr": optimizer.param_groups[0]["lr"], "skipped": skipped,
-                              "elapsed_s": now - start, "memory_mib": memory_mib(),
-                              "threads": torch.get_num_threads()}
+                    record = {
+                        "step": step,
+                        "loss": mean[0],
+                        "mse": mean[1],
+                        "grad_norm": mean[2],
+                        "steps_per_s": len(window) / max(now - window_start, 1e-9),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "skipped": skipped,
+                        "elapsed_s": now - start,
+                        "memory_mib": memory_mib(),
+                        "threads": torch.get_num_threads(),
+                    }
                     if ranks.active:
                         record["world_size"] = ranks.world_size
                     if quality is not None:
@@ -271,8 +371,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
                     log.flush()
                     bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
                     if writer is not None:
-                        for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s",
-                                    "swd_1step"):
+                        for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s", "swd_1step"):
                             if key in record:
                                 writer.add_scalar(f"train/{key}", record[key], step)
                     window, window_start = [], now
@@ -291,7 +390,7 @@ def train(cfg: TrainConfig, out: str, *, resume: bool = False, overwrite: bool =
         batches.close()
     seconds = time.perf_counter() - start
     if stopped is None and main:
-        reference = data.x[:cfg.sample_num].numpy() if data.kind == "vectors" else None
+        reference = data.x[: cfg.sample_num].numpy() if data.kind == "vectors" else None
         write_preview(os.path.join(out, "samples-1step.png"), run, device, reference, cfg.seed)
         write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
     if writer is not None:
@@ -311,6 +410,7 @@ def _decoder(data: TrainingSet, device):
     if not data.latents:
         return None
     from ..vae import latent_decoder
+
     return latent_decoder(data.latents, device, required=False)
 
 
@@ -327,7 +427,7 @@ def _quality_probe(run: TrainedRun, data: TrainingSet, device, seed: int):
         return None, None
     n = min(2000, len(data) // 2)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    reference, other = data.x[pick[:n]], data.x[pick[n:2 * n]]
+    reference, other = data.x[pick[:n]], data.x[pick[n : 2 * n]]
     floor = sliced_wasserstein(other, reference, projections=128)
 
     def probe() -> float:
@@ -349,25 +449,29 @@ def _diagnose(count: int, step: int, loss: float, grad_norm: float, times, saved
     r = torch.cat([p[0] for p in times]).float()
     t = torch.cat([p[1] for p in times]).float()
     which = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-    where = (f"the last good state (step {step}) is saved" if saved
-             else "no checkpoint was written")
-    return (f"{count} consecutive non-finite steps at step {step}: {which}; the last batch had "
-            f"t in [{t.min():.4g}, {t.max():.4g}], r in [{r.min():.4g}, {r.max():.4g}]; {where}; "
-            "lower optim.lr, set optim.grad_clip, or check the data")
+    where = f"the last good state (step {step}) is saved" if saved else "no checkpoint was written"
+    return (
+        f"{count} consecutive non-finite steps at step {step}: {which}; the last batch had "
+        f"t in [{t.min():.4g}, {t.max():.4g}], r in [{r.min():.4g}, {r.max():.4g}]; {where}; "
+        "lower optim.lr, set optim.grad_clip, or check the data"
+    )
 
 
 def _grid(out: str, run: TrainedRun, device, step: int, writer) -> None:
     """``samples/step-N.png`` (one-step EMA samples from the run's fixed noise) and loss.png."""
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    path = write_preview(os.path.join(out, "samples", f"step-{step:08d}.png"), run, device,
-                         seed=run.config.seed)
+    path = write_preview(
+        os.path.join(out, "samples", f"step-{step:08d}.png"), run, device, seed=run.config.seed
+    )
     write_loss_curve(out, f"{run.config.objective} on {run.config.data}")
     if writer is not None:
         import numpy as np
         from PIL import Image
+
         with Image.open(path) as image:
-            writer.add_image("samples/one_step", np.asarray(image.convert("RGB")), step,
-                             dataformats="HWC")
+            writer.add_image(
+                "samples/one_step", np.asarray(image.convert("RGB")), step, dataformats="HWC"
+            )
 
 
 def _tensorboard():
@@ -375,6 +479,8 @@ def _tensorboard():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise MeanFlowError("tensorboard=true needs the tensorboard package; run "
-                            "`pip install 'meanflow[tensorboard]'` or drop --tensorboard") from None
+        raise MeanFlowError(
+            "tensorboard=true needs the tensorboard package; run "
+            "`pip install 'meanflow[tensorboard]'` or drop --tensorboard"
+        ) from None
     return SummaryWriter

@@ -17,99 +17,190 @@ from .config import TrainConfig, _suggest, set_value
 # logit-normal(-0.4, 1.0), adaptive weight p = 1 with c = 0.01 (their `norm_eps`), 10% label
 # dropout on r = t rows, 240 epochs (the authors' run_b4.yml; the paper's ablations train B/4 for
 # 80). An epoch is 5,004 steps: 1,281,167 // 256 (their DataLoader drops the last batch).
-_IMAGENET = {"model.arch": "dit", "data_shape": "4x32x32", "num_classes": 1000,
-             "batch_size": 256, "optim.lr": 1e-4, "optim.schedule": "constant",
-             "optim.beta1": 0.9, "optim.beta2": 0.95, "ema_decay": 0.9999,
-             "time.ratio": 0.25, "time.mean": -0.4, "time.std": 1.0, "loss.p": 1.0,
-             "guidance.label_dropout": 0.1, "loss.c": 0.01, "ema_warmup": False,
-             "steps": 1_200_960,  # 240 epochs x 5,004
-             "log_every": 100, "ckpt_every": 10_000, "grid_every": 10_000}
+_IMAGENET = {
+    "model.arch": "dit",
+    "data_shape": "4x32x32",
+    "num_classes": 1000,
+    "batch_size": 256,
+    "optim.lr": 1e-4,
+    "optim.schedule": "constant",
+    "optim.beta1": 0.9,
+    "optim.beta2": 0.95,
+    "ema_decay": 0.9999,
+    "time.ratio": 0.25,
+    "time.mean": -0.4,
+    "time.std": 1.0,
+    "loss.p": 1.0,
+    "guidance.label_dropout": 0.1,
+    "loss.c": 0.01,
+    "ema_warmup": False,
+    "steps": 1_200_960,  # 240 epochs x 5,004
+    "log_every": 100,
+    "ckpt_every": 10_000,
+    "grid_every": 10_000,
+}
 _B2_GUIDANCE = {"guidance.omega": 1.0, "guidance.kappa": 0.5}
 
 # The authors' CIFAR-10 recipe (py-meanflow): unconditional DDPM++ U-Net (their SongUNet,
 # 55.9M; model.arch=songunet), batch 1024, lr 6e-4 with 200 warm-up epochs, Adam (0.9, 0.999),
 # p = 0.75, 75% r != t, dropout 0.2, 16,000 epochs of 48 steps (8 GPUs x 128: 6,250 images
 # per GPU // 128, last batch dropped): 768,000 steps.
-_CIFAR = {"model.arch": "songunet", "model.size": "cifar10-paper", "model.dropout": 0.2,
-          "data_shape": "3x32x32", "conditional": False, "batch_size": 1024, "optim.lr": 6e-4,
-          "optim.warmup": 9_600, "optim.beta1": 0.9, "optim.beta2": 0.999, "loss.p": 0.75,
-          "time.ratio": 0.75, "steps": 768_000,
-          # three EMAs every 16 steps with decay^16, no warm-up (their models/ema.py); sampling
-          # uses 0.99995, the copy their demo reports FID with
-          "ema_decay": 0.99995, "ema_extra": "0.9999,0.9996", "ema_every": 16,
-          "ema_warmup": False,
-          # EDM's augmentation at p = 0.12 with y-flips and rotations off, its labels fed to
-          # the network (train_loop.py), plus a plain random flip (data_transform.py)
-          "augment": "edm-cifar10", "augment_p": 0.12, "hflip": True,
-          "log_every": 100, "ckpt_every": 10_000, "grid_every": 10_000}
+_CIFAR = {
+    "model.arch": "songunet",
+    "model.size": "cifar10-paper",
+    "model.dropout": 0.2,
+    "data_shape": "3x32x32",
+    "conditional": False,
+    "batch_size": 1024,
+    "optim.lr": 6e-4,
+    "optim.warmup": 9_600,
+    "optim.beta1": 0.9,
+    "optim.beta2": 0.999,
+    "loss.p": 0.75,
+    "time.ratio": 0.75,
+    "steps": 768_000,
+    # three EMAs every 16 steps with decay^16, no warm-up (their models/ema.py); sampling
+    # uses 0.99995, the copy their demo reports FID with
+    "ema_decay": 0.99995,
+    "ema_extra": "0.9999,0.9996",
+    "ema_every": 16,
+    "ema_warmup": False,
+    # EDM's augmentation at p = 0.12 with y-flips and rotations off, its labels fed to
+    # the network (train_loop.py), plus a plain random flip (data_transform.py)
+    "augment": "edm-cifar10",
+    "augment_p": 0.12,
+    "hflip": True,
+    "log_every": 100,
+    "ckpt_every": 10_000,
+    "grid_every": 10_000,
+}
 
 # Our CPU image presets (measured in docs/benchmarks.md): a U-Net of 16 base channels, one
 # ResBlock per level, t ~ LN(-0.6, 1.6) as in the improved CIFAR recipe but r ~ LN(-2, 2) (the
 # original recipe's r; r ~ LN(-4, 1.6) left the two-step sampler's pair (0.5, 1) almost untrained
 # and measured worse at 1, 2 and 4 steps: docs/benchmarks.md section 5), guidance of scale 2.
-_CPU_IMAGES = {"model.arch": "unet", "model.size": "small", "model.channels": 16,
-               "model.blocks": 1, "batch_size": 64, "optim.lr": 1e-3, "optim.schedule": "cosine",
-               "optim.warmup": 100, "ema_decay": 0.999, "time.mean": -0.6, "time.std": 1.6,
-               "time.r_mean": -2.0, "time.r_std": 2.0, "time.ratio": 0.5, "loss.p": 0.75,
-               "guidance.omega": 1.0, "guidance.kappa": 0.5, "log_every": 25,
-               "ckpt_every": 500, "grid_every": 500}
+_CPU_IMAGES = {
+    "model.arch": "unet",
+    "model.size": "small",
+    "model.channels": 16,
+    "model.blocks": 1,
+    "batch_size": 64,
+    "optim.lr": 1e-3,
+    "optim.schedule": "cosine",
+    "optim.warmup": 100,
+    "ema_decay": 0.999,
+    "time.mean": -0.6,
+    "time.std": 1.6,
+    "time.r_mean": -2.0,
+    "time.r_std": 2.0,
+    "time.ratio": 0.5,
+    "loss.p": 0.75,
+    "guidance.omega": 1.0,
+    "guidance.kappa": 0.5,
+    "log_every": 25,
+    "ckpt_every": 500,
+    "grid_every": 500,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Generic MLP for vector data of any dimension.
     "mlp": {},
     # 2-D toy data on 2 CPU cores in under 3 minutes (tuned by benchmarks/toy_quality.py): the
     # authors' improved CIFAR-10 times, plain squared error (p = 0), cosine lr.
-    "toy-2d": {"steps": 8000, "batch_size": 1024, "model.hidden": 256, "model.depth": 4,
-               "optim.lr": 1e-3, "optim.schedule": "cosine", "ema_decay": 0.999,
-               "time.mean": -0.6, "time.std": 1.6, "time.r_mean": -4.0, "time.r_std": 1.6,
-               "time.ratio": 0.75, "loss.p": 0.0},
+    "toy-2d": {
+        "steps": 8000,
+        "batch_size": 1024,
+        "model.hidden": 256,
+        "model.depth": 4,
+        "optim.lr": 1e-3,
+        "optim.schedule": "cosine",
+        "ema_decay": 0.999,
+        "time.mean": -0.6,
+        "time.std": 1.6,
+        "time.r_mean": -4.0,
+        "time.r_std": 1.6,
+        "time.ratio": 0.75,
+        "loss.p": 0.0,
+    },
     # A few-second smoke run (tests, CI).
-    "tiny": {"steps": 50, "batch_size": 128, "model.hidden": 32, "model.depth": 2,
-             "num_data": 2000, "log_every": 10, "ckpt_every": 25, "sample_num": 500},
-    "fashion-mnist-small": {**_CPU_IMAGES, "data": "fashion-mnist", "data_shape": "1x28x28",
-                            "num_classes": 10, "steps": 3000},
-    "digits-small": {**_CPU_IMAGES, "data": "digits", "data_shape": "1x16x16",
-                     "num_classes": 10, "steps": 2000},
+    "tiny": {
+        "steps": 50,
+        "batch_size": 128,
+        "model.hidden": 32,
+        "model.depth": 2,
+        "num_data": 2000,
+        "log_every": 10,
+        "ckpt_every": 25,
+        "sample_num": 500,
+    },
+    "fashion-mnist-small": {
+        **_CPU_IMAGES,
+        "data": "fashion-mnist",
+        "data_shape": "1x28x28",
+        "num_classes": 10,
+        "steps": 3000,
+    },
+    "digits-small": {
+        **_CPU_IMAGES,
+        "data": "digits",
+        "data_shape": "1x16x16",
+        "num_classes": 10,
+        "steps": 2000,
+    },
     # Any other images: the small U-Net sized to the data.
     "unet-small": {**_CPU_IMAGES, "steps": 3000},
     "cifar10-paper": {**_CIFAR, "time.mean": -2.0, "time.std": 2.0},
-    "cifar10-paper-improved": {**_CIFAR, "time.mean": -0.6, "time.std": 1.6,
-                               "time.r_mean": -4.0, "time.r_std": 1.6,
-                               "time.order": "official-v1"},
+    "cifar10-paper-improved": {
+        **_CIFAR,
+        "time.mean": -0.6,
+        "time.std": 1.6,
+        "time.r_mean": -4.0,
+        "time.r_std": 1.6,
+        "time.order": "official-v1",
+    },
     "imagenet256-b4": {**_IMAGENET, **_B2_GUIDANCE, "model.size": "B/4"},
-    "imagenet256-b4-ablation": {**_IMAGENET, **_B2_GUIDANCE, "model.size": "B/4",
-                                "steps": 400_320},  # 80 epochs x 5,004
+    "imagenet256-b4-ablation": {
+        **_IMAGENET,
+        **_B2_GUIDANCE,
+        "model.size": "B/4",
+        "steps": 400_320,
+    },  # 80 epochs x 5,004
     "imagenet256-b2": {**_IMAGENET, **_B2_GUIDANCE, "model.size": "B/2"},
     "imagenet256-m2": {**_IMAGENET, **_B2_GUIDANCE, "model.size": "M/2"},
     "imagenet256-l2": {**_IMAGENET, **_B2_GUIDANCE, "model.size": "L/2"},
-    "imagenet256-xl2": {**_IMAGENET, "model.size": "XL/2", "guidance.omega": 0.2,
-                        "guidance.kappa": 0.92, "guidance.t_max": 0.75},
+    "imagenet256-xl2": {
+        **_IMAGENET,
+        "model.size": "XL/2",
+        "guidance.omega": 0.2,
+        "guidance.kappa": 0.92,
+        "guidance.t_max": 0.75,
+    },
 }
 
 PRESET_HELP = {
     "mlp": "vector data of any dimension (default when D != 2)",
     "toy-2d": "2-D data, about 3 minutes on 2 CPU cores (default when D = 2); chosen with "
-              "benchmarks/toy_quality.py, see docs/benchmarks.md",
+    "benchmarks/toy_quality.py, see docs/benchmarks.md",
     "tiny": "a few-second smoke run (tests)",
     "fashion-mnist-small": "Fashion-MNIST on 2 CPU cores (default for --data fashion-mnist); "
-                           "0.34M-parameter U-Net, class-conditional with guidance w' = 2",
+    "0.34M-parameter U-Net, class-conditional with guidance w' = 2",
     "digits-small": "scikit-learn digits at 16x16 on 2 CPU cores (default for --data digits)",
     "unet-small": "any other images: the small U-Net sized to the data (default for images)",
     "cifar10-paper": "the authors' CIFAR-10 recipe (unconditional DDPM++ U-Net, 55.9M "
-                     "parameters, batch 1024, lr 6e-4, p 0.75, 75% r != t, "
-                     "logit-normal(-2, 2)); GPU",
+    "parameters, batch 1024, lr 6e-4, p 0.75, 75% r != t, "
+    "logit-normal(-2, 2)); GPU",
     "cifar10-paper-improved": "as cifar10-paper with the authors' improved times "
-                              "t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6) and their v1 sampler "
-                              "(time.order=official-v1); GPU",
+    "t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6) and their v1 sampler "
+    "(time.order=official-v1); GPU",
     "imagenet256-b4": "DiT-B/4 on 32x32x4 latents, the authors' config (run_b4.yml): 240 "
-                      "epochs; guidance omega 1.0, kappa 0.5 (the B/2 values)",
+    "epochs; guidance omega 1.0, kappa 0.5 (the B/2 values)",
     "imagenet256-b4-ablation": "as imagenet256-b4 for 80 epochs, the paper's ablation setting "
-                               "(Table 1)",
+    "(Table 1)",
     "imagenet256-b2": "DiT-B/2 (131M) on latents, paper recipe, 240 epochs, omega 1.0, kappa 0.5",
     "imagenet256-m2": "DiT-M/2 (308M) on latents, paper recipe; guidance as B/2",
     "imagenet256-l2": "DiT-L/2 (459M) on latents, paper recipe; guidance as B/2",
     "imagenet256-xl2": "DiT-XL/2 (676M) on latents, paper recipe, omega 0.2, kappa 0.92, "
-                       "guidance for t in [0, 0.75]",
+    "guidance for t in [0, 0.75]",
 }
 
 
@@ -126,15 +217,17 @@ def default_preset(kind: str, shape: tuple[int, ...], data: str = "") -> str:
 
 def apply_preset(cfg: TrainConfig, name: str) -> None:
     if name not in PRESETS:
-        raise MeanFlowError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: "
-                            f"{', '.join(PRESETS)}")
+        raise MeanFlowError(
+            f"unknown preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}"
+        )
     for key, value in PRESETS[name].items():
         set_value(cfg, key, value)
     cfg.preset = name
 
 
-def configure(base: TrainConfig, preset: str | None = None,
-              settings: list[tuple[str, Any]] = ()) -> TrainConfig:
+def configure(
+    base: TrainConfig, preset: str | None = None, settings: list[tuple[str, Any]] = ()
+) -> TrainConfig:
     """A copy of ``base`` with ``preset`` applied (if given), then each dotted ``(key, value)``
     of ``settings`` in order: the precedence of the command line."""
     cfg = TrainConfig.from_dict(base.to_dict())

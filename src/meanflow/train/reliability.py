@@ -33,7 +33,7 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = self.received or name
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for name in SIGNALS:
                 sig = getattr(signal, name)
@@ -52,8 +52,10 @@ def host_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     (custom networks, data hooks) drawing from the global generators also resumes exactly."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     tensors = {}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -69,8 +71,11 @@ def restore_host_rng(meta: dict[str, Any] | None, tensors: dict[str, torch.Tenso
         kind, keys, pos, has_gauss, cached = meta["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if torch.cuda.is_available():
-        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
-                  if f"rng.cuda.{i}" in tensors]
+        states = [
+            tensors[f"rng.cuda.{i}"]
+            for i in range(torch.cuda.device_count())
+            if f"rng.cuda.{i}" in tensors
+        ]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
 
@@ -88,7 +93,7 @@ def memory_mib() -> float:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

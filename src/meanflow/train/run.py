@@ -8,8 +8,9 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -24,10 +25,17 @@ from .config import TrainConfig, _suggest
 from .factory import build_model
 
 # What ``classes=`` takes (see TrainedRun.sample and parse_classes).
-Classes = Union[str, int, Sequence[Union[str, int]], None]
+Classes = Union[str, int, Sequence[str | int], None]  # noqa: UP007 - a runtime alias (3.10)
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "samples-1step.png", "samples",
-             "loss.png", "tensorboard")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "samples-1step.png",
+    "samples",
+    "loss.png",
+    "tensorboard",
+)
 
 
 @dataclass
@@ -39,7 +47,7 @@ class Normalizer:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor) -> "Normalizer":
+    def fit(cls, x: torch.Tensor) -> Normalizer:
         x = x.double()
         dims = (0,) if x.dim() == 2 else (0, 2, 3)
         keep = x.dim() != 2
@@ -52,7 +60,7 @@ class Normalizer:
         return cls(mean.float(), std.float())
 
     @classmethod
-    def identity(cls, shape: tuple[int, ...]) -> "Normalizer":
+    def identity(cls, shape: tuple[int, ...]) -> Normalizer:
         stat = (shape[0],) if len(shape) == 1 else (shape[0], 1, 1)
         return cls(torch.zeros(stat), torch.ones(stat))
 
@@ -93,9 +101,11 @@ class TrainedRun:
     latents: dict | None = None  # a latent run's VAE facts (scaling_factor, vae, image_size...)
 
     def __repr__(self) -> str:
-        return (f"TrainedRun(step={self.step}, weights={self.weights!r}, shape={self.shape}, "
-                f"num_classes={self.num_classes}, objective={self.config.objective!r}, "
-                f"device='{self.device}')")
+        return (
+            f"TrainedRun(step={self.step}, weights={self.weights!r}, shape={self.shape}, "
+            f"num_classes={self.num_classes}, objective={self.config.objective!r}, "
+            f"device='{self.device}')"
+        )
 
     @property
     def num_classes(self) -> int:
@@ -131,17 +141,28 @@ class TrainedRun:
         (:func:`meanflow.pretrained.save_pretrained`); :func:`meanflow.from_pretrained` reads
         it back."""
         from ..pretrained import save_pretrained
+
         return save_pretrained(self, directory, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload this network to the Hugging Face Hub (:func:`meanflow.pretrained.push_to_hub`)."""
         from ..pretrained import push_to_hub
+
         return push_to_hub(self, repo_id, private=private, token=token)
 
-    def sample(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
-               device: torch.device | str | None = None, batch: int | None = None,
-               labels: torch.Tensor | None = None, guidance: float = 1.0,
-               classes: Classes = None, decode: bool = True) -> np.ndarray:
+    def sample(
+        self,
+        num: int,
+        steps: int = 1,
+        seed: int = 0,
+        schedule=None,
+        device: torch.device | str | None = None,
+        batch: int | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        classes: Classes = None,
+        decode: bool = True,
+    ) -> np.ndarray:
         """``num`` samples in data units, float32 of shape (num, *shape), from noise seeded by
         ``seed``, in ``steps`` uniform steps or over ``schedule`` (e.g. ``[1.0, 0.5, 0.0]``).
 
@@ -155,15 +176,28 @@ class TrainedRun:
         ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass.
         A latent run with its VAE returns decoded images in [-1, 1] (``decode=False``: the
         latents)."""
-        chunks = list(self.iter_samples(num, steps, seed, schedule, device, batch, labels,
-                                        guidance, classes, decode=decode))
+        chunks = list(
+            self.iter_samples(
+                num, steps, seed, schedule, device, batch, labels, guidance, classes, decode=decode
+            )
+        )
         return torch.cat(chunks).numpy().astype(np.float32)
 
-    def iter_samples(self, num: int, steps: int = 1, seed: int = 0, schedule=None,
-                     device: torch.device | str | None = None, batch: int | None = None,
-                     labels: torch.Tensor | None = None, guidance: float = 1.0,
-                     classes: Classes = None, start: int = 0, stop: int | None = None,
-                     decode: bool = True):
+    def iter_samples(
+        self,
+        num: int,
+        steps: int = 1,
+        seed: int = 0,
+        schedule=None,
+        device: torch.device | str | None = None,
+        batch: int | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        classes: Classes = None,
+        start: int = 0,
+        stop: int | None = None,
+        decode: bool = True,
+    ):
         """The samples of :meth:`sample` (the same ones for the same arguments), as float32 CPU
         tensors of at most ``batch`` rows, so callers can stream them with bounded memory.
         A latent run with a VAE (:attr:`decoder`) yields decoded images in [-1, 1] unless
@@ -178,8 +212,10 @@ class TrainedRun:
         last bit: a network's rounding can depend on the batch size)."""
         check(num >= 1, f"--num must be >= 1, got {num}")
         stop = num if stop is None else stop
-        check(0 <= start <= stop <= num, f"need 0 <= start <= stop <= num ({num}), got "
-              f"start={start}, stop={stop}")
+        check(
+            0 <= start <= stop <= num,
+            f"need 0 <= start <= stop <= num ({num}), got start={start}, stop={stop}",
+        )
         if classes is not None:
             check(labels is None, "give classes= or labels=, not both")
             labels = parse_classes(classes, num, self, seed, option="classes")
@@ -187,27 +223,35 @@ class TrainedRun:
             labels = torch.as_tensor(labels)
             check(self.num_classes > 0, "this run is unconditional; drop --class")
             check(tuple(labels.shape) == (num,), f"need {num} labels, got {tuple(labels.shape)}")
-            check(not labels.is_floating_point() and bool(((labels >= 0)
-                  & (labels <= self.num_classes)).all()), f"labels must be integers in "
-                  f"0..{self.num_classes - 1} (or {self.num_classes}, the null label)")
+            check(
+                not labels.is_floating_point()
+                and bool(((labels >= 0) & (labels <= self.num_classes)).all()),
+                f"labels must be integers in "
+                f"0..{self.num_classes - 1} (or {self.num_classes}, the null label)",
+            )
         device = self.device if device is None else device
         model = self.model
         g = self.config.guidance
         if getattr(g, "inputs", False):  # improved MeanFlow: the scale is a network input
             from ..imf import with_guidance
-            check(labels is not None or guidance == 1, "--guidance needs class labels; not "
-                  "with --class none")
+
+            check(
+                labels is not None or guidance == 1,
+                "--guidance needs class labels; not with --class none",
+            )
             model = with_guidance(self.model, guidance, g.t_min, g.t_max)
         elif guidance != 1:
-            check(self.num_classes > 0, "--guidance needs a class-conditional run; this run is "
-                  "unconditional")
+            check(
+                self.num_classes > 0,
+                "--guidance needs a class-conditional run; this run is unconditional",
+            )
             check(labels is not None, "--guidance needs class labels; not with --class none")
             model = sampling_guidance(self.model, guidance, self.num_classes)
         batch = batch or (65536 if len(self.shape) == 1 else 256)
         i = start
         for noise in iter_noise(self.shape, seed, start, stop, batch):
             n = len(noise)
-            y = None if labels is None else labels[i:i + n].to(device)
+            y = None if labels is None else labels[i : i + n].to(device)
             z = sample(model, noise.to(device), steps=steps, schedule=schedule, y=y)
             i += n
             z = self.normalizer.decode(z)
@@ -238,7 +282,7 @@ def iter_noise(shape: tuple[int, ...], seed: int, start: int, stop: int, batch: 
     for k in range(start // NOISE_CHUNK, -(-stop // NOISE_CHUNK)):
         lo, hi = max(start, k * NOISE_CHUNK), min(stop, (k + 1) * NOISE_CHUNK)
         chunk = torch.randn(NOISE_CHUNK, *shape, generator=chunk_generator(seed, k))
-        chunk = chunk[lo - k * NOISE_CHUNK:hi - k * NOISE_CHUNK]
+        chunk = chunk[lo - k * NOISE_CHUNK : hi - k * NOISE_CHUNK]
         while len(chunk):
             take = min(batch - have, len(chunk))
             pending.append(chunk[:take])
@@ -258,8 +302,9 @@ def sample_noise(shape: tuple[int, ...], seed: int, start: int, stop: int) -> to
     return torch.cat(list(iter_noise(tuple(shape), seed, start, stop, stop - start)))
 
 
-def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "cpu",
-             vae: str | None = None) -> TrainedRun:
+def load_run(
+    run_dir: str, weights: str = "ema", device: torch.device | str = "cpu", vae: str | None = None
+) -> TrainedRun:
     """Load the newest good checkpoint of a ``meanflow train`` run directory (or the model of
     a folder written by ``meanflow export``, :func:`meanflow.from_pretrained`).
 
@@ -280,8 +325,11 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
 
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")) and is_pretrained(run_dir):
         run = load_folder(run_dir, device, vae)  # an exported model: one set of weights
-        check(weights in ("ema", run.weights), f"{run_dir!r} is an exported model with the "
-              f"weights {run.weights!r} only; drop --weights/--raw")
+        check(
+            weights in ("ema", run.weights),
+            f"{run_dir!r} is an exported model with the "
+            f"weights {run.weights!r} only; drop --weights/--raw",
+        )
         return run
     device = resolve_device(device) if isinstance(device, str) else device
     _, tensors, meta = load_latest_good(run_dir)
@@ -292,15 +340,27 @@ def load_run(run_dir: str, weights: str = "ema", device: torch.device | str = "c
     try:
         model.load_state_dict(prefixed(tensors, "model" if weights == "raw" else weights))
     except RuntimeError as exc:
-        raise MeanFlowError(f"checkpoint of {run_dir!r} does not match its configured network "
-                            f"({str(exc).splitlines()[0]})") from None
+        raise MeanFlowError(
+            f"checkpoint of {run_dir!r} does not match its configured network "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
     normalizer = Normalizer(tensors["data.mean"], tensors["data.std"])
     decoder = None
     if meta.get("latents"):
         from ..vae import latent_decoder
+
         decoder = latent_decoder(meta["latents"], device, vae, required=vae is not None)
-    return TrainedRun(model.to(device).eval(), cfg, normalizer, int(meta["step"]), weights,
-                      shape, meta.get("class_names"), decoder, meta.get("latents"))
+    return TrainedRun(
+        model.to(device).eval(),
+        cfg,
+        normalizer,
+        int(meta["step"]),
+        weights,
+        shape,
+        meta.get("class_names"),
+        decoder,
+        meta.get("latents"),
+    )
 
 
 def weights_name(weights: str, emas: dict[str, float], run_dir: str = "") -> str:
@@ -322,8 +382,10 @@ def weights_name(weights: str, emas: dict[str, float], run_dir: str = "") -> str
 
 def weights_option(args) -> str:
     """The weights ``--weights NAME`` / ``--raw`` of ``meanflow sample`` and ``eval`` ask for."""
-    check(not (args.raw and args.weights not in (None, "raw")),
-          f"--raw and --weights {args.weights} ask for different weights; give one")
+    check(
+        not (args.raw and args.weights not in (None, "raw")),
+        f"--raw and --weights {args.weights} ask for different weights; give one",
+    )
     return "raw" if args.raw else (args.weights or "ema")
 
 
@@ -368,9 +430,11 @@ def parse_classes(text: Classes, num: int, run, seed: int, option: str = "--clas
             labels.append(names.index(item))
         else:
             hint = _suggest(item, names) if isinstance(item, str) and not item.isdigit() else ""
-            raise MeanFlowError(f"{option} {item!r} is not a class of this run{hint}; use "
-                                f"0..{k - 1}, one of {', '.join(names[:10])}"
-                                f"{', ...' if k > 10 else ''}, 'random' or 'none'")
+            raise MeanFlowError(
+                f"{option} {item!r} is not a class of this run{hint}; use "
+                f"0..{k - 1}, one of {', '.join(names[:10])}"
+                f"{', ...' if k > 10 else ''}, 'random' or 'none'"
+            )
     return torch.tensor(labels)[torch.arange(num) % len(labels)]
 
 
@@ -380,8 +444,14 @@ def grid_columns(num: int, num_classes: int) -> int:
     return max(1, math.isqrt(num))
 
 
-def write_preview(path: str, run: TrainedRun, device, reference: np.ndarray | None = None,
-                  seed: int = 0, title: str = "") -> str:
+def write_preview(
+    path: str,
+    run: TrainedRun,
+    device,
+    reference: np.ndarray | None = None,
+    seed: int = 0,
+    title: str = "",
+) -> str:
     """One-step samples of ``run`` as a picture: an image grid (fixed noise from ``seed``, one
     column per class, headed by its name, when conditional) or a scatter plot beside
     ``reference`` points."""
@@ -393,8 +463,14 @@ def write_preview(path: str, run: TrainedRun, device, reference: np.ndarray | No
         if images.shape[1] not in (1, 3):  # latents without their VAE: three channels shown
             images = images[:, :3] / max(1e-8, float(np.abs(images).max()))
         scale = max(1, 64 // images.shape[-1])
-        image_grid_png(tmp, images, grid_columns(cfg.grid_num, cfg.num_classes), scale=scale,
-                       class_names=run.class_names, labels=labels)
+        image_grid_png(
+            tmp,
+            images,
+            grid_columns(cfg.grid_num, cfg.num_classes),
+            scale=scale,
+            class_names=run.class_names,
+            labels=labels,
+        )
     else:
         points = run.sample(cfg.sample_num, steps=1, seed=seed, device=device)
         panels = [] if reference is None else [("training data", reference)]

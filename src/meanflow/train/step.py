@@ -57,9 +57,13 @@ class LossModule(nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                cond: dict[str, torch.Tensor] | None = None,
-                **draws: torch.Tensor | None) -> ObjectiveOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        cond: dict[str, torch.Tensor] | None = None,
+        **draws: torch.Tensor | None,
+    ) -> ObjectiveOutput:
         return self.objective(self.model, x, y, cond=cond, **draws)
 
 
@@ -89,10 +93,16 @@ def flip_rows(x: torch.Tensor, gen: torch.Generator, rows: Rows) -> torch.Tensor
     return torch.where(coin[:, None, None, None], x.flip(-1), x)
 
 
-def forward_backward(loss_module: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-                     draws: Draws, rows: Rows, grad_accum: int, precision: str,
-                     cond: dict[str, torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, list]:
+def forward_backward(
+    loss_module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    draws: Draws,
+    rows: Rows,
+    grad_accum: int,
+    precision: str,
+    cond: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run this rank's micro-batches and backpropagate their gradients (summed so that the
     all-reduced average is the full batch's mean-loss gradient). ``x``, ``y`` are this rank's
     rows, ``draws`` the global batch's. Returns this rank's mean loss and mean unweighted error
@@ -106,9 +116,12 @@ def forward_backward(loss_module: nn.Module, x: torch.Tensor, y: torch.Tensor | 
         part = rows.micro(i, grad_accum)
         inner = sync() if sync is not None and i < grad_accum - 1 else nullcontext()
         with inner, torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = loss_module(x[part], None if y is None else y[part],
-                              {k: v[part] for k, v in cond.items()} if cond else None,
-                              **draws.rows(part).kwargs())
+            out = loss_module(
+                x[part],
+                None if y is None else y[part],
+                {k: v[part] for k, v in cond.items()} if cond else None,
+                **draws.rows(part).kwargs(),
+            )
         share = (part.stop - part.start) / len(x)  # of this rank's rows
         (out.loss * share).backward()
         losses.append(out.loss.detach() * share)

@@ -11,7 +11,8 @@ prefetched, so a checkpoint resumes exactly; on resume the sampler starts from i
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -54,15 +55,22 @@ class RankSampler(Sampler):
             e, k = divmod(count, per_epoch)
             if e != epoch:
                 epoch, perm = e, permutation(self.n, self.seed, e)
-            yield perm[k * self.batch_size:(k + 1) * self.batch_size][self.part].tolist()
+            yield perm[k * self.batch_size : (k + 1) * self.batch_size][self.part].tolist()
             count += 1
 
 
 class StreamedBatches:
     """The interface of :class:`~meanflow.train.batches.Batches` over a :class:`BatchReader`."""
 
-    def __init__(self, reader: BatchReader, batch_size: int, seed: int, part: slice = slice(None),
-                 workers: int = 2, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        reader: BatchReader,
+        batch_size: int,
+        seed: int,
+        part: slice = slice(None),
+        workers: int = 2,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.reader, self.batch_size, self.seed, self.part = reader, batch_size, seed, part
         self.workers, self.device = workers, torch.device(device)
         self.consumed = 0
@@ -74,16 +82,21 @@ class StreamedBatches:
         return len(self.reader) // self.batch_size
 
     def _start(self) -> None:
-        sampler = RankSampler(len(self.reader), self.batch_size, self.seed, self.part,
-                              self.consumed)
-        self._loader = DataLoader(_ByIndexList(self.reader), batch_size=None, sampler=sampler,
-                                  num_workers=self.workers,
-                                  pin_memory=self.device.type == "cuda",
-                                  prefetch_factor=4 if self.workers else None,
-                                  persistent_workers=False,
-                                  # its own generator: starting an iterator draws a seed, which
-                                  # must not advance the global RNG (the dropout masks)
-                                  generator=torch.Generator().manual_seed(self.seed))
+        sampler = RankSampler(
+            len(self.reader), self.batch_size, self.seed, self.part, self.consumed
+        )
+        self._loader = DataLoader(
+            _ByIndexList(self.reader),
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
+            persistent_workers=False,
+            # its own generator: starting an iterator draws a seed, which
+            # must not advance the global RNG (the dropout masks)
+            generator=torch.Generator().manual_seed(self.seed),
+        )
         self._iter = iter(self._loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,7 +114,9 @@ class StreamedBatches:
 
     def load_state(self, state: dict[str, int]) -> None:
         self.close()
-        self.consumed = int(state["epoch"]) * self.per_epoch + int(state["index"]) // self.batch_size
+        self.consumed = (
+            int(state["epoch"]) * self.per_epoch + int(state["index"]) // self.batch_size
+        )
 
     def close(self) -> None:
         """Stop the worker processes (a new iterator starts at the next :meth:`next`)."""
