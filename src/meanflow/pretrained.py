@@ -50,7 +50,7 @@ def save_pretrained(run: TrainedRun, directory: str, overwrite: bool = False) ->
             f"{directory!r} already exists; pass --overwrite "
             "(Python: overwrite=True) to replace the model in it, or choose another name",
         )
-        others = ", ".join(sorted(entries - {CONFIG_NAME, WEIGHTS_NAME, "README.md"}))
+        others = ", ".join(sorted(entries - {CONFIG_NAME, WEIGHTS_NAME, "README.md", "scheduler"}))
         check(
             not others,
             f"{directory!r} holds other files ({others[:200]}); export into an empty or new folder",
