@@ -17,11 +17,18 @@ from meanflow.cli import _leaf_parsers, build_parser  # noqa: E402
 def render() -> str:
     parser = build_parser()
     sub = parser._subparsers._group_actions[0]
-    lines = ["# Command-line reference", "",
-             "Every `meanflow` command and option, as `--help` prints them. This page is generated",
-             "by `python scripts/cli_doc.py > docs/cli.md`; a test keeps it current. User errors",
-             "are one line `meanflow: error: ...` with exit code 2.", "",
-             "```text", parser.format_help().rstrip(), "```", ""]
+    lines = [
+        "# Command-line reference",
+        "",
+        "Every `meanflow` command and option, as `--help` prints them. This page is generated",
+        "by `python scripts/cli_doc.py > docs/cli.md`; a test keeps it current. User errors",
+        "are one line `meanflow: error: ...` with exit code 2.",
+        "",
+        "```text",
+        parser.format_help().rstrip(),
+        "```",
+        "",
+    ]
     for command in _leaf_parsers(sub):
         name = command.prog.removeprefix("meanflow ")
         lines += [f"## meanflow {name}", "", "```text", command.format_help().rstrip(), "```", ""]
