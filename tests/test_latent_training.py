@@ -133,3 +133,34 @@ def test_unconditional_training_on_labelled_latents(latents, tmp_path, capsys):
     assert code == 0, err
     _, meta = _weights(str(tmp_path / "u"))
     assert meta["config"]["num_classes"] == 0 and meta["class_names"] is None
+
+
+def test_pipeline_and_export_decode_a_latent_run(latent_run, tmp_path):
+    """MeanFlowPipeline loads the run's VAE and returns its decoded samples; an exported latent
+    model keeps its VAE facts and decodes the same images."""
+    if not hasattr(pytest.importorskip("diffusers"), "FlowMapEulerDiscreteScheduler"):
+        pytest.skip("this diffusers has no FlowMapEulerDiscreteScheduler")
+    from conftest import perturbed
+
+    import meanflow
+    from meanflow.pipeline import MeanFlowPipeline
+    from meanflow.train import load_run
+    from meanflow.train.run import sample_noise
+
+    run = load_run(latent_run)
+    torch.manual_seed(0)
+    perturbed(run.model)
+    assert run.decoder is not None and run.sample_shape == (3, SIZE, SIZE)
+    labels = [0, 2, 1, 1]
+    expected = run.sample(4, steps=2, seed=3, classes=labels)  # decoded, [-1, 1]
+    pipe = MeanFlowPipeline.from_run(run)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae is not None
+    images = pipe(batch_size=4, num_inference_steps=2, class_labels=labels, output_type="pt",
+                  latents=sample_noise(run.shape, 3, 0, 4)).images
+    assert images.shape == (4, 3, SIZE, SIZE)
+    torch.testing.assert_close(images, ((torch.from_numpy(expected) + 1) / 2).clamp(0, 1),
+                               rtol=0, atol=1e-5)
+    back = meanflow.from_pretrained(run.save_pretrained(str(tmp_path / "exported")))
+    assert back.latents == run.latents and back.decoder is not None
+    np.testing.assert_array_equal(back.sample(4, steps=2, seed=3, classes=labels), expected)
