@@ -312,7 +312,10 @@ def _torch_model(args, info: dict):
     # a run of model.size cifar10-paper always has the augmentation mapping (augment_dim 6);
     # a checkpoint trained without --use_edm_aug gets it as zeros (sampling passes no labels)
     with torch.device("meta"):
-        aug_shape = songunet("cifar10-paper").map_augment.weight.shape
+        paper = songunet("cifar10-paper")
+        assert paper.map_augment is not None  # cifar10-paper has augment_dim 6
+        aug_shape = paper.map_augment.weight.shape
+    cfg_model: dict  # the model section of the run config, from songunet_for_authors
     nets, shape, cfg_model, added = {}, (3, 32, 32), {}, []
     for role, key in {"ema": weights, "model": "net" if "net" in prefixes else weights}.items():
         sd = unet_state_dict(state, key + ".")

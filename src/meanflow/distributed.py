@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,13 +79,14 @@ def init(device: torch.device) -> tuple[Dist, torch.device]:
         # restarted workers can read their dead peers' addresses and fail to connect
         store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        extra: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
             backend,
             store=dist.PrefixStore(f"meanflow/{attempt}", store),
             rank=info.rank,
             world_size=info.world_size,
             timeout=timeout,
-            **({"device_id": device} if device.type == "cuda" else {}),
+            **extra,
         )
     return info, device
 

@@ -12,8 +12,8 @@ class MeanFlowError(ValueError):
     """A user-facing error: one clear line, what was wrong and how to fix it."""
 
 
-def check(condition: bool, message: str) -> None:
-    """Raise :class:`MeanFlowError` with ``message`` unless ``condition`` holds."""
+def check(condition: object, message: str) -> None:
+    """Raise :class:`MeanFlowError` with ``message`` unless ``condition`` holds (is truthy)."""
     if not condition:
         raise MeanFlowError(message)
 

@@ -122,6 +122,7 @@ class GuidedMeanFlow(MeanFlow):
         coin = torch.rand(n, generator=generator, device=device) < self.label_dropout
         if self.drop_rows == "any" or r is None:
             return coin
+        assert t is not None  # r and t are given together
         order = torch.rand(n, generator=generator, device=device)
         order = torch.where(r == t, order, torch.full_like(order, 2.0))  # r != t rows last
         rank = torch.empty(n, dtype=torch.long, device=device)
@@ -168,6 +169,7 @@ class GuidedMeanFlow(MeanFlow):
         """``drop``: the label-dropout mask from :meth:`draw`, drawn here when absent;
         ``cond``: as in :meth:`MeanFlow.__call__`."""
         check(y is not None, "guided MeanFlow needs class labels y (shape (B,), dtype long)")
+        assert y is not None  # check() raised otherwise
         check(
             isinstance(y, torch.Tensor) and y.dtype == torch.long,
             f"labels y must be a torch.long tensor, got {getattr(y, 'dtype', type(y).__name__)}",
@@ -205,6 +207,7 @@ class GuidedMeanFlow(MeanFlow):
         count, order = rows_first(mask)
         if count == 0:
             return v
+        assert y is not None  # guided objectives always pass labels (checked in __call__)
         idx = order[:count]
         z, ti, yi = path.z[idx], t[idx], y[idx]
         null = torch.full_like(yi, self.num_classes)

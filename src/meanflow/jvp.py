@@ -97,7 +97,8 @@ def total_derivative(
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(tangents_without_graph())  # du/dt is detached below
         if backend == "func":
-            u, dudt = torch.func.jvp(
+            # torch.func.jvp's return type does not depend on has_aux (a 3-tuple only with it)
+            u, dudt = torch.func.jvp(  # type: ignore[misc]
                 fn, (z, r, t), (v, torch.full_like(r, dr), torch.full_like(t, dt))
             )
         else:

@@ -24,6 +24,7 @@ single-process, full-batch objective (docs/distributed.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -50,12 +51,11 @@ class Draws:
 
     def rows(self, part: slice) -> Draws:
         """The draws of rows ``part`` (a slice of the batch)."""
-        return Draws(
-            *(
-                None if getattr(self, f.name) is None else getattr(self, f.name)[part]
-                for f in fields(self)
-            )
-        )
+        values: list[Any] = [
+            None if getattr(self, f.name) is None else getattr(self, f.name)[part]
+            for f in fields(self)
+        ]
+        return Draws(*values)
 
     def kwargs(self) -> dict:
         """Keyword arguments for an objective call: ``objective(model, x, y, **d.kwargs())``."""
@@ -369,6 +369,10 @@ class MeanFlow:
 class SingleTime:
     """Mixin of the flow-matching objectives: r = t everywhere, t one draw ``t ~ D_t``
     (:meth:`TimeSampler.single`), and given times refused unless r == t."""
+
+    # provided by MeanFlow, which this mixin precedes in the MRO
+    time_sampler: TimeSampler
+    check_inputs: bool
 
     def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.time_sampler.single(n, generator=generator, device=device)

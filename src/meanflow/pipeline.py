@@ -75,7 +75,7 @@ class MeanFlowPipeline(DiffusionPipeline):
     def _execution_device(self) -> torch.device:
         return self.device
 
-    def to(self, *args: Any, **kwargs: Any) -> MeanFlowPipeline:  # type: ignore[override]
+    def to(self, *args: Any, **kwargs: Any) -> MeanFlowPipeline:
         """Move the network (and the VAE) like ``nn.Module.to``; returns the pipeline."""
         self.network.to(*args, **kwargs)
         if self.vae is not None:
@@ -100,7 +100,7 @@ class MeanFlowPipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any):  # type: ignore[override]
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any):
         """:meth:`from_run` of a meanflow folder (``device=`` moves the pipeline there)."""
         device = kwargs.pop("device", None)
         path = str(pretrained_model_name_or_path)
@@ -116,7 +116,7 @@ class MeanFlowPipeline(DiffusionPipeline):
         check(not kwargs, f"unsupported arguments: {', '.join(sorted(kwargs))}")
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:  # type: ignore[override]
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """The network as :func:`meanflow.pretrained.save_pretrained` writes it, and the
         scheduler's config in ``scheduler/`` (``overwrite=True`` replaces an exported model)."""
         from .pretrained import save_pretrained

@@ -255,8 +255,8 @@ def loss_curve_png(path: str, records: list[dict], title: str = "") -> None:
     same = np.allclose(loss, mse, rtol=1e-6, atol=0.0)
     quality = [r for r in records if "swd_1step" in r]
     panels = (len(quality) >= MIN_RECORDS) + 1 + (not same)
-    fig, axes = plt.subplots(1, panels, figsize=(1.0 + 5.2 * panels, 3.9), squeeze=False)
-    axes = list(axes[0])
+    fig, grid = plt.subplots(1, panels, figsize=(1.0 + 5.2 * panels, 3.9), squeeze=False)
+    axes = list(grid[0])
     if len(quality) >= MIN_RECORDS:
         ax = axes.pop(0)
         _curve(

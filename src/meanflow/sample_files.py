@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def rank_rows(num: int, rank: int, world: int) -> tuple[int, int]:
     return min(num, k0 * NOISE_CHUNK), min(num, k1 * NOISE_CHUNK)
 
 
-def write_npy(f: BinaryIO, shape: tuple[int, ...], dtype, blocks: Iterable[np.ndarray]) -> None:
+def write_npy(f: IO[bytes], shape: tuple[int, ...], dtype, blocks: Iterable[np.ndarray]) -> None:
     """Write an .npy array of ``shape`` and ``dtype`` to the open file ``f`` from ``blocks``
     of rows, holding one block at a time; the bytes are those of ``np.save`` of the whole."""
     dtype = np.dtype(dtype)

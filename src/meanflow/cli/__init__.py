@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _leaf_parsers(sub) -> list[argparse.ArgumentParser]:
     """The parsers of every command, including nested ones (``features train``)."""
-    leaves = []
+    leaves: list[argparse.ArgumentParser] = []
     for command in sub.choices.values():
         nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
         leaves += _leaf_parsers(nested[0]) if nested else [command]

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import check, plural
 from ..eval.distances import DEFAULT_PROJECTIONS
+
+if TYPE_CHECKING:
+    from ..eval.features import FeatureNet
+    from ..eval.inception import InceptionFeatures
 
 IMAGE_METRICS = ("fd", "fid", "pr", "swd")
 
@@ -122,7 +127,7 @@ def _extractors(args, run, metrics: tuple[str, ...], device) -> dict:
     from ..eval.features import load_feature_net
     from ..eval.inception import load_inception
 
-    out = {}
+    out: dict[str, tuple[FeatureNet | InceptionFeatures, dict]] = {}
     if "fid" in metrics or (args.features == "inception" and ("fd" in metrics or "pr" in metrics)):
         check(
             run.sample_shape[0] in (1, 3),
@@ -179,6 +184,7 @@ def cmd_eval(args) -> int:
         guidance=args.guidance,
     )
     result = {}
+    reference: Any  # precomputed statistics (a dict), reference images or reference vectors
     if run.is_image:
         reference = _reference_stats(args.reference)
         check(
@@ -314,7 +320,9 @@ def _feature_metrics(args, run, metrics, extractors, reference, sampling) -> dic
             run.latents["source"], run.sample_shape[-1], args.num, args.seed
         )
     else:
-        train_images = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size).x
+        train_data = open_data(cfg.data, directory=cfg.data_dir, size=cfg.image_size)
+        assert train_data.x is not None  # open_data holds the images in memory
+        train_images = train_data.x
     label = f"{args.reference}-{cfg.image_size}"
     result: dict = {"_samples": samples}
     for role, (net, meta) in extractors.items():

@@ -67,8 +67,11 @@ def cmd_features(args) -> int:
         f"{args.data!r} is not labelled "
         "image data; a feature network is a classifier of the dataset's classes",
     )
+    # open_data loads images into memory (x is set); the labels were checked above
+    assert data.x is not None and data.labels is not None
     if args.data in ("fashion-mnist", "cifar10"):
         test = open_data(args.data, directory=args.data_dir or "", split="test")
+        assert test.x is not None and test.labels is not None  # a labelled split, in memory
         train_x, train_y, test_x, test_y = data.x, data.labels, test.x, test.labels
     else:  # hold out a seeded 20% for the accuracy
         import torch

@@ -232,6 +232,7 @@ def _write_stream(args, ext: str, run, sampling: dict, info: distributed.Dist) -
     if info.active:
         distributed.barrier()
         if info.is_main:
+            assert first is not None  # rank 0 always has rows
             _join_parts(
                 args, ext, first.shape[1:], first.dtype, labels, tmp, info.world_size, progress
             )

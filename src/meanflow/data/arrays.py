@@ -95,6 +95,7 @@ def load_array(path: str, ndims: tuple[int, ...] = (2,), with_labels: bool = Fal
                     f"{path}: the .npz holds {keys}; name the data array "
                     "'x' (or 'data') or save a single array",
                 )
+                assert key is not None  # check() raised otherwise
                 array = _member(archive, key, path)
                 label_key = next((k for k in ("y", "labels") if k in keys and k != key), None)
                 labels = _member(archive, label_key, path) if label_key else None

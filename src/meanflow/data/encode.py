@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,7 @@ def cropped_images(folder: str, size: int, count: int | None = None, seed: int =
     for i in range(len(dataset)):
         array, message = dataset[i]
         check(array is not None, message)
+        assert array is not None  # check() raised otherwise
         arrays.append(array)
     return torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1.0
 
@@ -105,7 +107,7 @@ def _write_meta(out: str, meta: dict) -> None:
 
 def _write_shard(out: str, k: int, moments: np.ndarray, labels: np.ndarray | None) -> dict:
     """Write shard ``k`` (moments, and labels unless None) and return its latents.json entry."""
-    entry = {
+    entry: dict[str, Any] = {
         "moments": f"moments-{k:05d}.npy",
         "labels": None if labels is None else f"labels-{k:05d}.npy",
         "count": len(moments),
@@ -235,7 +237,7 @@ def encode_folder(
     )
     scaling_factor, shift_factor = vae_factors(vae)
     side = image_size // down
-    settings = {
+    settings: dict[str, Any] = {
         "count": len(files),
         "shape": [int(vae.config.latent_channels), side, side],
         "flips": 2 if flip else 1,

@@ -192,6 +192,7 @@ def load_fashion_mnist(directory: str | None = None, split: str = "train") -> Im
         images, labels = (_find(folder, name) for name in names)
         if images and labels:
             data = load_idx(images, labels)
+            assert data.labels is not None  # load_idx was given a labels file
             check(
                 int(data.labels.max()) < 10,
                 f"{labels}: labels go up to "

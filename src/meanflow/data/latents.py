@@ -242,6 +242,7 @@ class _ShardFile:
                 read_header is not None,
                 f"{path}: .npy format version {version} is not supported; {fix}",
             )
+            assert read_header is not None  # check() raised otherwise
             shape, fortran, dtype = read_header(self.handle)
         except (OSError, ValueError) as exc:
             raise MeanFlowError(
@@ -285,7 +286,8 @@ class _ShardFile:
         """Rows ``local`` (sorted ascending) in the file's dtype; runs of consecutive rows are
         read in one call."""
         out = np.empty((len(local), *self.row_shape), self.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+        view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         start = 0
         for stop in range(1, len(local) + 1):
             if stop == len(local) or local[stop] != local[stop - 1] + 1:

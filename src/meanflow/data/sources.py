@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from .images import (
     load_image_folder,
 )
 from .toy import TOY_DATASETS
+
+if TYPE_CHECKING:
+    from ..train.stream import BatchReader
 
 IMAGE_DATASETS = ("fashion-mnist", "digits", "cifar10")
 
@@ -56,7 +60,7 @@ class TrainingSet:
     class_names: list[str] | None
     kind: str
     source: str
-    reader: object | None = None
+    reader: BatchReader | None = None
     sample_shape: tuple[int, ...] = ()
     latents: dict | None = None
 
@@ -69,14 +73,20 @@ class TrainingSet:
 
     @property
     def num_classes(self) -> int:
-        return 0 if self.labels is None else len(self.class_names)
+        if self.labels is None:
+            return 0
+        assert self.class_names is not None  # labelled sets always name their classes
+        return len(self.class_names)
 
     @property
     def streamed(self) -> bool:
         return self.x is None
 
     def __len__(self) -> int:
-        return len(self.reader) if self.x is None else int(self.x.shape[0])
+        if self.x is None:
+            assert self.reader is not None  # a streamed set always has a reader
+            return len(self.reader)
+        return int(self.x.shape[0])
 
 
 def _from_images(data, kind: str = "images") -> TrainingSet:
@@ -96,13 +106,15 @@ def _idx_pair(directory: str, split: str) -> tuple[str, str] | None:
             None,
         )
         found.append(path)
-    return (found[0], found[1]) if all(found) else None
+    images, labels = found
+    return (images, labels) if images and labels else None
 
 
 def _open_directory(directory: str, size: int, split: str) -> TrainingSet:
     pair = _idx_pair(directory, split)
     if pair is not None:
         data = load_idx(*pair)
+        assert data.labels is not None  # load_idx was given a labels file
         data.class_names = [str(i) for i in range(int(data.labels.max()) + 1)]
         return _from_images(data)
     if os.path.isfile(os.path.join(directory, "data_batch_1.bin")) or os.path.isfile(

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,19 @@ from ..errors import MeanFlowError, check
 
 FEATURE_DIM = 128
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+class FeatureExtractor(Protocol):
+    """What :func:`extract` needs of a feature network (a :class:`FeatureNet`, an
+    :class:`.inception.InceptionFeatures`): the image channels it takes, features of a batch of
+    images in [-1, 1], and its parameters (for its device)."""
+
+    @property
+    def channels(self) -> tuple[int, ...]: ...
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def parameters(self, recurse: bool = ...) -> Iterator[nn.Parameter]: ...
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -197,7 +212,7 @@ def load_feature_net(name_or_path: str) -> tuple[FeatureNet, dict]:
 
 @torch.no_grad()
 def extract(
-    model: nn.Module,
+    model: FeatureExtractor,
     images: torch.Tensor,
     batch: int = 500,
     progress: bool = False,

@@ -87,6 +87,7 @@ class FeatureStats:
     def mean(self) -> np.ndarray:
         """Sample mean, shape (d,)."""
         check(self._mean is not None, "no features yet: call update() before reading the mean")
+        assert self._mean is not None  # check() raised otherwise
         return self._mean.copy()
 
     @property
@@ -97,6 +98,7 @@ class FeatureStats:
             f"too few samples: a covariance needs at least 2 feature "
             f"vectors, got {self._count}; pass a larger --num",
         )
+        assert self._scatter is not None  # set by the first non-empty update()
         return self._scatter / (self._count - 1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ deterministic. Everything runs in float64, ``batch_size`` rows and columns at a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -56,7 +57,8 @@ def _kernel_sum(
     for i in range(0, a.shape[0], batch):
         for j in range(0, b.shape[0], batch):
             d2 = _cdist(a[i : i + batch], b[j : j + batch]).square()
-            kern = sum(torch.exp(-d2 * g) for g in inv_two_s2)
+            # a tensor, not sum()'s start 0: inv_two_s2 holds at least one bandwidth
+            kern = cast(torch.Tensor, sum(torch.exp(-d2 * g) for g in inv_two_s2))
             total += float(kern.sum())
             if same and i == j:  # same block boundaries: this block holds the diagonal
                 total -= float(kern.diagonal().sum())
@@ -87,6 +89,7 @@ def mmd2(
         s is not None and s.numel() >= 1 and bool(torch.isfinite(s).all() and (s > 0).all()),
         f"bandwidths must be one or more positive finite numbers, got {bandwidths!r}",
     )
+    assert s is not None  # check() raised otherwise
     inv_two_s2 = 1.0 / (2.0 * s.square())
     n, m = xs.shape[0], ys.shape[0]
     kxx = _kernel_sum(xs, xs, inv_two_s2, True, batch_size) / (n * (n - 1))

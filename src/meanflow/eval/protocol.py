@@ -18,10 +18,9 @@ import zipfile
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import check
-from .features import extract
+from .features import FeatureExtractor, extract
 from .frechet import fd_from_features
 from .precision_recall import density_coverage, precision_recall
 
@@ -35,7 +34,7 @@ def content_fingerprint(images: torch.Tensor) -> str:
 def cached_features(
     images: torch.Tensor,
     label: str,
-    extractor: nn.Module,
+    extractor: FeatureExtractor,
     meta: dict,
     cache_dir: str | None = DEFAULT_CACHE,
     progress: bool = False,
@@ -78,7 +77,7 @@ def image_metrics(
     fake: np.ndarray,
     reference: torch.Tensor,
     train: torch.Tensor,
-    extractor: nn.Module,
+    extractor: FeatureExtractor,
     meta: dict,
     metrics: tuple[str, ...],
     reference_label: str,
@@ -105,7 +104,7 @@ def image_metrics(
 
 def sample_features(
     run,
-    extractors: dict[str, nn.Module],
+    extractors: dict[str, FeatureExtractor],
     num: int,
     *,
     keep_images: bool = False,

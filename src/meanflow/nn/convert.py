@@ -122,6 +122,7 @@ def dit_spec(params: Mapping[str, Any]) -> dict[str, Any]:
     )
     table = flat.get("y_embedder/embedding_table/_flax_embedding/embedding")
     check(table is not None, "no y_embedder/embedding_table in the parameters")
+    assert table is not None  # check() raised otherwise
     fc1 = flat.get("blocks/layers_0/mlp/fc1/_flax_linear/kernel")
     check(
         fc1 is not None and fc1.shape == (hidden, 4 * hidden),

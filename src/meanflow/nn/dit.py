@@ -18,6 +18,8 @@ about 131M (B/2), 308M (M/2), 459M (L/2) and 676M (XL/2) parameters.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -151,13 +153,16 @@ class DiT(nn.Module):
                 nn.init.zeros_(m.bias)
         w = self.patchify.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        assert self.patchify.bias is not None  # built with a bias
         nn.init.zeros_(self.patchify.bias)
         for emb in (self.cond.t_embedder, self.cond.h_embedder, *(self.cond.guidance or ())):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         if self.cond.label is not None:
             nn.init.normal_(self.cond.label.weight, std=0.02)
-        for layer in [blk.ada[1] for blk in self.blocks] + [self.final.ada[1], self.final.linear]:
+        blocks = cast("list[Block]", list(self.blocks))  # ModuleList items are typed nn.Module
+        for layer in [blk.ada[1] for blk in blocks] + [self.final.ada[1], self.final.linear]:
+            assert isinstance(layer, nn.Linear)  # Sequential indexing is typed Sequential | Module
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 

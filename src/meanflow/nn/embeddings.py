@@ -34,6 +34,8 @@ class SinusoidalEmbedding(nn.Module):
     [1, max_freq]. The MeanFlow target contains d/dt of the network, so very high frequencies
     make targets noisy; the default tops out at 2 pi * 3 (three periods over [0, 1])."""
 
+    freqs: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, dim: int = 32, max_freq: float = 6 * math.pi) -> None:
         super().__init__()
         check(dim >= 2 and dim % 2 == 0, f"embedding dim must be even and >= 2, got {dim}")
@@ -66,6 +68,8 @@ class TimestepEmbedder(nn.Module):
     """Sinusoidal features ``[cos(f_k s), sin(f_k s)]`` (``f_k`` from 1 down to 1/max_period,
     ``freq_dim`` features) followed by Linear-SiLU-Linear: (B,) -> (B, hidden). Times in [0, 1]
     are used as they are (no x1000 scaling)."""
+
+    freqs: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(self, hidden: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
         super().__init__()

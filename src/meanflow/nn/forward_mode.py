@@ -124,11 +124,11 @@ def _call(fn, x: torch.Tensor, *args, dtype: torch.dtype | None = None):
     if cast is None:
         return fn(x, *args)
     dtype = dtype or cast
-    args = [
+    cast_args = [
         a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
     ]
     with torch.autocast(x.device.type, enabled=False):
-        return fn(x.to(dtype), *args)
+        return fn(x.to(dtype), *cast_args)
 
 
 class _Linear(torch.autograd.Function):

@@ -40,7 +40,7 @@ class MLP(nn.Module):
         cond_dim = (
             self.time.out_dim
             + (label_dim if num_classes > 0 else 0)
-            + (3 * self.guidance.out_dim if guidance_inputs else 0)
+            + (3 * self.guidance.out_dim if self.guidance is not None else 0)
         )
         self.inp = Linear(dim + cond_dim, hidden)
         self.layers = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth - 1))

@@ -37,6 +37,7 @@ Parameter names are EDM's, so the authors' state dicts load unchanged.
 from __future__ import annotations
 
 import math
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ from .forward_mode import Conv2d, GroupNorm, Linear, silu
 
 #: channels, multipliers per level, blocks per level, attention at ``input_size // d`` for each
 #: ``d`` in ``attention_downsample``, dropout, time-embedding width factor, augmentation labels.
-SONGUNET_CONFIGS = {
+SONGUNET_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         model_channels=16,
         channel_mult=(1, 2),
@@ -77,11 +78,14 @@ SKIP_SCALE = math.sqrt(0.5)
 EDM_LABELS = 9
 
 
-def _init(layer: nn.Module, gain: float = 1.0) -> nn.Module:
+_Layer = TypeVar("_Layer", nn.Linear, nn.Conv2d)
+
+
+def _init(layer: _Layer, gain: float = 1.0) -> _Layer:
     nn.init.xavier_uniform_(layer.weight)
     with torch.no_grad():
         layer.weight.mul_(gain)
-    if getattr(layer, "bias", None) is not None:
+    if layer.bias is not None:
         nn.init.zeros_(layer.bias)
     return layer
 
@@ -113,6 +117,8 @@ def _resample(x: torch.Tensor, fir: torch.Tensor, mode: str | None) -> torch.Ten
 
 class SongBlock(nn.Module):
     """ResNet block with additive conditioning, optional resampling and self-attention."""
+
+    fir: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(
         self,
@@ -161,6 +167,8 @@ class SongUNet(nn.Module):
     ``dec.16x16_block4.qkv``, ``dec.32x32_aux_conv``, ...), so py-meanflow weights load as they
     are (:func:`songunet_for_authors`). ``augment_columns``: the columns of the (B, 9) EDM label
     layout (``meanflow.data.augment``) that the network reads; None: ``aug`` is (B, augment_dim)."""
+
+    freqs: torch.Tensor  # a buffer (register_buffer)
 
     def __init__(
         self,
@@ -299,6 +307,7 @@ class SongUNet(nn.Module):
                 f"aug must have shape {want} for this SongUNet (augment_dim="
                 f"{self.augment_dim}), got {tuple(aug.shape)}",
             )
+            assert self.map_augment is not None  # check() raised otherwise
             aug = aug[:, list(cols)] if cols is not None else aug
             emb = emb + self.map_augment(aug.to(z.dtype))
         if self.label is not None:

@@ -26,6 +26,8 @@ a replication of NCSN++ (no FIR resampling, no progressive input/output branches
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +39,7 @@ from .forward_mode import Conv2d, GroupNorm, Linear, SiLU, silu
 
 #: base channels, channel multipliers (one level each), ResBlocks per level, attention at
 #: ``input_size // d`` for each ``d`` in ``attention_downsample``, dropout, GroupNorm groups.
-UNET_CONFIGS = {
+UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         base_channels=16,
         channel_mult=(1, 2),
@@ -68,6 +70,7 @@ UNET_CONFIGS = {
 def conv3x3(cin: int, cout: int, stride: int = 1, zero: bool = False) -> nn.Conv2d:
     conv = Conv2d(cin, cout, 3, stride=stride, padding=1)
     if zero:
+        assert conv.bias is not None  # built with a bias
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
     return conv
@@ -103,6 +106,7 @@ class AttentionBlock(nn.Module):
         self.norm = GroupNorm(groups, ch)
         self.qkv = Conv2d(ch, 3 * ch, 1)
         self.proj = Conv2d(ch, ch, 1)
+        assert self.proj.bias is not None  # built with a bias
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 

@@ -151,9 +151,9 @@ def load_latest_good(
         except MeanFlowError as exc:
             errors.append(exc)
             continue
-        for exc in errors:
+        for error in errors:
             print(
-                f"meanflow: warning: {exc}; using the older {os.path.basename(stem)}",
+                f"meanflow: warning: {error}; using the older {os.path.basename(stem)}",
                 file=sys.stderr,
             )
         return stem, loaded, meta

@@ -58,7 +58,9 @@ class EMA:
         self.models = {
             name: copy.deepcopy(model).eval().requires_grad_(False) for name in self.decays
         }
-        self._params = {name: list(m.parameters()) for name, m in self.models.items()}
+        self._params: dict[str, list[torch.Tensor]] = {
+            name: list(m.parameters()) for name, m in self.models.items()
+        }
         self.every, self.warmup = int(every), bool(warmup)
         self.updates = 0
 

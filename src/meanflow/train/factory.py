@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,7 +131,7 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
     extra = dataclasses.asdict(cfg.alpha) if cfg.objective == "alphaflow" else {}
     if num_classes > 0:
         g = cfg.guidance
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             omega=g.omega,
             kappa=g.kappa,
             t_min=g.t_min,

@@ -127,16 +127,21 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     rows = Rows(cfg.batch_size, ranks.rank, ranks.world_size)
     fit = cfg.normalize and data.kind in ("vectors", "arrays")
-    normalizer = Normalizer.fit(data.x) if fit else Normalizer.identity(data.shape)
+    if fit:
+        assert data.x is not None  # vectors and arrays are held in memory
+        normalizer = Normalizer.fit(data.x)
+        x_data: torch.Tensor | None = normalizer.encode(data.x)
+    else:
+        normalizer = Normalizer.identity(data.shape)
+        x_data = data.x  # None when the set is streamed
+    batches: Batches | StreamedBatches
     if data.streamed or cfg.stream:
-        reader = (
-            data.reader
-            if data.streamed
-            else TensorReader(normalizer.encode(data.x) if fit else data.x, data.labels)
-        )
+        reader = data.reader if x_data is None else TensorReader(x_data, data.labels)
+        assert reader is not None  # a streamed set always has a reader
         batches = StreamedBatches(reader, cfg.batch_size, cfg.seed, rows.part, cfg.workers, device)
     else:
-        x_all = (normalizer.encode(data.x) if fit else data.x).to(device)  # images: no copy
+        assert x_data is not None  # not streamed: the data is in memory
+        x_all = x_data.to(device)  # images: no copy
         labels = None if data.labels is None else data.labels.to(device)
         batches = Batches(x_all, cfg.batch_size, cfg.seed, labels, rows.part)
 
@@ -367,6 +372,7 @@ def train(
                         record["world_size"] = ranks.world_size
                     if quality is not None:
                         record.update(swd_1step=quality(), swd_floor=floor)
+                    assert log is not None  # opened on the main process
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
@@ -390,7 +396,10 @@ def train(
         batches.close()
     seconds = time.perf_counter() - start
     if stopped is None and main:
-        reference = data.x[: cfg.sample_num].numpy() if data.kind == "vectors" else None
+        reference = None
+        if data.kind == "vectors":
+            assert data.x is not None  # vector sets are held in memory
+            reference = data.x[: cfg.sample_num].numpy()
         write_preview(os.path.join(out, "samples-1step.png"), run, device, reference, cfg.seed)
         write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
     if writer is not None:
@@ -425,6 +434,7 @@ def _quality_probe(run: TrainedRun, data: TrainingSet, device, seed: int):
 
     if data.kind != "vectors" or len(data) < 200:
         return None, None
+    assert data.x is not None  # vector sets are held in memory
     n = min(2000, len(data) // 2)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     reference, other = data.x[pick[:n]], data.x[pick[n : 2 * n]]

@@ -7,6 +7,7 @@ chosen by measurement (docs/benchmarks.md). Where a value is ours, the comment s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import MeanFlowError
@@ -226,7 +227,7 @@ def apply_preset(cfg: TrainConfig, name: str) -> None:
 
 
 def configure(
-    base: TrainConfig, preset: str | None = None, settings: list[tuple[str, Any]] = ()
+    base: TrainConfig, preset: str | None = None, settings: Sequence[tuple[str, Any]] = ()
 ) -> TrainConfig:
     """A copy of ``base`` with ``preset`` applied (if given), then each dotted ``(key, value)``
     of ``settings`` in order: the precedence of the command line."""

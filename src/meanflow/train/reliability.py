@@ -51,7 +51,9 @@ def host_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     The trainer draws only from its own torch generator; these are saved so that user code
     (custom networks, data hooks) drawing from the global generators also resumes exactly."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # legacy=True is the default
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: a legacy tuple
+    kind, keys, pos, has_gauss, cached = np_state
     meta = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],

@@ -412,6 +412,7 @@ def parse_classes(text: Classes, num: int, run, seed: int, option: str = "--clas
         return None
     if isinstance(text, str) and text.strip().lower() == "random":
         return torch.randint(0, k, (num,), generator=torch.Generator().manual_seed(seed + 1))
+    items: list[str | int | np.integer]
     if isinstance(text, str):
         items = [v.strip() for v in text.split(",")]
     elif isinstance(text, (int, np.integer)):

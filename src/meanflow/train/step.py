@@ -64,7 +64,8 @@ class LossModule(nn.Module):
         cond: dict[str, torch.Tensor] | None = None,
         **draws: torch.Tensor | None,
     ) -> ObjectiveOutput:
-        return self.objective(self.model, x, y, cond=cond, **draws)
+        # draws holds only tensor keywords (noise, r, t, drop, guide), never ``generator``
+        return self.objective(self.model, x, y, cond=cond, **draws)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -12,7 +12,7 @@ prefetched, so a checkpoint resumes exactly; on resume the sampler starts from i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,11 +50,13 @@ class RankSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         per_epoch = self.n // self.batch_size
-        count, epoch, perm = self.start, -1, None
+        count, epoch = self.start, -1
+        perm: torch.Tensor | None = None
         while True:
             e, k = divmod(count, per_epoch)
             if e != epoch:
                 epoch, perm = e, permutation(self.n, self.seed, e)
+            assert perm is not None  # drawn on the first pass (epoch starts at -1)
             yield perm[k * self.batch_size : (k + 1) * self.batch_size][self.part].tolist()
             count += 1
 
@@ -74,7 +76,7 @@ class StreamedBatches:
         self.reader, self.batch_size, self.seed, self.part = reader, batch_size, seed, part
         self.workers, self.device = workers, torch.device(device)
         self.consumed = 0
-        self._iter = None
+        self._iter: Iterator[Any] | None = None
         self._loader: DataLoader | None = None
 
     @property
@@ -102,6 +104,7 @@ class StreamedBatches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._iter is None:
             self._start()
+            assert self._iter is not None  # set by _start()
         item = next(self._iter)
         self.consumed += 1
         x = item[0].to(self.device, non_blocking=True)
