@@ -30,7 +30,7 @@ from meanflow.eval.features import load_feature_net
 from meanflow.eval.protocol import image_metrics, sample_features
 from meanflow.plotting import image_grid
 from meanflow.train import load_run
-from meanflow.train.run import grid_labels
+from meanflow.train.pictures import grid_labels
 
 STEPS = {"meanflow": (1, 2, 4), "flow-matching": (1, 2, 4, 10, 100)}
 

@@ -5,7 +5,8 @@ python scripts/config_doc.py > docs/configuration.md
 
 from __future__ import annotations
 
-from meanflow.train.config import KEY_HELP, TrainConfig, config_keys
+from meanflow.train.config import TrainConfig, config_keys
+from meanflow.train.config_help import KEY_HELP
 from meanflow.train.presets import PRESET_HELP, PRESETS
 
 

@@ -245,7 +245,8 @@ def test_configuration_doc_is_current_and_complete():
     import subprocess
     import sys
 
-    from meanflow.train.config import KEY_HELP, config_keys
+    from meanflow.train.config import config_keys
+    from meanflow.train.config_help import KEY_HELP
     from meanflow.train.presets import PRESET_HELP, PRESETS
     assert set(KEY_HELP) == set(config_keys()) and set(PRESET_HELP) == set(PRESETS)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ from PIL import Image
 from meanflow import plotting
 from meanflow.plotting import (column_names, image_grid_png, loss_curve_png, scatter_png,
                                smooth)
-from meanflow.train.run import write_loss_curve
+from meanflow.train.pictures import write_loss_curve
 
 
 def test_smooth_is_a_centred_rolling_median():

@@ -166,7 +166,7 @@ def cmd_sample(args) -> int:
 def _write_png(args, run, sampling: dict) -> None:
     """A scatter plot of vectors or a grid of images (one process, all samples in memory)."""
     from ..plotting import image_grid_png, scatter_png
-    from ..train.run import grid_columns
+    from ..train.pictures import grid_columns
 
     tmp = args.out + ".tmp.png"
     points, labels = run.sample(args.num, **sampling), sampling["labels"]

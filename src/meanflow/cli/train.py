@@ -364,8 +364,9 @@ def _complete(args, cfg, data) -> int:
     preview if an interruption after the last checkpoint left it missing, and report."""
     from ..train.batches import open_training_data
     from ..train.factory import resolve_device
+    from ..train.pictures import write_loss_curve, write_preview
     from ..train.reliability import last_metrics
-    from ..train.run import load_run, write_loss_curve, write_preview
+    from ..train.run import load_run
 
     print(
         f"meanflow: {args.out!r} is complete ({cfg.steps} of {plural(cfg.steps, 'step')}); "

@@ -42,6 +42,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .ema import EMA
 from .factory import build_augment, build_model, build_objective, build_optimizer, count_parameters
+from .pictures import write_loss_curve, write_preview
 from .reliability import (
     StopSignals,
     all_finite,
@@ -50,7 +51,7 @@ from .reliability import (
     restore_host_rng,
     trim_metrics,
 )
-from .run import RUN_FILES, Normalizer, TrainedRun, write_loss_curve, write_preview
+from .run import RUN_FILES, Normalizer, TrainedRun
 from .step import CompiledForward, LossModule, Rows, flip_rows, forward_backward
 from .stream import StreamedBatches, TensorReader
 
