@@ -62,6 +62,15 @@ def test_images_match_trained_run_sample(digits_pipe):
         assert images.shape == (6, 16, 16, 1)
         want = np.clip((expected + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
         np.testing.assert_allclose(images, want, rtol=0, atol=1e-6)
+    # sampling-time guidance: the same two-evaluation CFG as TrainedRun.sample(guidance=...)
+    expected = run.sample(6, steps=2, seed=11, classes=labels, guidance=1.5)
+    images = pipe(batch_size=6, num_inference_steps=2, class_labels=labels, output_type="np",
+                  latents=sample_noise(run.shape, 11, 0, 6), guidance_scale=1.5).images
+    np.testing.assert_allclose(images, np.clip((expected + 1) / 2, 0, 1).transpose(0, 2, 3, 1),
+                               rtol=0, atol=1e-6)
+    unguided = pipe(batch_size=6, num_inference_steps=2, class_labels=labels, output_type="np",
+                    latents=sample_noise(run.shape, 11, 0, 6)).images
+    assert np.abs(images - unguided).max() > 1e-3
     pil = pipe(batch_size=2, class_labels=[3, 4], generator=torch.manual_seed(0)).images
     assert len(pil) == 2 and pil[0].size == (16, 16)
 

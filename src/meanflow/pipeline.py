@@ -152,12 +152,16 @@ class MeanFlowPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_scale: float = 1.0,
     ):
         """Samples from noise ``latents`` (drawn with ``generator`` when None) in
         ``num_inference_steps`` steps. ``class_labels``: indices or class names (one, or one per
         sample; None: unconditional). Images come as PIL images (``"pil"``), an (N, H, W, C)
         array in [0, 1] (``"np"``) or an (N, C, H, W) tensor in [0, 1] (``"pt"``); vector data
-        as an (N, D) array (``"np"``) or tensor (``"pt"``) in data units."""
+        as an (N, D) array (``"np"``) or tensor (``"pt"``) in data units. ``guidance_scale``
+        != 1: the scale input of a model trained with guidance inputs (improved MeanFlow), else
+        classifier-free guidance at sampling time (two evaluations per step), as
+        ``TrainedRun.sample(guidance=...)``."""
         check(self.run is not None, "build the pipeline with MeanFlowPipeline.from_run(...)")
         check(
             output_type in ("pil", "np", "pt"),
@@ -176,13 +180,14 @@ class MeanFlowPipeline(DiffusionPipeline):
             f"latents must have shape {shape}, got {tuple(latents.shape)}",
         )
         y = self._labels(class_labels, batch_size, device)
+        network = self.run.guided_model(guidance_scale, labelled=y is not None)
         z = latents.to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sigmas = self.scheduler.sigmas
         for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
             t = sigmas[i].to(z.dtype).expand(batch_size)
             r = sigmas[i + 1].to(z.dtype).expand(batch_size)
-            u = self.network(z, r, t, y=y)
+            u = network(z, r, t, y=y)
             z = self.scheduler.step(u, timestep, z).prev_sample
         x = self.run.normalizer.decode(z)
         if self.vae is not None:

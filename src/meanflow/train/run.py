@@ -134,6 +134,27 @@ class TrainedRun:
         g = self.config.guidance
         return g.omega / (1 - g.kappa) if self.num_classes else 1.0
 
+    def guided_model(self, guidance: float = 1.0, labelled: bool = True):
+        """The network to sample with at guidance scale ``guidance``: itself at 1; for a run with
+        guidance inputs (improved MeanFlow) itself with the scale as input, over
+        ``[guidance.t_min, guidance.t_max]`` (one evaluation); otherwise classifier-free guidance
+        at sampling time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations).
+        ``labelled``: whether the samples have class labels (guidance needs them)."""
+        g = self.config.guidance
+        if getattr(g, "inputs", False):  # improved MeanFlow: the scale is a network input
+            from ..imf import with_guidance
+
+            check(labelled or guidance == 1, "--guidance needs class labels; not with --class none")
+            return with_guidance(self.model, guidance, g.t_min, g.t_max)
+        if guidance == 1:
+            return self.model
+        check(
+            self.num_classes > 0,
+            "--guidance needs a class-conditional run; this run is unconditional",
+        )
+        check(labelled, "--guidance needs class labels; not with --class none")
+        return sampling_guidance(self.model, guidance, self.num_classes)
+
     def save_pretrained(self, directory: str, overwrite: bool = False) -> str:
         """Write this network as ``config.json`` + ``model.safetensors``
         (:func:`meanflow.pretrained.save_pretrained`); :func:`meanflow.from_pretrained` reads
@@ -228,23 +249,7 @@ class TrainedRun:
                 f"0..{self.num_classes - 1} (or {self.num_classes}, the null label)",
             )
         device = self.device if device is None else device
-        model = self.model
-        g = self.config.guidance
-        if getattr(g, "inputs", False):  # improved MeanFlow: the scale is a network input
-            from ..imf import with_guidance
-
-            check(
-                labels is not None or guidance == 1,
-                "--guidance needs class labels; not with --class none",
-            )
-            model = with_guidance(self.model, guidance, g.t_min, g.t_max)
-        elif guidance != 1:
-            check(
-                self.num_classes > 0,
-                "--guidance needs a class-conditional run; this run is unconditional",
-            )
-            check(labels is not None, "--guidance needs class labels; not with --class none")
-            model = sampling_guidance(self.model, guidance, self.num_classes)
+        model = self.guided_model(guidance, labelled=labels is not None)
         batch = batch or (65536 if len(self.shape) == 1 else 256)
         i = start
         for noise in iter_noise(self.shape, seed, start, stop, batch):
