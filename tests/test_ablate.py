@@ -30,6 +30,10 @@ def test_paper_figures_are_the_published_ones():
                                         "(v,1,0)": 329.22, "(v,1,1)": 137.96}
     assert STUDIES["p"].paper == {"0.0": 79.75, "0.5": 63.98, "1.0": 61.06, "1.5": 66.57,
                                   "2.0": 69.19}
+    # Table 1f: omega alone (kappa = 0, the paper's Eq. before its appendix adds kappa)
+    assert STUDIES["omega"].paper == {"1.0": 61.06, "3.0": 15.53}
+    for label, overrides in STUDIES["omega"].settings.items():
+        assert dict(overrides) == {"guidance.omega": float(label), "guidance.kappa": 0.0}
 
 
 @pytest.mark.parametrize("tangent,dr,dt", [("v,0,0", 0.0, 0.0), ("v,1,0", 1.0, 0.0),

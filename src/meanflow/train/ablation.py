@@ -91,8 +91,12 @@ STUDIES = {
         "1.0",
     ),
     "omega": Study(
-        "guidance omega, class-conditional data (Table 1f)",
-        _one("guidance.omega", [1.0, 1.5, 2.0, 3.0, 5.0]),
+        "guidance omega at kappa = 0, class-conditional data (Table 1f)",
+        # Table 1f varies omega in the paper's Eq. for v~ without the kappa term of its appendix
+        {
+            f"{w}": [("guidance.omega", w), ("guidance.kappa", 0.0)]
+            for w in (1.0, 1.5, 2.0, 3.0, 5.0)
+        },
         {"1.0": 61.06, "3.0": 15.53},
         "3.0",
     ),
