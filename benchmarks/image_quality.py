@@ -1,28 +1,33 @@
-"""Quality against sampling steps on Fashion-MNIST (or digits): MeanFlow vs flow matching with
-the same network, data, seed and number of training steps.
+"""Quality against sampling steps on Fashion-MNIST (or digits): the objectives (flow matching,
+MeanFlow, improved MeanFlow, AlphaFlow) with the same network, data and seed.
 
-    python benchmarks/image_quality.py --mf runs/fmnist --fm runs/fmnist-fm \\
-        --out benchmarks/results/image_quality
+    python benchmarks/image_quality.py --run meanflow=runs/fmnist \
+        --run flow-matching=runs/fmnist-fm --out benchmarks/results/image_quality
 
-``--mf`` and ``--fm`` are run directories of ``meanflow train`` with the same preset, one with
-``--objective flow-matching`` (they are trained first, with ``--preset``, when missing).
-MeanFlow is sampled at 1, 2 and 4 steps, flow matching at 1, 2, 4, 10 and 100 (uniform
-schedules; the same noise and labels, cycling through the classes, for every entry), and each
-sample set is compared with the test split in the feature space of the shipped feature network:
-FD, precision and recall (k = 3). The floor is the same metrics for as many training images.
+Each ``--run OBJECTIVE=DIR`` is a run directory of ``meanflow train`` with the preset and
+``--objective OBJECTIVE``; a missing one is trained first. ``--equal-compute N``: missing runs
+are trained at equal training compute instead of equal steps: the MeanFlow run gets N steps and
+every other objective ``N * cost(meanflow) / cost(objective)``, where cost is the median time of
+one training step of the preset's network and batch, measured here, interleaved, on one thread,
+before any training (AlphaFlow's averaged over its alpha schedule). Flow matching is sampled at
+1, 2, 4, 10 and 100 steps, the others at 1, 2 and 4 (uniform schedules; the same noise and
+labels, cycling through the classes, for every entry). Each sample set is compared with the
+test split in the feature space of the shipped feature network: FD, precision and recall
+(k = 3); the floor is the same metrics for as many training images.
 Writes results.json, table.md, quality.png (FD and recall against steps) and grids.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 from meanflow.data import open_data
@@ -30,42 +35,117 @@ from meanflow.eval.features import load_feature_net
 from meanflow.eval.protocol import image_metrics, sample_features
 from meanflow.plotting import image_grid
 from meanflow.train import load_run
+from meanflow.train.config import OBJECTIVES
 from meanflow.train.pictures import grid_labels
 
-STEPS = {"meanflow": (1, 2, 4), "flow-matching": (1, 2, 4, 10, 100)}
+FEW_STEPS = (1, 2, 4)
+FM_STEPS = (1, 2, 4, 10, 100)
+NAMES = {"meanflow": "MeanFlow", "flow-matching": "flow matching", "imf": "improved MeanFlow",
+         "alphaflow": "AlphaFlow"}
 
 
-def ensure_run(run_dir: str, data: str, preset: str, objective: str) -> None:
+def parse_runs(items: list[str]) -> dict[str, str]:
+    runs = {}
+    for item in items:
+        objective, sep, run_dir = item.partition("=")
+        if not sep or objective not in OBJECTIVES or not run_dir:
+            raise SystemExit(f"--run {item!r}: expected OBJECTIVE=DIR with OBJECTIVE one of "
+                             f"{', '.join(OBJECTIVES)}")
+        if objective in runs:
+            raise SystemExit(f"--run {objective}=... given twice")
+        runs[objective] = run_dir
+    if "flow-matching" not in runs:
+        raise SystemExit("--run flow-matching=DIR is needed: it is the reference at 100 steps")
+    return runs
+
+
+def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> dict[str, float]:
+    """Median seconds of one training step per objective: the preset's network, batch and
+    objective, one thread, interleaved rounds (AlphaFlow: over its schedule's fractions)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from results_io import interleaved_times
+    from train_step import make_step
+
+    from meanflow.train import TrainConfig
+    from meanflow.train.factory import build_model, build_objective
+    from meanflow.train.presets import configure
+
+    torch.set_num_threads(1)
+    ds = open_data(data)
+    gen = torch.Generator().manual_seed(0)
+    calls, fractions = {}, [k / 10 + 0.05 for k in range(10)]
+    for objective in objectives:
+        cfg = configure(TrainConfig(), preset, [("objective", objective)])
+        torch.manual_seed(0)
+        model = build_model(cfg, ds.shape, ds.num_classes)
+        obj = build_objective(cfg, ds.num_classes)
+        idx = torch.randint(0, len(ds.x), (cfg.batch_size,), generator=gen)
+        x = ds.x[idx].float()
+        y = None if ds.labels is None else ds.labels[idx]
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        step = make_step(obj, model, opt, x, y, seed=0)
+        if objective == "alphaflow":  # one step per fraction of the schedule, in turn
+            turn = itertools.count()
+
+            def step(obj=obj, inner=step, turn=turn):
+                obj.at_step(int(fractions[next(turn) % 10] * 1000), 1000)
+                inner()
+        step()  # warm-up
+        calls[objective] = step
+    times = interleaved_times(calls, torch.device("cpu"), rounds, repeats=10, rotate=True,
+                              block=True)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ensure_run(run_dir: str, data: str, preset: str, objective: str, steps: int | None,
+               threads: str) -> None:
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return
-    subprocess.run([sys.executable, "-m", "meanflow.cli", "train", "--data", data, "--preset",
-                    preset, "--objective", objective, "--out", run_dir], check=True)
+    cmd = [sys.executable, "-m", "meanflow.cli", "train", "--data", data, "--preset", preset,
+           "--objective", objective, "--out", run_dir, "--threads", threads]
+    if steps:
+        cmd += ["--steps", str(steps)]
+    print(" ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"{objective}: trained in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--preset", default="fashion-mnist-small")
-    ap.add_argument("--mf", required=True, help="MeanFlow run directory")
-    ap.add_argument("--fm", required=True, help="flow-matching run directory")
+    ap.add_argument("--run", action="append", default=[], metavar="OBJECTIVE=DIR",
+                    help="a run directory per objective (flow-matching=DIR is needed)")
+    ap.add_argument("--equal-compute", type=int, default=0, metavar="N",
+                    help="train missing runs at the compute of N MeanFlow steps")
+    ap.add_argument("--cost-rounds", type=int, default=7, help="rounds of the step-cost timing")
+    ap.add_argument("--threads", default="auto", help="--threads of the training runs")
     ap.add_argument("--num", type=int, default=2000, help="samples per entry")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    for run_dir, objective in ((args.mf, "meanflow"), (args.fm, "flow-matching")):
-        ensure_run(run_dir, args.data, args.preset, objective)
+    runs = parse_runs(args.run)
+    os.makedirs(args.out, exist_ok=True)
+    costs, budget = {}, {}
+    if args.equal_compute:
+        costs = step_costs(args.data, args.preset, sorted(set(runs) | {"meanflow"}),
+                           args.cost_rounds)
+        budget = {o: round(args.equal_compute * costs["meanflow"] / costs[o]) for o in runs}
+        print(json.dumps({"step_seconds": costs, "train_steps": budget}), flush=True)
+    for objective, run_dir in runs.items():
+        ensure_run(run_dir, args.data, args.preset, objective, budget.get(objective),
+                   args.threads)
     extractor, meta = load_feature_net(args.data)
     split = "test" if args.data == "fashion-mnist" else "train"
     reference = open_data(args.data, split=split).x
     train_images = open_data(args.data).x
-    os.makedirs(args.out, exist_ok=True)
     rows, grids = [], {}
-    for run_dir, objective in ((args.mf, "meanflow"), (args.fm, "flow-matching")):
+    for objective, run_dir in runs.items():
         run = load_run(run_dir)
-        check_objective = run.config.objective
-        assert check_objective == objective, f"{run_dir} trained {check_objective}"
+        assert run.config.objective == objective, f"{run_dir} trained {run.config.objective}"
         labels = grid_labels(args.num, run.num_classes)
-        for steps in STEPS[objective]:
+        for steps in FM_STEPS if objective == "flow-matching" else FEW_STEPS:
             start = time.perf_counter()
             fake, samples = sample_features(run, {"fd": extractor}, args.num, keep_images=True,
                                             progress=False, steps=steps, seed=args.seed,
@@ -73,46 +153,51 @@ def main() -> None:
             seconds = time.perf_counter() - start
             m = image_metrics(fake["fd"], reference, train_images, extractor, meta, ("fd", "pr"),
                               f"{args.data}-{split}", cache_dir=None)
-            samples = torch.from_numpy(samples)
             rows.append({"objective": objective, "steps": steps, "train_steps": run.step,
                          "sample_seconds": round(seconds, 1), **m})
             print(json.dumps(rows[-1]), flush=True)
-            if steps in (1, 2, 100):
-                grids[f"{objective}, {steps} step{'s' if steps > 1 else ''}"] = samples[:100]
+            if steps in (1, 2) or steps == 100:
+                grids[f"{NAMES[objective]}, {steps} step{'s' if steps > 1 else ''}"] = \
+                    torch.from_numpy(samples[:100])
     floor = {k[:-6]: v for k, v in rows[0].items() if k.endswith("_floor")}
     fd = {(r["objective"], r["steps"]): r["fd"] for r in rows}
-    table = [f"| model | sampling steps | FD-{args.data} | precision | recall |",
-             "|---|---|---|---|---|"]
+    table = [f"| model | training steps | sampling steps | FD-{args.data} | precision | recall |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['objective']} | {r['steps']} | {r['fd']:.2f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} |")
-    table.append(f"| training images (floor) | - | {floor['fd']:.2f} | {floor['precision']:.3f} "
-                 f"| {floor['recall']:.3f} |")
-    targets = {"mf2_over_fm100": fd["meanflow", 2] / fd["flow-matching", 100],
-               "mf1_better_than_fm4": fd["meanflow", 1] < fd["flow-matching", 4]}
+        table.append(f"| {NAMES[r['objective']]} | {r['train_steps']:,} | {r['steps']} | "
+                     f"{r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    table.append(f"| training images (floor) | - | - | {floor['fd']:.2f} | "
+                 f"{floor['precision']:.3f} | {floor['recall']:.3f} |")
+    fm100 = fd["flow-matching", 100]
+    targets = {f"{o}{k}_over_fm100": fd[o, k] / fm100 for o in runs if o != "flow-matching"
+               for k in (1, 2)}
+    if "meanflow" in runs:
+        targets["mf1_better_than_fm4"] = fd["meanflow", 1] < fd["flow-matching", 4]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"data": args.data, "preset": args.preset, "num": args.num,
+                   "equal_compute": args.equal_compute, "step_seconds": costs,
                    "features": {"fingerprint": meta["fingerprint"],
                                 "test_accuracy": meta.get("test_accuracy")},
                    "rows": rows, "floor": floor, "targets": targets}, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    _plots(args.out, rows, floor, grids, args.data)
+    _plots(args.out, rows, floor, grids, args.data, list(runs))
     print("\n".join(table))
     print(json.dumps(targets))
 
 
-def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str) -> None:
+def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str,
+           objectives: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key in zip(axes, ("fd", "recall")):
-        for objective, marker in (("meanflow", "o"), ("flow-matching", "s")):
+        for objective, marker in zip(objectives, "osD^"):
             mine = [r for r in rows if r["objective"] == objective]
             ax.plot([r["steps"] for r in mine], [r[key] for r in mine], marker=marker,
-                    label=objective)
+                    label=NAMES[objective])
         ax.axhline(floor[key], color="gray", linestyle="--", label="training images")
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps (network evaluations)")
@@ -124,8 +209,12 @@ def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str) -> N
     fig.tight_layout()
     fig.savefig(os.path.join(out, "quality.png"), dpi=110)
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.4))
-    for ax, (title, images) in zip(np.atleast_1d(axes), grids.items()):
+    cols = min(len(grids), 4)
+    rows_ = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 3.4 * rows_), squeeze=False)
+    for ax in axes.flat[len(grids):]:
+        ax.axis("off")
+    for ax, (title, images) in zip(axes.flat, grids.items()):
         ax.imshow(image_grid(images.numpy(), 10), cmap="gray")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
