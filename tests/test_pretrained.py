@@ -41,7 +41,10 @@ def test_export_command_round_trip_is_bitwise(digits_run, tmp_path, capsys):
     assert main(["export", "--run", digits_run, "--out", out, "--threads", "1"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["step"] == 3 and info["weights"] == "ema" and info["parameters"] > 0
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert card.startswith("---\nlibrary_name: meanflow\n") and f'from_pretrained("{out}")' in card
+    assert "3 steps" in card and "10 classes" in card
     run, back = load_run(digits_run), meanflow.from_pretrained(out)
     _same_state(run.model, back.model)
     assert back.class_names == run.class_names and len(back.class_names) == 10

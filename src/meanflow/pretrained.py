@@ -32,12 +32,16 @@ FORMAT = "meanflow-pretrained"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 
 
-def save_pretrained(run: TrainedRun, directory: str, overwrite: bool = False) -> str:
-    """Write ``run`` to ``directory`` (``config.json`` + ``model.safetensors``); returns the
-    directory. An existing non-empty folder is replaced only with ``overwrite``, and then only
-    if it holds an exported model (never a training run or other files)."""
+def save_pretrained(
+    run: TrainedRun, directory: str, overwrite: bool = False, name: str | None = None
+) -> str:
+    """Write ``run`` to ``directory``: ``config.json``, ``model.safetensors`` and a model card
+    ``README.md`` that loads it from ``name`` (default ``directory``). Returns the directory.
+    An existing non-empty folder is replaced only with ``overwrite``, and then only if it holds
+    an exported model (never a training run or other files)."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -76,12 +80,57 @@ def save_pretrained(run: TrainedRun, directory: str, overwrite: bool = False) ->
         save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=1)
+        with open(os.path.join(tmp, CARD_NAME), "w") as f:
+            f.write(model_card(run, name or directory))
         os.makedirs(directory, exist_ok=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+_OBJECTIVE_NAMES = {"meanflow": "MeanFlow", "flow-matching": "Flow matching",
+                    "imf": "Improved MeanFlow", "alphaflow": "AlphaFlow"}  # fmt: skip
+
+
+def model_card(run: TrainedRun, name: str) -> str:
+    """A Hub model card (``README.md``): metadata for the Hub, what the model is, and how to load
+    it from ``name`` (the folder or Hub repository)."""
+    cfg = run.config
+    params = sum(p.numel() for p in run.model.parameters())
+    classes = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
+    shape = "x".join(map(str, run.shape))
+    tags = ["meanflow", "one-step-generation"]
+    tags += [cfg.objective] if cfg.objective not in tags else []
+    steps = 100 if cfg.objective == "flow-matching" else 1
+    how = (
+        "It is a velocity field: sample it with many Euler steps."
+        if steps > 1
+        else "One sample is one network evaluation, `x = e - u(e, 0, 1)`."
+    )
+    tag_lines = "".join(f"- {t}\n" for t in tags)
+    return f"""---
+library_name: meanflow
+tags:
+{tag_lines}---
+
+# {_OBJECTIVE_NAMES.get(cfg.objective, cfg.objective)} model on {cfg.data or "custom data"}
+
+A `{cfg.model.arch}` network ({params:,} parameters; samples of shape {shape}; {classes})
+trained with the `{cfg.objective}` objective of the `meanflow` library (MeanFlow:
+arXiv 2505.13447) for {run.step:,} steps (preset `{cfg.preset}`); these are its
+`{run.weights}` weights. {how}
+
+```python
+import meanflow
+
+run = meanflow.from_pretrained("{name}")
+samples = run.sample(16, steps={steps})
+```
+
+`config.json` holds the full training configuration; `model.safetensors` the weights.
+"""
 
 
 def is_pretrained(directory: str) -> bool:
@@ -218,7 +267,7 @@ def push_to_hub(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pretrained(run, os.path.join(tmp, "model"))
+        folder = save_pretrained(run, os.path.join(tmp, "model"), name=repo_id)
         return str(
             api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         )
