@@ -20,6 +20,7 @@ plus the scheduler's config in ``scheduler/``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -40,13 +41,16 @@ except ImportError:  # pragma: no cover - an older diffusers
     FlowMapEulerDiscreteScheduler = None
 
 
-def flow_map_scheduler() -> Any:
-    """diffusers' ``FlowMapEulerDiscreteScheduler`` with meanflow's times (no shift)."""
+def flow_map_scheduler(folder: str | None = None) -> Any:
+    """diffusers' ``FlowMapEulerDiscreteScheduler`` with meanflow's times (no shift), or the one
+    saved in ``folder``/scheduler."""
     check(
         FlowMapEulerDiscreteScheduler is not None,
         "this diffusers has no FlowMapEulerDiscreteScheduler; upgrade it (pip install -U "
         "diffusers) to use MeanFlowPipeline",
     )
+    if folder is not None:
+        return FlowMapEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     return FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
@@ -90,12 +94,12 @@ class MeanFlowPipeline(DiffusionPipeline):
 
         if isinstance(run, (str, os.PathLike)):
             run = from_pretrained(str(run), vae=vae)
-        vae_module = None
-        if run.latents and run.decoder is not None:
-            from .vae import load_vae
+        elif vae is not None and run.latents:  # a loaded run, decoded with another VAE
+            from .vae import latent_decoder
 
-            vae_module = load_vae(vae or run.latents.get("vae") or "", run.device)
-        pipe = cls(run.model, scheduler or flow_map_scheduler(), vae_module)
+            run = dataclasses.replace(run, decoder=latent_decoder(run.latents, run.device, vae))
+        # the run's own decoder (its VAE loaded once) decodes; its module is the `vae` component
+        pipe = cls(run.model, scheduler or flow_map_scheduler(), getattr(run.decoder, "vae", None))
         pipe.run = run
         return pipe
 
@@ -104,14 +108,8 @@ class MeanFlowPipeline(DiffusionPipeline):
         """:meth:`from_run` of a meanflow folder (``device=`` moves the pipeline there)."""
         device = kwargs.pop("device", None)
         path = str(pretrained_model_name_or_path)
-        scheduler = None
-        if os.path.isdir(os.path.join(path, "scheduler")):
-            check(
-                FlowMapEulerDiscreteScheduler is not None,
-                "this diffusers has no "
-                "FlowMapEulerDiscreteScheduler; upgrade it (pip install -U diffusers)",
-            )
-            scheduler = FlowMapEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        saved = os.path.isdir(os.path.join(path, "scheduler"))
+        scheduler = flow_map_scheduler(path) if saved else None
         pipe = cls.from_run(path, scheduler=scheduler, vae=kwargs.pop("vae", None))
         check(not kwargs, f"unsupported arguments: {', '.join(sorted(kwargs))}")
         return pipe.to(device) if device is not None else pipe
@@ -190,13 +188,10 @@ class MeanFlowPipeline(DiffusionPipeline):
             u = network(z, r, t, y=y)
             z = self.scheduler.step(u, timestep, z).prev_sample
         x = self.run.normalizer.decode(z)
-        if self.vae is not None:
-            from .vae import decode
-
-            lat = self.run.latents
-            x = decode(self.vae, x, float(lat["scaling_factor"]), lat.get("shift_factor"))
+        if self.run.decoder is not None:
+            x = self.run.decoder(x)
         x = x.float().cpu()
-        if self.run.is_image or self.vae is not None:
+        if self.run.is_image or self.run.decoder is not None:
             x = ((x + 1) / 2).clamp(0, 1)
             if output_type == "np":
                 x = x.permute(0, 2, 3, 1).numpy()

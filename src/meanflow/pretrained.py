@@ -98,7 +98,9 @@ def model_card(run: TrainedRun, name: str) -> str:
     """A Hub model card (``README.md``): metadata for the Hub, what the model is, and how to load
     it from ``name`` (the folder or Hub repository)."""
     cfg = run.config
-    params = sum(p.numel() for p in run.model.parameters())
+    from .train.factory import count_parameters
+
+    params = count_parameters(run.model)
     classes = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
     shape = "x".join(map(str, run.shape))
     tags = ["meanflow", "one-step-generation"]
@@ -174,8 +176,7 @@ def load_folder(path: str, device, vae: str | None) -> TrainedRun:
     from safetensors.torch import load_file
 
     from .train.config import TrainConfig
-    from .train.factory import build_model, resolve_device
-    from .train.run import Normalizer, TrainedRun
+    from .train.run import Normalizer, assemble_run
 
     try:
         with open(os.path.join(path, CONFIG_NAME)) as f:
@@ -191,38 +192,28 @@ def load_folder(path: str, device, vae: str | None) -> TrainedRun:
         f"{path!r} was written by a newer "
         f"meanflow (format {config.get('format_version')}); upgrade meanflow to load it",
     )
-    device = resolve_device(device) if isinstance(device, str) else device
-    cfg = TrainConfig.from_dict(config["train_config"])
-    shape = tuple(config["shape"])
-    model = build_model(cfg, shape, cfg.num_classes)
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    mismatch = f"{weights_file!r} does not match the network of its config"
     try:
-        model.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
-    except (RuntimeError, OSError) as exc:
-        raise MeanFlowError(
-            f"{os.path.join(path, WEIGHTS_NAME)!r} does not match the network "
-            f"of its config ({str(exc).splitlines()[0][:200]})"
-        ) from None
+        state = load_file(weights_file)
+    except OSError as exc:
+        raise MeanFlowError(f"{mismatch} ({str(exc).splitlines()[0][:200]})") from None
     norm = config["normalizer"]
-    normalizer = Normalizer(
-        torch.tensor(norm["mean"], dtype=torch.float32),
-        torch.tensor(norm["std"], dtype=torch.float32),
-    )
-    latents = config.get("latents")
-    decoder = None
-    if latents:
-        from .vae import latent_decoder
-
-        decoder = latent_decoder(latents, device, vae, required=vae is not None)
-    return TrainedRun(
-        model.to(device).eval(),
-        cfg,
-        normalizer,
+    return assemble_run(
+        TrainConfig.from_dict(config["train_config"]),
+        tuple(config["shape"]),
+        state,
+        Normalizer(
+            torch.tensor(norm["mean"], dtype=torch.float32),
+            torch.tensor(norm["std"], dtype=torch.float32),
+        ),
         int(config["step"]),
         config["weights"],
-        shape,
-        config.get("class_names"),
-        decoder,
-        latents,
+        class_names=config.get("class_names"),
+        latents=config.get("latents"),
+        device=device,
+        vae=vae,
+        mismatch=mismatch,
     )
 
 

@@ -173,17 +173,24 @@ def latent_decoder(
             raise
         print(f"meanflow: note: latents are not decoded to images ({exc})", file=sys.stderr)
         return None
-    scale, shift = float(latents["scaling_factor"]), latents.get("shift_factor")
+    return LatentDecoder(vae, float(latents["scaling_factor"]), latents.get("shift_factor"))
 
-    def to_images(z: torch.Tensor) -> torch.Tensor:
-        return decode(vae, z, scale, shift)
 
-    return to_images
+class LatentDecoder:
+    """Latents in training scale -> images in [-1, 1] with ``vae`` (:func:`decode`); the VAE
+    module stays reachable as ``.vae`` (the diffusers pipeline registers it)."""
+
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float, shift: float | None) -> None:
+        self.vae, self.scaling_factor, self.shift_factor = vae, scaling_factor, shift
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, z, self.scaling_factor, self.shift_factor)
 
 
 __all__ = [
     "load_vae",
     "latent_decoder",
+    "LatentDecoder",
     "find_vae_dir",
     "adm_center_crop",
     "encode",

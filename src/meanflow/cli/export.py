@@ -47,6 +47,7 @@ def cmd_export(args) -> int:
 
     from ..pretrained import save_pretrained
     from ..train import load_run
+    from ..train.factory import count_parameters
 
     run = load_run(args.run, weights=args.weights)
     out = save_pretrained(run, args.out, overwrite=args.overwrite)
@@ -57,7 +58,7 @@ def cmd_export(args) -> int:
                 "out": out,
                 "step": run.step,
                 "weights": run.weights,
-                "parameters": sum(p.numel() for p in run.model.parameters()),
+                "parameters": count_parameters(run.model),
                 "bytes": size,
             }
         )

@@ -321,8 +321,6 @@ def load_run(
         vae: for a run trained on latents, the VAE directory to decode with (default: the one
             recorded when the latents were encoded); samples are then images.
     """
-    from .factory import resolve_device
-
     check(os.path.isdir(run_dir), f"run directory {run_dir!r} does not exist")
     from ..pretrained import is_pretrained, load_folder
 
@@ -334,36 +332,59 @@ def load_run(
             f"weights {run.weights!r} only; drop --weights/--raw",
         )
         return run
-    device = resolve_device(device) if isinstance(device, str) else device
     _, tensors, meta = load_latest_good(run_dir)
     cfg = TrainConfig.from_dict(meta["config"])
     weights = weights_name(weights, meta.get("emas") or {"ema": cfg.ema_decay}, run_dir)
-    shape = tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),)
-    model = build_model(cfg, shape, cfg.num_classes)
-    try:
-        model.load_state_dict(prefixed(tensors, "model" if weights == "raw" else weights))
-    except RuntimeError as exc:
-        raise MeanFlowError(
-            f"checkpoint of {run_dir!r} does not match its configured network "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
-    normalizer = Normalizer(tensors["data.mean"], tensors["data.std"])
-    decoder = None
-    if meta.get("latents"):
-        from ..vae import latent_decoder
-
-        decoder = latent_decoder(meta["latents"], device, vae, required=vae is not None)
-    return TrainedRun(
-        model.to(device).eval(),
+    return assemble_run(
         cfg,
-        normalizer,
+        tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),),
+        prefixed(tensors, "model" if weights == "raw" else weights),
+        Normalizer(tensors["data.mean"], tensors["data.std"]),
         int(meta["step"]),
         weights,
-        shape,
-        meta.get("class_names"),
-        decoder,
-        meta.get("latents"),
+        class_names=meta.get("class_names"),
+        latents=meta.get("latents"),
+        device=device,
+        vae=vae,
+        mismatch=f"checkpoint of {run_dir!r} does not match its configured network",
     )
+
+
+def assemble_run(
+    cfg: TrainConfig,
+    shape: tuple[int, ...],
+    state: dict[str, torch.Tensor],
+    normalizer: Normalizer,
+    step: int,
+    weights: str,
+    *,
+    class_names: list[str] | None,
+    latents: dict | None,
+    device: torch.device | str,
+    vae: str | None,
+    mismatch: str,
+) -> TrainedRun:
+    """A :class:`TrainedRun` from its configuration and the network's state dict (for
+    :func:`load_run` and :mod:`meanflow.pretrained`): the network built from ``cfg``, ``state``
+    loaded strictly (a mismatch is one error line starting with ``mismatch``), in eval mode on
+    ``device``; for a latent run its VAE decoder (``vae`` overrides the recorded folder)."""
+    from .factory import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = build_model(cfg, shape, cfg.num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise MeanFlowError(f"{mismatch} ({str(exc).splitlines()[0][:200]})") from None
+    decoder = None
+    if latents:
+        from ..vae import latent_decoder
+
+        decoder = latent_decoder(latents, device, vae, required=vae is not None)
+    return TrainedRun(
+        model.to(device).eval(), cfg, normalizer, step, weights, shape, class_names, decoder,
+        latents,
+    )  # fmt: skip
 
 
 def weights_name(weights: str, emas: dict[str, float], run_dir: str = "") -> str:
