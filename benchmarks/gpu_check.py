@@ -8,12 +8,12 @@ Four sections, each written to the JSON as soon as it is done (``--out``, defaul
 
 (a) ``jvp``: on DiT-B/2 in float64 (batch 4, latents 4x32x32, 1000 classes; the zero-initialised
     adaLN and output layers are filled with N(0, 0.02) so that the derivative is not zero),
-    ``du/dt`` from :func:`meanflow.jvp.total_derivative` against a central finite difference along
+    ``du/dt`` from :func:`meanflow.flow.jvp.total_derivative` against a central finite difference along
     the tangent ``(v, 0, 1)``, in float64: relative error ``||jvp - fd|| / ||fd||`` (pass below
     ``--jvp-tol``, 1e-6). Then the same JVP with the network in float32 (TF32 off; on CUDA also
     with TF32 on) and under bf16 autocast (``autocast=True``), each against the float64 JVP.
 (b) ``train``: DiT-B/2 trained ``--steps`` (200) steps on random latents and labels with
-    :class:`meanflow.guidance.GuidedMeanFlow` in the paper's ImageNet B/2 settings (25% r != t,
+    :class:`meanflow.objectives.guidance.GuidedMeanFlow` in the paper's ImageNet B/2 settings (25% r != t,
     t, r ~ logit-normal(-0.4, 1), p = 1, omega 1, kappa 0.5, 10% label dropout; Adam lr 1e-4,
     betas (0.9, 0.95), fused on CUDA), the network under bf16 autocast and the JVP in fp32 (the
     library default). Fails on any NaN / Inf loss. Batch 256, or the largest of 256 / 128 / 64
@@ -49,9 +49,9 @@ from results_io import interleaved_times, maybe, md_table, sync  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import TimeSampler, sample
-from meanflow.guidance import GuidedFlowMatching, GuidedMeanFlow
-from meanflow.jvp import total_derivative
+from meanflow.flow.jvp import total_derivative
 from meanflow.nn.dit import dit
+from meanflow.objectives.guidance import GuidedFlowMatching, GuidedMeanFlow
 
 CLASSES = 1000
 

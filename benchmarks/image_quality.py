@@ -30,13 +30,13 @@ import time
 
 import torch
 
+from meanflow.config.schema import OBJECTIVES
 from meanflow.data import open_data
 from meanflow.eval.features import load_feature_net
 from meanflow.eval.protocol import image_metrics, sample_features
 from meanflow.plotting import image_grid
+from meanflow.runs.run import grid_labels
 from meanflow.train import load_run
-from meanflow.train.config import OBJECTIVES
-from meanflow.train.pictures import grid_labels
 
 FEW_STEPS = (1, 2, 4)
 FM_STEPS = (1, 2, 4, 10, 100)
@@ -66,9 +66,9 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
     from results_io import interleaved_times
     from train_step import make_step
 
+    from meanflow.config.build import build_model, build_objective
+    from meanflow.config.presets import configure
     from meanflow.train import TrainConfig
-    from meanflow.train.factory import build_model, build_objective
-    from meanflow.train.presets import configure
 
     torch.set_num_threads(1)
     ds = open_data(data)

@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import interleaved_times, md_table, save_results  # noqa: E402
 from train_step import build  # noqa: E402
 
-from meanflow.jvp import total_derivative
+from meanflow.flow.jvp import total_derivative
 from meanflow.nn import forward_mode
+
 
 def calls_for(model, z, r, t, v, y, backends, rules):
     """name -> function, each run under ``rules()`` (a context manager)."""

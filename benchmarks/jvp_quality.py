@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import md_table, save_results  # noqa: E402
 
+from meanflow.config.presets import configure
+from meanflow.config.schema import parse_overrides
 from meanflow.data import load_vectors
 from meanflow.eval import energy_distance, sliced_wasserstein
 from meanflow.train import TrainConfig, load_run, train
-from meanflow.train.config import parse_overrides
-from meanflow.train.presets import configure
 
 BACKENDS = {"forward-ad": [("loss.jvp_backend", "forward-ad")],
             "func": [("loss.jvp_backend", "func")],

@@ -84,9 +84,9 @@ def stream_worker(run_dir: str, num: int, path: str) -> dict:
     import numpy as np
 
     from meanflow.plotting import to_uint8
-    from meanflow.sample_files import write_npz
+    from meanflow.runs.run import NOISE_CHUNK
+    from meanflow.runs.sample_files import write_npz
     from meanflow.train import load_run
-    from meanflow.train.run import NOISE_CHUNK
 
     torch.set_num_threads(1)  # a memory check: one thread, unhurt by other jobs on the cores
     run = load_run(run_dir, device="cpu")

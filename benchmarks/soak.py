@@ -37,7 +37,7 @@ def command(out: str, steps: int, ckpt_every: int) -> list[str]:
 def final_tensors(run_dir: str) -> dict:
     from safetensors.torch import load_file
 
-    from meanflow.train.checkpoint import latest_checkpoint
+    from meanflow.runs.checkpoint import latest_checkpoint
     tensors = load_file(latest_checkpoint(run_dir) + ".safetensors")
     return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema.", "optim."))}
 

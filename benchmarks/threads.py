@@ -64,7 +64,7 @@ def start_load(workdir: str, own_session: bool) -> subprocess.Popen:
 
 
 def main() -> None:
-    from meanflow.threads import usable_cores
+    from meanflow.runtime.threads import usable_cores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)

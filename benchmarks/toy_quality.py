@@ -19,11 +19,11 @@ import sys
 import numpy as np
 import torch
 
+from meanflow.config.presets import configure
+from meanflow.config.schema import parse_overrides
 from meanflow.data import TOY_DATASETS, load_vectors
 from meanflow.eval import energy_distance, sliced_wasserstein
 from meanflow.train import TrainConfig, load_run, train
-from meanflow.train.config import parse_overrides
-from meanflow.train.presets import configure
 
 COLUMNS = [("meanflow", 1), ("meanflow", 2), ("flow-matching", 1), ("flow-matching", 2),
            ("flow-matching", 100)]

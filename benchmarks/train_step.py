@@ -42,8 +42,7 @@ from contextlib import contextmanager
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_io import (interleaved_times, maybe, md_row, md_table, save_results,  # noqa: E402
-                        status_mib, sync)
+from results_io import interleaved_times, maybe, md_row, md_table, save_results, status_mib, sync  # noqa: E402
 
 from meanflow import FlowMatching, MeanFlow, TimeSampler
 
@@ -54,16 +53,16 @@ def backends() -> tuple[str, ...]:
     """The JVP back-ends ``MeanFlow`` accepts (``jvp_backend=``), or () when it takes none."""
     if "jvp_backend" not in inspect.signature(MeanFlow.__init__).parameters:
         return ()
-    from meanflow import jvp
+    from meanflow.flow import jvp
     return tuple(getattr(jvp, "JVP_BACKENDS", ()))
 
 
 def build(network: str, device: torch.device, args) -> tuple[torch.nn.Module, torch.Tensor,
                                                               torch.Tensor | None, str]:
     """``(model, x, y, description)`` of one network and its batch, seeded."""
+    from meanflow.config.build import build_model, count_parameters
+    from meanflow.config.presets import configure
     from meanflow.train import TrainConfig
-    from meanflow.train.factory import build_model, count_parameters
-    from meanflow.train.presets import configure
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)

@@ -64,7 +64,7 @@ def main() -> None:
 
     # 5. The same model as a diffusers pipeline (pip install 'meanflow[diffusers]').
     try:
-        from meanflow.pipeline import MeanFlowPipeline
+        from meanflow.runs.pipeline import MeanFlowPipeline
     except meanflow.MeanFlowError as exc:
         print(f"skipping the pipeline: {exc}")
         return

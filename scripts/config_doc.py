@@ -5,9 +5,9 @@ python scripts/config_doc.py > docs/configuration.md
 
 from __future__ import annotations
 
-from meanflow.train.config import TrainConfig, config_keys
-from meanflow.train.config_help import KEY_HELP
-from meanflow.train.presets import PRESET_HELP, PRESETS
+from meanflow.config.help import KEY_HELP
+from meanflow.config.presets import PRESET_HELP, PRESETS
+from meanflow.config.schema import TrainConfig, config_keys
 
 
 def render() -> str:

@@ -72,7 +72,7 @@ def assert_jvp_modes_agree(make_objective, model, *args, **kwargs):
 def assert_total_derivative_matches_fd(model, z, r, t, v, y=None, h=1e-5):
     """``total_derivative`` equals a float64 central difference along (v, 0, 1), and differs
     from the derivative along the wrong tangent (v, 1, 1), so the check can fail."""
-    from meanflow.jvp import total_derivative
+    from meanflow.flow.jvp import total_derivative
 
     u, dudt = total_derivative(model, z, r, t, v, y)
     assert u.abs().mean() > 1e-2  # the network is not at its zero initialization

@@ -13,12 +13,11 @@ import sys
 
 from safetensors.torch import save_file
 
-from meanflow import distributed
+from meanflow.runtime import distributed
 from meanflow.cli import build_parser
-from meanflow.threads import set_threads
 from meanflow.cli.train import _train_config
+from meanflow.runtime.threads import set_threads
 from meanflow.train.loop import train
-
 
 
 def _kill_at_checkpoint(k: int) -> None:

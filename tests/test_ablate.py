@@ -39,8 +39,8 @@ def test_paper_figures_are_the_published_ones():
 @pytest.mark.parametrize("tangent,dr,dt", [("v,0,0", 0.0, 0.0), ("v,1,0", 1.0, 0.0),
                                            ("v,1,1", 1.0, 1.0)])
 def test_tangent_ablation_differentiates_along_what_it_names(tangent, dr, dt):
+    from meanflow.config.build import build_objective
     from meanflow.train import TrainConfig, configure
-    from meanflow.train.factory import build_objective
 
     torch.manual_seed(0)
     net = torch.nn.Linear(5, 3).double()
@@ -104,9 +104,9 @@ def _parser_with(extra, original):
 
 
 def test_time_input_is_refused_on_image_networks():
+    from meanflow.config.build import build_model
     from meanflow.errors import MeanFlowError
     from meanflow.train import TrainConfig, configure
-    from meanflow.train.factory import build_model
 
     cfg = configure(TrainConfig(), "unet-small", [("model.time_input", "t,r")])
     with pytest.raises(MeanFlowError, match="MLP option"):

@@ -10,7 +10,7 @@ import torch
 import meanflow
 from meanflow import MeanFlowError
 from meanflow.cli import main
-from meanflow.train.run import parse_classes
+from meanflow.runs.run import parse_classes
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -44,7 +44,7 @@ def labelled_run(tmp_path_factory):
 
 def test_load_run_is_public_and_import_stays_light():
     code = ("import sys, meanflow; assert 'meanflow.train' not in sys.modules; "
-            "assert meanflow.load_run is meanflow.train.run.load_run; "
+            "assert meanflow.load_run is meanflow.runs.load.load_run; "
             "assert 'load_run' in dir(meanflow) and 'TrainedRun' in meanflow.__all__")
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError):
@@ -52,14 +52,14 @@ def test_load_run_is_public_and_import_stays_light():
 
 
 def test_one_step_sample_is_the_formula_of_the_ema_model(vector_run):
-    from meanflow.train.run import sample_noise
+    from meanflow.runs.run import sample_noise
 
     run = meanflow.load_run(vector_run)
     assert run.weights == "ema" and run.device == torch.device("cpu")
     assert run.shape == (2,) and run.class_names is None and "step=50" in repr(run)
     points = run.sample(100, steps=1, seed=0)
     assert points.shape == (100, 2) and points.dtype == np.float32
-    e = sample_noise((2,), seed=0, start=0, stop=100)  # per-chunk generators (train/run.py)
+    e = sample_noise((2,), seed=0, start=0, stop=100)  # per-chunk generators (runs/run.py)
     with torch.no_grad():
         x = e - run.model(e, torch.zeros(100), torch.ones(100))
     assert np.allclose(points, run.normalizer.decode(x).numpy(), atol=1e-5)

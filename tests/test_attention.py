@@ -109,7 +109,7 @@ def test_gradcheck_and_double_backward():
 
 @pytest.mark.parametrize("math_context", [False, True])
 def test_dit_total_derivative_matches_finite_differences(math_context):
-    """Through ``meanflow.jvp.total_derivative`` (which may or may not force the math backend)
+    """Through ``meanflow.flow.jvp.total_derivative`` (which may or may not force the math backend)
     and directly under torch.func.jvp without any backend choice."""
     torch.manual_seed(0)
     model = perturbed(dit("T/2", input_size=8, in_channels=4, num_classes=10).double())

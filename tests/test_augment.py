@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from meanflow.data.augment import (LABEL_DIM, LABEL_NAMES, AugmentPipe, affine_resample,
-                                   augment_config)
+from meanflow.data.augment import (
+    LABEL_DIM,
+    LABEL_NAMES,
+    AugmentPipe,
+    affine_resample,
+    augment_config,
+)
 from meanflow.errors import MeanFlowError
 
 ALL = dict(xflip=1, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)

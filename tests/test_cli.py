@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run
 from safetensors.torch import load_file
 
-from cli_helpers import run
 from meanflow.cli import build_parser, main
-from meanflow.train.checkpoint import latest_checkpoint
+from meanflow.runs.checkpoint import latest_checkpoint
 
 
 def test_train_writes_a_self_describing_run(tiny_run):
@@ -29,8 +29,8 @@ def test_train_writes_a_self_describing_run(tiny_run):
 
 
 def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
+    from meanflow.runs.run import sample_noise
     from meanflow.train import load_run
-    from meanflow.train.run import sample_noise
 
     npy = str(tmp_path / "s.npy")
     code, out, _ = run(capsys, "sample", "--run", tiny_run, "--num", "300", "--out", npy)
@@ -39,7 +39,7 @@ def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
     assert points.shape == (300, 2) and points.dtype == np.float32
     # the written samples are e - u(e, 0, 1) of the EMA network, in data units
     loaded = load_run(tiny_run)
-    e = sample_noise((2,), seed=0, start=0, stop=300)  # per-chunk generators (train/run.py)
+    e = sample_noise((2,), seed=0, start=0, stop=300)  # per-chunk generators (runs/run.py)
     with torch.no_grad():
         x = e - loaded.model(e, torch.zeros(300), torch.ones(300))
     assert np.allclose(points, loaded.normalizer.decode(x).numpy(), atol=1e-5)
@@ -245,9 +245,9 @@ def test_configuration_doc_is_current_and_complete():
     import subprocess
     import sys
 
-    from meanflow.train.config import config_keys
-    from meanflow.train.config_help import KEY_HELP
-    from meanflow.train.presets import PRESET_HELP, PRESETS
+    from meanflow.config.help import KEY_HELP
+    from meanflow.config.presets import PRESET_HELP, PRESETS
+    from meanflow.config.schema import config_keys
     assert set(KEY_HELP) == set(config_keys()) and set(PRESET_HELP) == set(PRESETS)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rendered = subprocess.run([sys.executable, os.path.join(root, "scripts", "config_doc.py")],

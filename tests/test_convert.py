@@ -13,9 +13,9 @@ import torch
 from cli_helpers import run
 
 from meanflow import MeanFlowError
-from meanflow.authors import read_flax_msgpack
 from meanflow.nn.convert import dit_state_dict, flatten_tree
-from meanflow.train.run import sample_noise
+from meanflow.runs.authors import read_flax_msgpack
+from meanflow.runs.run import sample_noise
 
 DEPTH, HIDDEN, PATCH, CH, SIZE, CLASSES = 2, 64, 2, 4, 8, 5
 

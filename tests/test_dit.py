@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import jvp_inputs, perturbed, assert_total_derivative_matches_fd
+from conftest import assert_total_derivative_matches_fd, jvp_inputs, perturbed
 
 from meanflow import MeanFlow, MeanFlowError
 from meanflow.nn import DIT_CONFIGS, DiT, dit

@@ -11,8 +11,8 @@ Conventions for the documentation:
   is parsed by :func:`meanflow.cli.build_parser`, so every subcommand and flag must exist
   (``torchrun ... -m meanflow ARGS`` lines too: their ``meanflow ARGS`` part).
   Trailing ``# comments`` are dropped and ``\\`` line continuations joined. Each ``--set
-  KEY=VALUE`` must name a key of :func:`~meanflow.train.config.config_keys` with a valid value,
-  and each ``--preset`` one of :data:`~meanflow.train.presets.PRESETS`.
+  KEY=VALUE`` must name a key of :func:`~meanflow.config.schema.config_keys` with a valid value,
+  and each ``--preset`` one of :data:`~meanflow.config.presets.PRESETS`.
   Commands in inline backticks are prose (they may hold placeholders) and are not checked.
 """
 
@@ -103,9 +103,9 @@ def _commands(rel: str, first: int, body: list[str], prompt: bool) -> list[Snipp
 def command_problem(text: str) -> str | None:
     """Why the command line ``text`` (``meanflow ...``) would be refused, or None if it parses."""
     from meanflow.cli import build_parser
+    from meanflow.config.presets import PRESETS
+    from meanflow.config.schema import TrainConfig, config_keys, set_value
     from meanflow.errors import MeanFlowError
-    from meanflow.train.config import TrainConfig, config_keys, set_value
-    from meanflow.train.presets import PRESETS
 
     try:
         argv = shlex.split(text, comments=True)

@@ -12,16 +12,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run
 from safetensors.torch import load_file
 from torch import nn
 
-from cli_helpers import run
 from meanflow.cli import main
 from meanflow.errors import MeanFlowError
+from meanflow.runs.checkpoint import latest_checkpoint
+from meanflow.runs.run import sample_noise
 from meanflow.train import TrainConfig, load_run
-from meanflow.train.checkpoint import latest_checkpoint
 from meanflow.train.ema import EMA
-from meanflow.train.run import sample_noise
 
 
 def two_params(w=1.0, b=2.0):

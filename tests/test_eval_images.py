@@ -6,12 +6,18 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_train_images import make_class_folder
 
 from meanflow import MeanFlowError
 from meanflow.cli import main
-from meanflow.eval.features import (FeatureNet, _shift, extract, fingerprint, load_feature_net,
-                                    save_feature_net)
-from test_train_images import make_class_folder
+from meanflow.eval.features import (
+    FeatureNet,
+    _shift,
+    extract,
+    fingerprint,
+    load_feature_net,
+    save_feature_net,
+)
 
 pytest.importorskip("PIL.Image")
 

@@ -13,6 +13,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_train_images import make_class_folder
 from torch import nn
 
 from meanflow import MeanFlowError
@@ -20,7 +21,6 @@ from meanflow.cli import main
 from meanflow.eval import fd_from_features
 from meanflow.eval.inception import WEIGHTS_ENV, WEIGHTS_URL, InceptionFeatures, load_inception
 from meanflow.plotting import to_uint8
-from test_train_images import make_class_folder
 
 pytest.importorskip("PIL.Image")
 

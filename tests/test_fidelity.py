@@ -14,8 +14,8 @@ import math
 import torch
 
 from meanflow import TimeSampler
-from meanflow.train.config import TrainConfig
-from meanflow.train.presets import configure
+from meanflow.config.presets import configure
+from meanflow.config.schema import TrainConfig
 
 
 def _phi(x: float) -> float:
@@ -99,8 +99,9 @@ def test_cifar_recipe_trains_with_augmentation_labels(tmp_path, capsys, monkeypa
     import json
 
     from cli_helpers import run
+
     from meanflow.nn.songunet import SongUNet
-    from meanflow.train.checkpoint import load_latest_good
+    from meanflow.runs.checkpoint import load_latest_good
 
     seen = []
     forward = SongUNet.forward

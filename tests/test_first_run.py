@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-
 from cli_helpers import run
+
 from meanflow.cli import build_parser
 from meanflow.errors import MeanFlowError
-from meanflow.threads import choose_threads, parse_threads
-from meanflow.train.checkpoint import list_checkpoints
+from meanflow.runs.checkpoint import list_checkpoints
+from meanflow.runtime.threads import choose_threads, parse_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--set", "model.hidden=32", "--batch-size", "128", "--set", "ckpt_every=50",
@@ -135,7 +135,7 @@ def test_threads_are_applied_and_bad_values_refused(tmp_path, capsys):
 
 
 def test_auto_threads_leave_busy_cores_alone(monkeypatch):
-    import meanflow.threads as threads
+    import meanflow.runtime.threads as threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
@@ -156,7 +156,7 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch):
 
 def test_busy_cores_sees_a_spinning_process():
     """A process spinning on one of the usable cores is seen as about one busy core."""
-    import meanflow.threads as threads
+    import meanflow.runtime.threads as threads
 
     if not os.path.isfile("/proc/stat"):
         pytest.skip("no /proc/stat")

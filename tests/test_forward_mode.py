@@ -10,8 +10,17 @@ import torch
 from torch.autograd import forward_ad as fwAD
 from torch.profiler import profile
 
-from meanflow.nn.forward_mode import (GELU, Conv2d, GroupNorm, LayerNorm, Linear, SiLU,
-                                      lean_rules_active, tangents_without_graph, torch_rules)
+from meanflow.nn.forward_mode import (
+    GELU,
+    Conv2d,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    SiLU,
+    lean_rules_active,
+    tangents_without_graph,
+    torch_rules,
+)
 
 
 def _layers():

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import assert_jvp_modes_agree
 from torch import nn
 
 from meanflow import GuidedMeanFlow, MeanFlow, MeanFlowError, TimeSampler, linear_path
 from meanflow.nn import MLP
-from conftest import assert_jvp_modes_agree
 
 K = 3  # classes; the null label is K
 

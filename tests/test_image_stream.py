@@ -10,18 +10,18 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import run
 
 Image = pytest.importorskip("PIL.Image")
 
+from test_train_images import make_class_folder  # noqa: E402
+
 from meanflow import MeanFlowError  # noqa: E402
+from meanflow.config.schema import TrainConfig  # noqa: E402
 from meanflow.data.image_stream import ImageFolderReader, is_image_folder  # noqa: E402
 from meanflow.data.images import load_image_folder  # noqa: E402
+from meanflow.runs.checkpoint import load_latest_good  # noqa: E402
 from meanflow.train.batches import open_training_data  # noqa: E402
-from meanflow.train.checkpoint import load_latest_good  # noqa: E402
-from meanflow.train.config import TrainConfig  # noqa: E402
-from test_train_images import make_class_folder  # noqa: E402
 
 TRAIN = ["--preset", "unet-small", "--batch-size", "8", "--hflip", "--set", "ckpt_every=3",
          "--set", "log_every=3", "--set", "grid_every=0", "--set", "grid_num=4", "--quiet",

@@ -5,9 +5,14 @@ import pytest
 import torch
 
 from meanflow import MeanFlowError
-from meanflow.data import (load_cifar10_binary, load_digits, load_fashion_mnist, load_idx,
-                           load_image_folder)
 from meanflow.data import images as images_module
+from meanflow.data import (
+    load_cifar10_binary,
+    load_digits,
+    load_fashion_mnist,
+    load_idx,
+    load_image_folder,
+)
 
 Image = pytest.importorskip("PIL.Image")
 

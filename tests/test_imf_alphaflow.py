@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from meanflow import MeanFlow, TimeSampler
-from meanflow.alphaflow import AlphaFlow, alpha_schedule
-from meanflow.imf import ImprovedMeanFlow
+from meanflow.objectives.alphaflow import AlphaFlow, alpha_schedule
+from meanflow.objectives.imf import ImprovedMeanFlow
 from meanflow.train import TrainConfig, configure, load_run, train
 
 MU, SIGMA = 0.7, 0.5
@@ -216,9 +216,9 @@ class ToyGuided(torch.nn.Module):
 
 
 def test_guidance_inputs_draws_and_guided_velocity_by_hand():
-    from meanflow.imf import GuidanceInputsIMF
-    from meanflow.objective import Conditioned
-    from meanflow.path import linear_path
+    from meanflow.flow.path import linear_path
+    from meanflow.objectives.imf import GuidanceInputsIMF
+    from meanflow.objectives.meanflow import Conditioned
 
     obj = GuidanceInputsIMF(3, TimeSampler(ratio=0.5), label_dropout=0.0)
     d = obj.draw(4000, (2,), generator=torch.Generator().manual_seed(1))

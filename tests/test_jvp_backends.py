@@ -5,7 +5,7 @@ import torch
 from conftest import jvp_inputs, perturbed
 
 from meanflow import MeanFlow, MeanFlowError
-from meanflow.jvp import FD_STEP, total_derivative
+from meanflow.flow.jvp import FD_STEP, total_derivative
 from meanflow.nn import MLP, dit, unet
 
 EXACT = ("func", "forward-ad")
@@ -107,9 +107,9 @@ def test_backend_options_are_checked():
 
 
 def test_the_loop_refuses_finite_differences_with_dropout(tmp_path, capsys):
-    from meanflow.cli import main
-
     from test_train_images import make_class_folder
+
+    from meanflow.cli import main
     data = str(make_class_folder(tmp_path / "data", per_class=2))
     assert main(["train", "--data", data, "--out", str(tmp_path / "run"), "--quiet",
                  "--batch-size", "4", "--set", "model.dropout=0.1", "--set",
@@ -118,8 +118,8 @@ def test_the_loop_refuses_finite_differences_with_dropout(tmp_path, capsys):
 
 
 def test_config_keys_reach_the_objective_and_are_validated():
-    from meanflow.train.config import TrainConfig
-    from meanflow.train.factory import build_objective
+    from meanflow.config.build import build_objective
+    from meanflow.config.schema import TrainConfig
 
     cfg = TrainConfig()
     cfg.loss.jvp_backend, cfg.loss.fd_scheme = "finite-difference", "central"

@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import run
 
 pytest.importorskip("diffusers")
@@ -20,7 +19,8 @@ pytest.importorskip("PIL.Image")
 
 from test_fid import fake_fidelity, weights  # noqa: E402,F401
 from test_latents import SIZE, encode_args, image_dir, vae, vae_dir  # noqa: E402,F401
-from meanflow.train.checkpoint import load_latest_good  # noqa: E402
+
+from meanflow.runs.checkpoint import load_latest_good  # noqa: E402
 
 TRAIN = ["--preset", "unet-small", "--set", "model.arch=dit", "--set", "model.size=T/2",
          "--batch-size", "8", "--set", "log_every=2", "--set", "ckpt_every=3",
@@ -62,9 +62,9 @@ def test_latent_run_records_the_vae_and_streams(latent_run, latents, vae_dir):  
 
 
 def test_sample_decodes_to_uint8_images(latent_run, vae, tmp_path, capsys):  # noqa: F811
+    from meanflow.data.vae import decode
     from meanflow.plotting import to_uint8
     from meanflow.train import load_run
-    from meanflow.vae import decode
 
     out = str(tmp_path / "s.npz")
     code, _, err = run(capsys, "sample", "--run", latent_run, "--num", "6", "--out", out,
@@ -83,9 +83,9 @@ def test_sample_decodes_to_uint8_images(latent_run, vae, tmp_path, capsys):  # n
 
 def test_eval_decodes_before_the_features(latent_run, image_dir, fake_fidelity,  # noqa: F811
                                           weights, capsys):  # noqa: F811
+    from meanflow.data.encode import cropped_images
     from meanflow.eval.frechet import fd_from_features
     from meanflow.eval.inception import load_inception
-    from meanflow.data.encode import cropped_images
     from meanflow.train import load_run
 
     code, out, err = run(capsys, "eval", "--run", latent_run, "--reference", image_dir,
@@ -143,9 +143,9 @@ def test_pipeline_and_export_decode_a_latent_run(latent_run, tmp_path):
     from conftest import perturbed
 
     import meanflow
-    from meanflow.pipeline import MeanFlowPipeline
+    from meanflow.runs.pipeline import MeanFlowPipeline
+    from meanflow.runs.run import sample_noise
     from meanflow.train import load_run
-    from meanflow.train.run import sample_noise
 
     run = load_run(latent_run)
     torch.manual_seed(0)

@@ -15,15 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import run
+
 from meanflow.errors import MeanFlowError
 
 pytest.importorskip("diffusers")
 Image = pytest.importorskip("PIL.Image")
 
 from meanflow.data.latents import LatentShards, draw_latents, is_latents_dir  # noqa: E402
-from meanflow.vae import adm_center_crop, decode, encode, find_vae_dir, load_vae  # noqa: E402
+from meanflow.data.vae import adm_center_crop, decode, encode, find_vae_dir, load_vae  # noqa: E402
 
 BICUBIC, BOX = Image.Resampling.BICUBIC, Image.Resampling.BOX
 SIZE = 16  # crop size; the tiny VAE downsamples by 2 -> latents (4, 8, 8)

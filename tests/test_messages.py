@@ -7,8 +7,8 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from cli_helpers import run
+
 from meanflow import MeanFlowError
 from meanflow.data import load_vectors
 from meanflow.errors import plural

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from meanflow import MeanFlowError
-from meanflow.eval import (FeatureStats, default_bandwidths, density_coverage, fd_from_features,
-                           frechet_distance, mmd2, precision_recall)
+from meanflow.eval import (
+    FeatureStats,
+    default_bandwidths,
+    density_coverage,
+    fd_from_features,
+    frechet_distance,
+    mmd2,
+    precision_recall,
+)
 
 
 def _rotation(d, seed):

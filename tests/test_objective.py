@@ -1,12 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_jvp_modes_agree
 from torch import nn
 
 from meanflow import FlowMatching, MeanFlow, MeanFlowError, TimeSampler, linear_path
-from meanflow.jvp import total_derivative
+from meanflow.flow.jvp import total_derivative
 from meanflow.nn import MLP
-from conftest import assert_jvp_modes_agree
 
 
 def _mlp(dim=3, dtype=torch.float64, **kw):

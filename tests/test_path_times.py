@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import SQRT_PI, logit
 
 from meanflow import MeanFlowError, TimeSampler, linear_path
-from conftest import SQRT_PI, logit
 
 
 def test_linear_path_endpoints_and_velocity():

@@ -15,10 +15,10 @@ if not hasattr(diffusers, "FlowMapEulerDiscreteScheduler"):
     pytest.skip("this diffusers has no FlowMapEulerDiscreteScheduler", allow_module_level=True)
 
 from meanflow.cli import main  # noqa: E402
-from meanflow.pipeline import MeanFlowPipeline  # noqa: E402
-from meanflow.sampling import sample  # noqa: E402
+from meanflow.flow.sampling import sample  # noqa: E402
+from meanflow.runs.pipeline import MeanFlowPipeline  # noqa: E402
+from meanflow.runs.run import sample_noise  # noqa: E402
 from meanflow.train import load_run  # noqa: E402
-from meanflow.train.run import sample_noise  # noqa: E402
 
 
 @pytest.fixture(scope="module")

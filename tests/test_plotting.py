@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from meanflow import plotting
-from meanflow.plotting import (column_names, image_grid_png, loss_curve_png, scatter_png,
-                               smooth)
+from meanflow.plotting import column_names, image_grid_png, loss_curve_png, scatter_png, smooth
 from meanflow.train.pictures import write_loss_curve
 
 

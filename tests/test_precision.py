@@ -5,11 +5,11 @@ of a small DiT stays finite."""
 import json
 
 import torch
-
 from cli_helpers import run
-from meanflow.jvp import total_derivative
+
+from meanflow.flow.jvp import total_derivative
 from meanflow.nn import dit
-from meanflow.objective import MeanFlow
+from meanflow.objectives.meanflow import MeanFlow
 
 
 def _inputs():

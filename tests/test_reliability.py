@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from meanflow.cli import main
+from meanflow.runs.checkpoint import latest_checkpoint, list_checkpoints
 from meanflow.train import TrainConfig, configure, load_run, train
-from meanflow.train import checkpoint as checkpoint_module
+from meanflow.runs import checkpoint as checkpoint_module
 from meanflow.train import loop as loop_module
-from meanflow.train.checkpoint import latest_checkpoint, list_checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,15 +5,14 @@ network ``u(z, r, t)`` predicts the average velocity over [r, t]; one-step sampl
 ``x = e - u(e, 0, 1)``.
 """
 
+from ._version import __version__
 from .errors import MeanFlowError
-from .guidance import GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
-from .objective import FlowMatching, MeanFlow, ObjectiveOutput
-from .path import linear_path
-from .sampling import sample, uniform_schedule
-from .threads import set_threads
-from .times import TimeSampler
-
-__version__ = "0.1.0"
+from .flow.path import linear_path
+from .flow.sampling import sample, uniform_schedule
+from .flow.times import TimeSampler
+from .objectives.guidance import GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
+from .objectives.meanflow import FlowMatching, MeanFlow, ObjectiveOutput
+from .runtime.threads import set_threads
 
 __all__ = [
     "MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput",
@@ -27,10 +26,10 @@ __all__ = [
 # ``meanflow.from_pretrained(dir)`` an exported model, ``meanflow.MeanFlowPipeline`` is the
 # diffusers pipeline (needs diffusers).
 _LAZY = {
-    "load_run": "meanflow.train.run",
-    "TrainedRun": "meanflow.train.run",
-    "from_pretrained": "meanflow.pretrained",
-    "MeanFlowPipeline": "meanflow.pipeline",
+    "load_run": "meanflow.runs.load",
+    "TrainedRun": "meanflow.runs.run",
+    "from_pretrained": "meanflow.runs.load",
+    "MeanFlowPipeline": "meanflow.runs.pipeline",
 }
 
 

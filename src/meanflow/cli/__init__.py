@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
     try:
-        from ..threads import set_threads
+        from ..runtime.threads import set_threads
 
         args.thread_choice = set_threads(args.threads)
         return COMMANDS[args.command](args)

@@ -73,10 +73,10 @@ def add_ablate_parser(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
+    from ..config.presets import configure, default_preset
+    from ..config.schema import TrainConfig, parse_overrides
     from ..train.ablation import run_study, write_report
     from ..train.batches import open_training_data
-    from ..train.config import TrainConfig, parse_overrides
-    from ..train.presets import configure, default_preset
 
     check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     check(args.num >= 2, f"--num must be >= 2, got {args.num}")

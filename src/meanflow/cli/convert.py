@@ -1,5 +1,5 @@
 """``meanflow convert``: the MeanFlow authors' released checkpoints as meanflow runs
-(:mod:`meanflow.authors`; formats in docs/convert.md)."""
+(:mod:`meanflow.runs.authors`; formats in docs/convert.md)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def add_convert_parser(sub) -> None:
 
 def cmd_convert(args) -> int:
     """``meanflow convert``: see :func:`add_convert_parser` and docs/convert.md."""
-    from ..authors import convert
+    from ..runs.authors import convert
 
     print(json.dumps(convert(args)))
     return 0

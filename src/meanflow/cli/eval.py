@@ -150,10 +150,11 @@ def _extractors(args, run, metrics: tuple[str, ...], device) -> dict:
 def cmd_eval(args) -> int:
     from ..data import TOY_DATASETS, load_vectors
     from ..eval import energy_distance, sliced_wasserstein
-    from ..sampling import parse_schedule
-    from ..train import load_run
-    from ..train.factory import resolve_device
-    from ..train.run import parse_classes, weights_option
+    from ..flow.sampling import parse_schedule
+    from ..runs.load import load_run
+    from ..runs.run import parse_classes
+    from ..runtime.devices import resolve_device
+    from .options import weights_option
 
     check(args.num >= 2, f"--num must be >= 2 (a covariance needs two samples), got {args.num}")
     check(args.projections >= 1, f"--projections must be >= 1, got {args.projections}")

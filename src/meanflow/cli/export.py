@@ -1,5 +1,5 @@
 """``meanflow export``: a training run's network as ``config.json`` + ``model.safetensors``
-(:mod:`meanflow.pretrained`), the folder ``meanflow.from_pretrained``, ``MeanFlowPipeline`` and
+(:mod:`meanflow.runs.pretrained`), the folder ``meanflow.from_pretrained``, ``MeanFlowPipeline`` and
 ``meanflow sample --run`` read."""
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def cmd_export(args) -> int:
     """``meanflow export``: see :func:`add_export_parser`."""
     import os
 
-    from ..pretrained import save_pretrained
-    from ..train import load_run
-    from ..train.factory import count_parameters
+    from ..config.build import count_parameters
+    from ..runs.load import load_run
+    from ..runs.pretrained import save_pretrained
 
     run = load_run(args.run, weights=args.weights)
     out = save_pretrained(run, args.out, overwrite=args.overwrite)

@@ -2,7 +2,7 @@
 
 The .npy and .npz outputs are streamed, so memory stays bounded whatever ``--num`` is (FID-50K
 of 256x256 images is about 9.8 GB of uint8). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank
-samples a contiguous range of the noise chunks of :func:`~meanflow.train.run.iter_noise` into
+samples a contiguous range of the noise chunks of :func:`~meanflow.runs.run.iter_noise` into
 a part file beside ``--out``; rank 0 then joins the parts into one file. Row i depends only on
 the seed and i, so the output is the same for any number of processes.
 """
@@ -16,9 +16,9 @@ from collections.abc import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from .. import distributed
 from ..errors import check
-from ..sample_files import rank_rows, read_blocks, write_npy, write_npz
+from ..runs.sample_files import rank_rows, read_blocks, write_npy, write_npz
+from ..runtime import distributed
 
 
 def add_sample_parser(sub) -> None:
@@ -104,10 +104,11 @@ def add_sample_parser(sub) -> None:
 
 def cmd_sample(args) -> int:
     """``meanflow sample``: see :func:`add_sample_parser` and docs/evaluation.md."""
-    from ..sampling import parse_schedule
-    from ..train import load_run
-    from ..train.factory import resolve_device
-    from ..train.run import parse_classes, weights_option
+    from ..flow.sampling import parse_schedule
+    from ..runs.load import load_run
+    from ..runs.run import parse_classes
+    from ..runtime.devices import resolve_device
+    from .options import weights_option
 
     ext = os.path.splitext(args.out)[1].lower()
     check(
@@ -166,7 +167,7 @@ def cmd_sample(args) -> int:
 def _write_png(args, run, sampling: dict) -> None:
     """A scatter plot of vectors or a grid of images (one process, all samples in memory)."""
     from ..plotting import image_grid_png, scatter_png
-    from ..train.pictures import grid_columns
+    from ..runs.run import grid_columns
 
     tmp = args.out + ".tmp.png"
     points, labels = run.sample(args.num, **sampling), sampling["labels"]
@@ -191,7 +192,7 @@ def _write_stream(args, ext: str, run, sampling: dict, info: distributed.Dist) -
     each rank's rows into a part file, joined by rank 0 after a barrier. Rank 0 then renames
     the file to ``--out``."""
     from ..plotting import to_uint8
-    from ..train.run import NOISE_CHUNK
+    from ..runs.run import NOISE_CHUNK
 
     def convert(x):
         return to_uint8(x.numpy()) if ext == ".npz" else x.numpy().astype(np.float32, copy=False)

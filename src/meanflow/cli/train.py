@@ -10,9 +10,9 @@ import os
 import signal
 import sys
 
+from ..config.presets import PRESETS
+from ..config.schema import OBJECTIVES, config_keys
 from ..errors import MeanFlowError, check, plural
-from ..train.config import OBJECTIVES, config_keys
-from ..train.presets import PRESETS
 
 TRAIN_EPILOG = """\
 examples:
@@ -122,7 +122,7 @@ def add_train_parser(sub) -> None:
 
 def _train_settings(args) -> list:
     """The dotted settings given by flags and ``--set``, in command-line precedence."""
-    from ..train.config import parse_overrides
+    from ..config.schema import parse_overrides
 
     flags = [
         (k, v)
@@ -156,9 +156,9 @@ def _new_config(args, settings):
     """Configuration of a new run; opens the data when it picks the preset or for --dry-run,
     and returns it too when it was opened with the final configuration's data keys (else
     None), so that training need not open it again."""
+    from ..config.presets import PRESETS, configure, default_preset
+    from ..config.schema import TrainConfig
     from ..train.batches import open_training_data, record_data
-    from ..train.config import TrainConfig
-    from ..train.presets import PRESETS, configure, default_preset
 
     preset, data = args.preset, None
     has_data = args.data is not None or (preset in PRESETS and "data" in PRESETS[preset])
@@ -200,9 +200,9 @@ def _train_config(args):
     """``(cfg, data, resume)`` for ``meanflow train``. ``--resume`` continues the newest good
     checkpoint; rerunning the command of an existing run continues it too (edm2-style) when the
     settings match, and is refused with the differing keys otherwise."""
-    from ..train.checkpoint import list_checkpoints, load_latest_good
-    from ..train.config import TrainConfig
-    from ..train.presets import configure
+    from ..config.presets import configure
+    from ..config.schema import TrainConfig
+    from ..runs.checkpoint import list_checkpoints, load_latest_good
 
     settings = _train_settings(args)
     if args.overwrite and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -288,7 +288,7 @@ def _train_config(args):
 def _unstarted_same_run(args, cfg) -> bool:
     """True when ``--out`` holds only the config (and metrics) of this very run, killed before
     its first checkpoint: rerunning the command may then start it again."""
-    from ..train.config import TrainConfig
+    from ..config.schema import TrainConfig
 
     path = os.path.join(args.out or "", "config.json")
     if args.dry_run or args.overwrite or not args.out or not os.path.isfile(path):
@@ -302,7 +302,7 @@ def _unstarted_same_run(args, cfg) -> bool:
 
 
 def cmd_train(args) -> int:
-    from ..train.factory import resolve_device
+    from ..runtime.devices import resolve_device
     from ..train.loop import train
 
     cfg, data, resume, overwrite, saved_step = _train_config(args)
@@ -311,7 +311,7 @@ def cmd_train(args) -> int:
     check(args.out is not None, "--out RUN_DIR is required (or pass --dry-run)")
     if saved_step is not None and saved_step == cfg.steps:
         return _complete(args, cfg, data)
-    from ..distributed import from_env
+    from ..runtime.distributed import from_env
 
     choice = getattr(args, "thread_choice", None)
     if (
@@ -362,11 +362,11 @@ def cmd_train(args) -> int:
 def _complete(args, cfg, data) -> int:
     """A rerun of a finished run: nothing to train. Redraw ``loss.png``, write the one-step
     preview if an interruption after the last checkpoint left it missing, and report."""
+    from ..runs.load import load_run
+    from ..runtime.devices import resolve_device
     from ..train.batches import open_training_data
-    from ..train.factory import resolve_device
     from ..train.pictures import write_loss_curve, write_preview
     from ..train.reliability import last_metrics
-    from ..train.run import load_run
 
     print(
         f"meanflow: {args.out!r} is complete ({cfg.steps} of {plural(cfg.steps, 'step')}); "
@@ -404,7 +404,8 @@ def _dry_run(cfg, data) -> int:
     """Build the network, objective and optimizer of ``cfg`` and print what they are."""
     import torch
 
-    from ..train.factory import build_model, build_objective, build_optimizer, count_parameters
+    from ..config.build import build_model, build_objective, count_parameters
+    from ..train.optimizer import build_optimizer
 
     check(
         bool(cfg.shape),

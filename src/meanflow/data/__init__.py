@@ -1,5 +1,9 @@
 """Data sources: built-in 2-D distributions, image datasets, folders and user arrays, resolved
-from one string by :func:`open_data` (see sources.py)."""
+from one string by :func:`open_data` (see sources.py); streamed readers (stream.py,
+image_stream.py), VAE latents (latents.py, encode.py, vae.py) and EDM's augmentation.
+
+Layer: imports ``meanflow.runtime`` and ``meanflow.errors`` only.
+"""
 
 from __future__ import annotations
 

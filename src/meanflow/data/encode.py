@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from ..errors import MeanFlowError, check
+from ..runtime.devices import resolve_device
 from .images import list_image_folder, read_image
 from .latents import FORMAT, META_NAME, VERSION, read_meta
+from .vae import adm_center_crop, encode, find_vae_dir, load_vae, vae_downsampling, vae_factors
 
 # the settings recorded in latents.json that a resumed encode must share, and how to set them
 _SETTING_FLAGS = {
@@ -57,8 +59,6 @@ class _CropDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray | None, str]:
-        from ..vae import adm_center_crop
-
         try:
             image, _ = read_image(self.files[index])
         except MeanFlowError as exc:
@@ -202,9 +202,6 @@ def encode_folder(
     directory ``out`` (resuming an unfinished encode with the same settings there). Returns
     ``{"out", "count", "shape", "shards", "seconds"}``."""
     from tqdm import tqdm
-
-    from ..train.factory import resolve_device
-    from ..vae import encode, find_vae_dir, load_vae, vae_downsampling, vae_factors
 
     start_time = time.perf_counter()
     for name, value in (

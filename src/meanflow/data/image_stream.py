@@ -26,6 +26,7 @@ from .images import (
     scale_pixels,
     size_mismatch,
 )
+from .latents import is_latents_dir
 from .sources import IMAGE_DATASETS, TrainingSet, _idx_pair
 from .toy import TOY_DATASETS
 
@@ -55,7 +56,7 @@ def _header(path: str) -> tuple[str, tuple[int, int]] | None:
 
 
 class ImageFolderReader:
-    """The :class:`~meanflow.train.stream.BatchReader` of an image folder.
+    """The :class:`~meanflow.data.stream.BatchReader` of an image folder.
 
     ``batch(indices)`` decodes those files and returns ``(x, y)``: float32 (B, C, H, W) in
     [-1, 1] and int64 labels (None for a flat folder or with ``labelled=False``). ``size``
@@ -124,8 +125,6 @@ class ImageFolderReader:
 def is_image_folder(name: str) -> bool:
     """True when ``--data name`` resolves to a folder of images (not a built-in data set
     name, a folder of IDX files, CIFAR-10 batches or latents)."""
-    from .latents import is_latents_dir
-
     if name in TOY_DATASETS or name in IMAGE_DATASETS or not os.path.isdir(name):
         return False
     if is_latents_dir(name) or _idx_pair(name, "train") is not None:

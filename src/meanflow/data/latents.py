@@ -215,7 +215,7 @@ class LatentShards:
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``indices`` as ``(moments, labels)`` tensors: the streamed-batch interface of
-        :class:`~meanflow.train.stream.BatchReader` (labels None when unlabelled)."""
+        :class:`~meanflow.data.stream.BatchReader` (labels None when unlabelled)."""
         labels = self.labels
         y = None if labels is None else torch.from_numpy(labels[np.asarray(indices)])
         return torch.from_numpy(self.moments(indices)), y

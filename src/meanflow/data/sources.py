@@ -41,7 +41,7 @@ from .images import (
 from .toy import TOY_DATASETS
 
 if TYPE_CHECKING:
-    from ..train.stream import BatchReader
+    from .stream import BatchReader
 
 IMAGE_DATASETS = ("fashion-mnist", "digits", "cifar10")
 
@@ -51,7 +51,7 @@ class TrainingSet:
     """Samples ``x`` (float32), optional labels (N,) int64 with their class names.
 
     A streamed set (``kind`` ``"latents"``, or images read from disk) has ``x = None``, a
-    ``reader`` that reads batches by index (:class:`~meanflow.train.stream.BatchReader`) and
+    ``reader`` that reads batches by index (:class:`~meanflow.data.stream.BatchReader`) and
     the shape of one sample in ``sample_shape``; ``latents`` holds a latent set's VAE facts
     (``scaling_factor``, ``shift_factor``, ``vae``, ``flips``)."""
 

@@ -1,4 +1,8 @@
-"""Networks obeying ``model(z, r, t, y=None) -> u``; none of them imports an objective."""
+"""Networks obeying ``model(z, r, t, y=None) -> u`` (MLP, ADM U-Net, SongUNet, DiT), their
+forward-mode layers and attention, and the converters of the authors' weight layouts.
+
+Layer: imports ``meanflow.errors`` only; no network imports an objective.
+"""
 
 from .dit import DIT_CONFIGS, DiT, dit
 from .embeddings import TIME_INPUTS, TimeEmbedding

@@ -29,7 +29,7 @@ Because the rules are a ``torch.autograd.Function`` (functorch style: ``forward`
 ``setup_context``, ``backward``, ``jvp``, generated vmap rule), :func:`attention` works inside
 ``torch.func.jvp`` and ``torch.autograd.forward_ad`` with the fast kernels, the primal output
 keeps its graph for the loss's backward, and the math-backend context of
-:func:`meanflow.jvp.total_derivative` is not needed (it is harmless: it only changes the kernel
+:func:`meanflow.flow.jvp.total_derivative` is not needed (it is harmless: it only changes the kernel
 of the forward). Half-precision inputs are upcast to float32 inside the chunked rules.
 """
 

@@ -33,7 +33,7 @@ and under autocast the layers cast as autocast does (Linear and Conv2d to the au
 except that the norms run in float32 (as CUDA's autocast does; CPU's keeps bf16), with their
 op under autocast off.
 
-Inside :func:`meanflow.jvp.total_derivative` (which detaches ``du/dt``) the rules run under
+Inside :func:`meanflow.flow.jvp.total_derivative` (which detaches ``du/dt``) the rules run under
 ``torch.no_grad()`` (:func:`tangents_without_graph`), so the tangent computation records no
 autograd graph when the primal keeps one for the loss; elsewhere tangents stay differentiable.
 """

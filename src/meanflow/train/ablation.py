@@ -15,9 +15,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from ..config.presets import configure
+from ..config.schema import TrainConfig
 from ..errors import check
-from .config import TrainConfig
-from .presets import configure
+from . import loop
 
 
 @dataclass
@@ -179,8 +180,6 @@ def run_study(
     """Train and evaluate every setting of study ``name``; returns one row per setting. A
     setting whose run already finished (its ``eval.json`` exists) is reused unless
     ``overwrite``."""
-    from .loop import train
-
     s = study(name)
     rows = []
     for label, overrides in s.settings.items():
@@ -194,7 +193,7 @@ def run_study(
         cfg = configure(TrainConfig(), preset, [*base, *overrides])
         settings = ", ".join(f"{k}={v}" for k, v in overrides)
         log(f"{name}: {label}: training {cfg.steps} steps ({settings})")
-        result = train(cfg, run_dir, overwrite=True, progress=progress)
+        result = loop.train(cfg, run_dir, overwrite=True, progress=progress)
         check(
             result.stopped_by is None,
             f"{name}: {label}: training stopped by "

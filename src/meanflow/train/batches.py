@@ -7,14 +7,11 @@ import os
 
 import torch
 
+from ..config.schema import TrainConfig, format_shape
 from ..data import TrainingSet, open_data
-from .config import TrainConfig, format_shape
-
-
-def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of ``epoch``: a permutation of ``range(n)`` seeded by ``(seed, epoch)``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+from ..data.image_stream import is_image_folder, open_image_stream
+from ..data.latents import LatentShards, is_latents_dir
+from ..data.stream import permutation
 
 
 class Batches:
@@ -62,9 +59,6 @@ def open_training_data(cfg: TrainConfig) -> TrainingSet:
     """Open ``cfg.data`` and record its shape and classes in ``cfg`` (labels are dropped when
     ``cfg.conditional`` is false). A latents directory (``meanflow latents encode``) is opened
     for streaming: its shards stay on disk; so is an image folder when ``cfg.stream``."""
-    from ..data.image_stream import is_image_folder, open_image_stream
-    from ..data.latents import is_latents_dir
-
     if is_latents_dir(cfg.data):
         data = open_latents(cfg.data)
     elif cfg.stream and is_image_folder(cfg.data):
@@ -79,8 +73,6 @@ def open_training_data(cfg: TrainConfig) -> TrainingSet:
 
 def open_latents(path: str) -> TrainingSet:
     """A latents directory as a streamed :class:`TrainingSet` of posterior moments."""
-    from ..data.latents import LatentShards
-
     shards = LatentShards(path)
     labels = shards.labels
     return TrainingSet(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import check
-from .checkpoint import prefixed
+from ..runs.checkpoint import prefixed
 
 PRIMARY = "ema"
 

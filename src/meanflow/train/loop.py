@@ -27,21 +27,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .. import distributed
+from ..config.build import build_augment, build_model, build_objective, count_parameters
+from ..config.schema import TrainConfig
 from ..data import TrainingSet
 from ..data.latents import draw_latents
+from ..data.stream import StreamedBatches, TensorReader
+from ..data.vae import latent_decoder
 from ..errors import MeanFlowError, check, plural
-from .batches import Batches, open_training_data
-from .checkpoint import (
+from ..eval.distances import sliced_wasserstein
+from ..runs.checkpoint import (
     load_latest_good,
     load_optimizer,
     optimizer_tensors,
     prefixed,
     save_checkpoint,
 )
-from .config import TrainConfig
+from ..runs.run import RUN_FILES, Normalizer, TrainedRun
+from ..runtime import distributed
+from .batches import Batches, open_training_data
 from .ema import EMA
-from .factory import build_augment, build_model, build_objective, build_optimizer, count_parameters
+from .optimizer import build_optimizer
 from .pictures import write_loss_curve, write_preview
 from .reliability import (
     StopSignals,
@@ -51,9 +56,7 @@ from .reliability import (
     restore_host_rng,
     trim_metrics,
 )
-from .run import RUN_FILES, Normalizer, TrainedRun
 from .step import CompiledForward, LossModule, Rows, flip_rows, forward_backward
-from .stream import StreamedBatches, TensorReader
 
 
 @dataclass
@@ -419,8 +422,6 @@ def _decoder(data: TrainingSet, device):
     None when its VAE cannot be loaded here (then previews show nothing)."""
     if not data.latents:
         return None
-    from ..vae import latent_decoder
-
     return latent_decoder(data.latents, device, required=False)
 
 
@@ -431,8 +432,6 @@ def _quality_probe(run: TrainedRun, data: TrainingSet, device, seed: int):
     those points and ``n`` other training points (sampling noise alone). It shows progress where
     the MeanFlow loss cannot (docs/method.md). Own generators: the run's randomness is
     untouched. ``(None, None)`` for images or fewer than 200 points."""
-    from ..eval.distances import sliced_wasserstein
-
     if data.kind != "vectors" or len(data) < 200:
         return None, None
     assert data.x is not None  # vector sets are held in memory

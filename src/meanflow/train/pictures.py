@@ -4,28 +4,16 @@ a scatter plot beside the data) and ``loss.png`` from ``metrics.jsonl``."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..plotting import image_grid_png, loss_curve_png, scatter_png
+from ..runs.run import grid_columns, grid_labels
 
 if TYPE_CHECKING:
-    from .run import TrainedRun
-
-
-def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
-    """Labels ``i mod K``: in a grid of K columns, one column per class."""
-    return None if num_classes == 0 else torch.arange(num) % num_classes
-
-
-def grid_columns(num: int, num_classes: int) -> int:
-    if 0 < num_classes <= 32:
-        return num_classes
-    return max(1, math.isqrt(num))
+    from ..runs.run import TrainedRun
 
 
 def write_preview(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..nn.forward_mode import in_forward_transform
-from ..objective import Draws, MeanFlow, ObjectiveOutput
+from ..objectives.meanflow import Draws, MeanFlow, ObjectiveOutput
 
 
 class CompiledForward(nn.Module):

@@ -37,8 +37,8 @@ import torch
 from torch.autograd import forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import check
-from .nn.forward_mode import tangents_without_graph
+from ..errors import check
+from ..nn.forward_mode import tangents_without_graph
 from .path import broadcast_time
 
 JVP_BACKENDS = ("func", "forward-ad", "finite-difference")

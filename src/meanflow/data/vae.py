@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data.latents import read_json
-from .errors import MeanFlowError, check
+from ..errors import MeanFlowError, check
+from .latents import read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import AutoencoderKL

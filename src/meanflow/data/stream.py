@@ -1,6 +1,6 @@
 """Batches read from disk while the step runs: a ``DataLoader`` with worker processes.
 
-The data order is :func:`~meanflow.train.batches.permutation` per epoch, exactly as the in-memory
+The data order is :func:`permutation` per epoch, exactly as the in-memory
 :class:`~meanflow.train.batches.Batches`, so a streamed run and an in-memory run of the same
 data see the same rows in the same steps. The sampler yields, for each global batch, the index
 list of this process's rows; a worker reads them in one call (``dataset.batch(indices)``, e.g.
@@ -18,7 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .batches import permutation
+
+def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of ``epoch``: a permutation of ``range(n)`` seeded by ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
 
 
 class BatchReader(Protocol):

@@ -13,8 +13,8 @@ latent models with their VAE::
     pipe = MeanFlowPipeline.from_pretrained("exported/fmnist")   # or a training run directory
     images = pipe(batch_size=16, class_labels=[7] * 16, generator=torch.manual_seed(0)).images
 
-For the same noise it returns what :meth:`meanflow.train.run.TrainedRun.sample` computes (the
-test checks this). ``save_pretrained`` writes the network as :mod:`meanflow.pretrained` does,
+For the same noise it returns what :meth:`meanflow.runs.run.TrainedRun.sample` computes (the
+test checks this). ``save_pretrained`` writes the network as :mod:`meanflow.runs.pretrained` does,
 plus the scheduler's config in ``scheduler/``.
 """
 
@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
-from .errors import MeanFlowError, check
+from ..errors import MeanFlowError, check
+from ..data.vae import latent_decoder
+from .load import from_pretrained
+from .pretrained import save_pretrained
 
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -59,7 +62,7 @@ class MeanFlowPipeline(DiffusionPipeline):
 
     Components: ``network`` (any ``model(z, r, t, y=None) -> u``), ``scheduler`` (a
     ``FlowMapEulerDiscreteScheduler``) and ``vae`` (a diffusers ``AutoencoderKL`` for latent
-    models, else None). ``run`` is the :class:`~meanflow.train.run.TrainedRun` it was built
+    models, else None). ``run`` is the :class:`~meanflow.runs.run.TrainedRun` it was built
     from: its sample shape, classes and data normalizer."""
 
     model_cpu_offload_seq = "network->vae"
@@ -88,15 +91,11 @@ class MeanFlowPipeline(DiffusionPipeline):
 
     @classmethod
     def from_run(cls, run: Any, scheduler: Any = None, vae: str | None = None):
-        """The pipeline of a :class:`~meanflow.train.run.TrainedRun`, or of a path that
+        """The pipeline of a :class:`~meanflow.runs.run.TrainedRun`, or of a path that
         :func:`meanflow.from_pretrained` reads (an exported folder or a training run)."""
-        from .pretrained import from_pretrained
-
         if isinstance(run, (str, os.PathLike)):
             run = from_pretrained(str(run), vae=vae)
         elif vae is not None and run.latents:  # a loaded run, decoded with another VAE
-            from .vae import latent_decoder
-
             run = dataclasses.replace(run, decoder=latent_decoder(run.latents, run.device, vae))
         # the run's own decoder (its VAE loaded once) decodes; its module is the `vae` component
         pipe = cls(run.model, scheduler or flow_map_scheduler(), getattr(run.decoder, "vae", None))
@@ -115,10 +114,8 @@ class MeanFlowPipeline(DiffusionPipeline):
         return pipe.to(device) if device is not None else pipe
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """The network as :func:`meanflow.pretrained.save_pretrained` writes it, and the
+        """The network as :func:`meanflow.runs.pretrained.save_pretrained` writes it, and the
         scheduler's config in ``scheduler/`` (``overwrite=True`` replaces an exported model)."""
-        from .pretrained import save_pretrained
-
         check(self.run is not None, "this pipeline was not built from a meanflow model")
         save_pretrained(self.run, save_directory, overwrite=kwargs.pop("overwrite", False))
         self.scheduler.save_pretrained(os.path.join(save_directory, "scheduler"))

@@ -1,4 +1,4 @@
-"""One line of help per ``--set`` key of :class:`~meanflow.train.config.TrainConfig`: the
+"""One line of help per ``--set`` key of :class:`~meanflow.config.schema.TrainConfig`: the
 "meaning" column of docs/configuration.md (``scripts/config_doc.py``; a test checks that every
 key has one)."""
 

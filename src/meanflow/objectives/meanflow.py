@@ -28,10 +28,16 @@ from typing import Any
 
 import torch
 
-from .errors import MeanFlowError, check
-from .jvp import FD_SCHEMES, JVP_BACKENDS, at_least_float32, finite_difference, total_derivative
-from .path import PathSample, broadcast_time, linear_path
-from .times import TimeSampler
+from ..errors import MeanFlowError, check
+from ..flow.jvp import (
+    FD_SCHEMES,
+    JVP_BACKENDS,
+    at_least_float32,
+    finite_difference,
+    total_derivative,
+)
+from ..flow.path import PathSample, broadcast_time, linear_path
+from ..flow.times import TimeSampler
 
 JVP_MODES = ("subset", "full", "detached")
 JVP_DTYPES = ("float32", "autocast")
@@ -132,7 +138,7 @@ class MeanFlow:
         jvp_backend: how ``du/dt`` is computed: ``"forward-ad"`` (default, dual tensors),
             ``"func"`` (``torch.func.jvp``; the same numbers) or ``"finite-difference"``
             (a difference along ``(v, 0, 1)`` with step ``fd_step``, scheme ``fd_scheme``;
-            :func:`meanflow.jvp.total_derivative`, docs/method.md "JVP back-ends").
+            :func:`meanflow.flow.jvp.total_derivative`, docs/method.md "JVP back-ends").
         time_tangent: the JVP tangent ``(dr, dt)`` on ``(r, t)``: ``(0, 1)``, the total
             derivative the MeanFlow identity needs; others only for the paper's ablation.
     """
@@ -252,7 +258,7 @@ class MeanFlow:
 
     def at_step(self, step: int, total: int) -> None:
         """Called by the trainer before training step ``step`` of ``total``; objectives with a
-        schedule (:class:`meanflow.alphaflow.AlphaFlow`) use it. Nothing here."""
+        schedule (:class:`meanflow.objectives.alphaflow.AlphaFlow`) use it. Nothing here."""
 
     def row_scale(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
         """A per-row factor on the weighted loss (None: 1 everywhere)."""
@@ -260,7 +266,7 @@ class MeanFlow:
 
     def tangent(self, model, z, r, t, v, y) -> torch.Tensor:
         """The z-tangent of the JVP: ``v`` itself (MeanFlow). Improved MeanFlow uses the
-        network's own velocity prediction (:class:`meanflow.imf.ImprovedMeanFlow`)."""
+        network's own velocity prediction (:class:`meanflow.objectives.imf.ImprovedMeanFlow`)."""
         return v
 
     def prediction_and_target(self, model, z, r, t, v, y):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import check
+from ..errors import check
 
 DISTRIBUTIONS = ("logit-normal", "uniform")
 ORDERS = ("sorted", "official-v1")

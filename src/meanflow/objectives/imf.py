@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from .errors import check
+from ..errors import check
+from ..flow.jvp import at_least_float32
+from ..flow.path import broadcast_time
 from .guidance import GuidedMeanFlow, _evaluation_mode
-from .jvp import at_least_float32
-from .objective import Conditioned, Draws, MeanFlow, rows_first
-from .path import broadcast_time
+from .meanflow import Conditioned, Draws, MeanFlow, rows_first
 
 
 class ImprovedMeanFlow(MeanFlow):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,15 +16,28 @@ import torch
 from torch import nn
 
 from ..errors import MeanFlowError, check
-from ..guidance import sampling_guidance
-from ..sampling import sample
+from ..objectives.guidance import sampling_guidance
+from ..flow.sampling import sample
 from .checkpoint import load_latest_good, prefixed
-from .config import TrainConfig, _suggest
-from .factory import build_model
-from .pictures import grid_labels
+from ..config.schema import TrainConfig, _suggest
+from ..config.build import build_model
+from ..data.vae import latent_decoder
+from ..objectives.imf import with_guidance
+from ..runtime.devices import resolve_device
 
 # What ``classes=`` takes (see TrainedRun.sample and parse_classes).
 Classes = Union[str, int, Sequence[str | int], None]  # noqa: UP007 - a runtime alias (3.10)
+
+def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
+    """Labels ``i mod K``: in a grid of K columns, one column per class."""
+    return None if num_classes == 0 else torch.arange(num) % num_classes
+
+
+def grid_columns(num: int, num_classes: int) -> int:
+    if 0 < num_classes <= 32:
+        return num_classes
+    return max(1, math.isqrt(num))
+
 
 RUN_FILES = (
     "config.json",
@@ -138,12 +152,10 @@ class TrainedRun:
         """The network to sample with at guidance scale ``guidance``: itself at 1; for a run with
         guidance inputs (improved MeanFlow) itself with the scale as input, over
         ``[guidance.t_min, guidance.t_max]`` (one evaluation); otherwise classifier-free guidance
-        at sampling time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations).
+        at sampling time (:func:`~meanflow.objectives.guidance.sampling_guidance`, two evaluations).
         ``labelled``: whether the samples have class labels (guidance needs them)."""
         g = self.config.guidance
         if getattr(g, "inputs", False):  # improved MeanFlow: the scale is a network input
-            from ..imf import with_guidance
-
             check(labelled or guidance == 1, "--guidance needs class labels; not with --class none")
             return with_guidance(self.model, guidance, g.t_min, g.t_max)
         if guidance == 1:
@@ -157,15 +169,16 @@ class TrainedRun:
 
     def save_pretrained(self, directory: str, overwrite: bool = False) -> str:
         """Write this network as ``config.json`` + ``model.safetensors``
-        (:func:`meanflow.pretrained.save_pretrained`); :func:`meanflow.from_pretrained` reads
+        (:func:`meanflow.runs.pretrained.save_pretrained`); :func:`meanflow.from_pretrained` reads
         it back."""
-        from ..pretrained import save_pretrained
+        # pretrained.py builds on this module (it assembles TrainedRuns): imported on use
+        from .pretrained import save_pretrained
 
         return save_pretrained(self, directory, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload this network to the Hugging Face Hub (:func:`meanflow.pretrained.push_to_hub`)."""
-        from ..pretrained import push_to_hub
+        """Upload this network to the Hugging Face Hub (:func:`meanflow.runs.pretrained.push_to_hub`)."""
+        from .pretrained import push_to_hub  # on use, as in save_pretrained
 
         return push_to_hub(self, repo_id, private=private, token=token)
 
@@ -189,7 +202,7 @@ class TrainedRun:
         index, a list of them or a comma-separated string, cycled over the samples; ``"random"``;
         ``None`` or ``"none"``: the null label, i.e. unconditional) or by ``labels``, a (num,)
         tensor of indices (not both). ``guidance`` != 1 adds classifier-free guidance at sampling
-        time (:func:`~meanflow.guidance.sampling_guidance`, two evaluations per step); a run
+        time (:func:`~meanflow.objectives.guidance.sampling_guidance`, two evaluations per step); a run
         trained with guidance inputs (improved MeanFlow, ``guidance.inputs``) takes it as its
         input scale instead, over ``[guidance.t_min, guidance.t_max]``: one evaluation.
         ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass.
@@ -305,50 +318,6 @@ def sample_noise(shape: tuple[int, ...], seed: int, start: int, stop: int) -> to
     return torch.cat(list(iter_noise(tuple(shape), seed, start, stop, stop - start)))
 
 
-def load_run(
-    run_dir: str, weights: str = "ema", device: torch.device | str = "cpu", vae: str | None = None
-) -> TrainedRun:
-    """Load the newest good checkpoint of a ``meanflow train`` run directory (or the model of
-    a folder written by ``meanflow export``, :func:`meanflow.from_pretrained`).
-
-    Args:
-        run_dir: the run directory (``--out`` of ``meanflow train``).
-        weights: ``"ema"`` (default: the primary EMA, what ``meanflow sample`` uses),
-            ``"raw"``, or an extra EMA of the run (``ema_extra``) by name or decay:
-            ``"ema-0.99995"`` or ``"0.99995"``.
-        device: where to put the network: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or
-            ``"auto"`` (cuda if available); :meth:`TrainedRun.sample` samples there.
-        vae: for a run trained on latents, the VAE directory to decode with (default: the one
-            recorded when the latents were encoded); samples are then images.
-    """
-    check(os.path.isdir(run_dir), f"run directory {run_dir!r} does not exist")
-    from ..pretrained import is_pretrained, load_folder
-
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")) and is_pretrained(run_dir):
-        run = load_folder(run_dir, device, vae)  # an exported model: one set of weights
-        check(
-            weights in ("ema", run.weights),
-            f"{run_dir!r} is an exported model with the "
-            f"weights {run.weights!r} only; drop --weights/--raw",
-        )
-        return run
-    _, tensors, meta = load_latest_good(run_dir)
-    cfg = TrainConfig.from_dict(meta["config"])
-    weights = weights_name(weights, meta.get("emas") or {"ema": cfg.ema_decay}, run_dir)
-    return assemble_run(
-        cfg,
-        tuple(meta["shape"]) if "shape" in meta else (int(meta["dim"]),),
-        prefixed(tensors, "model" if weights == "raw" else weights),
-        Normalizer(tensors["data.mean"], tensors["data.std"]),
-        int(meta["step"]),
-        weights,
-        class_names=meta.get("class_names"),
-        latents=meta.get("latents"),
-        device=device,
-        vae=vae,
-        mismatch=f"checkpoint of {run_dir!r} does not match its configured network",
-    )
-
 
 def assemble_run(
     cfg: TrainConfig,
@@ -365,11 +334,9 @@ def assemble_run(
     mismatch: str,
 ) -> TrainedRun:
     """A :class:`TrainedRun` from its configuration and the network's state dict (for
-    :func:`load_run` and :mod:`meanflow.pretrained`): the network built from ``cfg``, ``state``
+    :func:`load_run` and :mod:`meanflow.runs.pretrained`): the network built from ``cfg``, ``state``
     loaded strictly (a mismatch is one error line starting with ``mismatch``), in eval mode on
     ``device``; for a latent run its VAE decoder (``vae`` overrides the recorded folder)."""
-    from .factory import resolve_device
-
     device = resolve_device(device) if isinstance(device, str) else device
     model = build_model(cfg, shape, cfg.num_classes)
     try:
@@ -378,8 +345,6 @@ def assemble_run(
         raise MeanFlowError(f"{mismatch} ({str(exc).splitlines()[0][:200]})") from None
     decoder = None
     if latents:
-        from ..vae import latent_decoder
-
         decoder = latent_decoder(latents, device, vae, required=vae is not None)
     return TrainedRun(
         model.to(device).eval(), cfg, normalizer, step, weights, shape, class_names, decoder,
@@ -403,14 +368,6 @@ def weights_name(weights: str, emas: dict[str, float], run_dir: str = "") -> str
     choices = ", ".join(["raw"] + [f"{n} ({v})" if n == "ema" else n for n, v in emas.items()])
     raise MeanFlowError(f"weights {text!r} are not in run {run_dir!r}; choose one of {choices}")
 
-
-def weights_option(args) -> str:
-    """The weights ``--weights NAME`` / ``--raw`` of ``meanflow sample`` and ``eval`` ask for."""
-    check(
-        not (args.raw and args.weights not in (None, "raw")),
-        f"--raw and --weights {args.weights} ask for different weights; give one",
-    )
-    return "raw" if args.raw else (args.weights or "ema")
 
 
 def parse_classes(text: Classes, num: int, run, seed: int, option: str = "--class"):

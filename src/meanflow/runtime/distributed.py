@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import MeanFlowError, check
+from ..errors import MeanFlowError, check
 
 
 @dataclass(frozen=True)

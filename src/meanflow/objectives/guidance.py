@@ -33,11 +33,11 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import check
-from .jvp import at_least_float32
-from .objective import Draws, MeanFlow, ObjectiveOutput, SingleTime, _sub, rows_first
-from .path import PathSample
-from .times import TimeSampler
+from ..errors import check
+from ..flow.jvp import at_least_float32
+from ..flow.path import PathSample
+from ..flow.times import TimeSampler
+from .meanflow import Draws, MeanFlow, ObjectiveOutput, SingleTime, _sub, rows_first
 
 
 class GuidedMeanFlow(MeanFlow):

@@ -9,7 +9,8 @@ from typing import IO
 
 import numpy as np
 
-from .errors import check
+from ..errors import check
+from .run import NOISE_CHUNK
 
 # Rows per block when reading part files back.
 READ_BLOCK = 256
@@ -19,8 +20,6 @@ def rank_rows(num: int, rank: int, world: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of ``num`` that ``rank`` of ``world`` samples: a contiguous range
     of whole noise chunks, as even as chunks allow (lower ranks take the spare ones, so rank 0
     always has rows); the ranges of ranks 0..world-1 in order cover ``0..num``."""
-    from .train.run import NOISE_CHUNK
-
     base, extra = divmod(-(-num // NOISE_CHUNK), world)
     k0 = rank * base + min(rank, extra)
     k1 = k0 + base + (rank < extra)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..alphaflow import AlphaFlow, GuidedAlphaFlow
+from ..data.augment import AugmentPipe, augment_config
 from ..errors import MeanFlowError, check
-from ..guidance import GuidedFlowMatching, GuidedMeanFlow
-from ..imf import GuidanceInputsIMF, GuidedImprovedMeanFlow, ImprovedMeanFlow
 from ..nn import MLP, SONGUNET_CONFIGS, UNET_CONFIGS, dit, songunet, unet
-from ..objective import FlowMatching, MeanFlow
-from .config import TrainConfig
+from ..objectives.alphaflow import AlphaFlow, GuidedAlphaFlow
+from ..objectives.guidance import GuidedFlowMatching, GuidedMeanFlow
+from ..objectives.imf import GuidanceInputsIMF, GuidedImprovedMeanFlow, ImprovedMeanFlow
+from ..objectives.meanflow import FlowMatching, MeanFlow
+from .schema import TrainConfig
 
 
 def _overrides(
@@ -62,8 +62,6 @@ def _songunet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.
         cfg, SONGUNET_CONFIGS, "cifar10-paper", "SongUNet", "model_channels", "num_blocks"
     )
     if cfg.augment:  # one label input per transformation the pipeline can apply
-        from ..data.augment import AugmentPipe, augment_config
-
         active = tuple(AugmentPipe(**augment_config(cfg.augment)).active_labels)
         overrides.update(augment_dim=len(active), augment_columns=active)
     return songunet(
@@ -174,8 +172,6 @@ def build_augment(cfg: TrainConfig, model: nn.Module, kind: str):
         return None
     import inspect
 
-    from ..data.augment import AugmentPipe, augment_config
-
     check(kind == "images", f"augment={cfg.augment} needs image data, not {kind}")
     check(
         "aug" in inspect.signature(model.forward).parameters
@@ -187,32 +183,5 @@ def build_augment(cfg: TrainConfig, model: nn.Module, kind: str):
     return AugmentPipe(**{**augment_config(cfg.augment), "p": cfg.augment_p})
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam or AdamW on fp32 weights; the fused kernel on CUDA unless ``optim.fused=off``."""
-    o = cfg.optim
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    on_cuda = any(p.is_cuda for p in model.parameters())
-    fused = {"on": True, "off": False, "auto": on_cuda}[o.fused] or None
-    return cls(
-        model.parameters(),
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        weight_decay=o.weight_decay,
-        fused=fused,
-    )
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MeanFlowError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MeanFlowError("--device cuda was asked for but no CUDA GPU is available; use cpu")
-    return device

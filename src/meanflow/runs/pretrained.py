@@ -23,10 +23,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import MeanFlowError, check
+from .._version import __version__
+from ..config.build import count_parameters
+from ..config.schema import TrainConfig
+from ..errors import MeanFlowError, check
+from .run import Normalizer, TrainedRun, assemble_run
 
 if TYPE_CHECKING:
-    from .train.run import TrainedRun
+    from .run import TrainedRun
 
 FORMAT = "meanflow-pretrained"
 FORMAT_VERSION = 1
@@ -44,7 +48,6 @@ def save_pretrained(
     an exported model (never a training run or other files)."""
     from safetensors.torch import save_file
 
-    from . import __version__
 
     if os.path.exists(directory):
         check(os.path.isdir(directory), f"{directory!r} is a file; give a directory to export to")
@@ -98,7 +101,6 @@ def model_card(run: TrainedRun, name: str) -> str:
     """A Hub model card (``README.md``): metadata for the Hub, what the model is, and how to load
     it from ``name`` (the folder or Hub repository)."""
     cfg = run.config
-    from .train.factory import count_parameters
 
     params = count_parameters(run.model)
     classes = f"{cfg.num_classes} classes" if cfg.num_classes else "unconditional"
@@ -142,41 +144,11 @@ def is_pretrained(directory: str) -> bool:
     )
 
 
-def from_pretrained(
-    path: str,
-    device: torch.device | str = "cpu",
-    vae: str | None = None,
-    local_files_only: bool = False,
-    revision: str | None = None,
-) -> TrainedRun:
-    """Load a model written by :func:`save_pretrained` (or ``meanflow export``) as a
-    :class:`~meanflow.train.run.TrainedRun`, in eval mode on ``device``.
-
-    ``path`` is a local folder; a training run directory is read with
-    :func:`~meanflow.train.run.load_run`. Anything else is taken as a Hugging Face Hub
-    repository id and fetched with ``huggingface_hub.snapshot_download`` (``revision``; with
-    ``local_files_only`` only its cache is used). ``vae``: for a latent model, the diffusers VAE
-    folder to decode with (default: the one recorded)."""
-    from .train.run import load_run
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return load_run(path, device=device, vae=vae)
-    if not os.path.isdir(path):
-        path = _hub_folder(path, local_files_only, revision)
-    check(
-        is_pretrained(path),
-        f"{path!r} holds no exported model ({CONFIG_NAME} and "
-        f"{WEIGHTS_NAME}); write one with `meanflow export --run RUN --out {path}`",
-    )
-    return load_folder(path, device, vae)
-
 
 def load_folder(path: str, device, vae: str | None) -> TrainedRun:
     """The model in the exported folder ``path`` (:func:`from_pretrained` without the Hub)."""
     from safetensors.torch import load_file
 
-    from .train.config import TrainConfig
-    from .train.run import Normalizer, assemble_run
 
     try:
         with open(os.path.join(path, CONFIG_NAME)) as f:

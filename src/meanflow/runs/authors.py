@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MeanFlowError, check
+from ..errors import MeanFlowError, check
+from ..config.schema import TrainConfig
+from ..nn import dit
+from ..nn.convert import dit_spec, dit_state_dict, load_strict
+from ..nn.convert import flatten_tree
+from ..nn.convert import load_strict, unet_state_dict
+from ..nn.songunet import songunet, songunet_for_authors
+from .checkpoint import save_checkpoint
+from .run import Normalizer
 
 SOURCES = ("authors-jax", "authors-torch")
 
@@ -188,8 +196,6 @@ def find_jax_file(path: str) -> str:
 
 def _placeholders(tree: dict) -> list[str]:
     """Paths of the leaves Orbax left to Tensorstore (strings ``PLACEHOLDER://...``)."""
-    from .nn.convert import flatten_tree
-
     return [
         path
         for path, leaf in flatten_tree(tree).items()
@@ -240,9 +246,6 @@ def load_torch(path: str) -> dict:
 
 
 def _jax_model(args, info: dict):
-    from .nn import dit
-    from .nn.convert import dit_spec, dit_state_dict, load_strict
-
     file = find_jax_file(args.checkpoint)
     tree = read_flax_msgpack(file)
     stored = _placeholders(tree)
@@ -293,8 +296,6 @@ def _jax_model(args, info: dict):
 
 
 def _torch_model(args, info: dict):
-    from .nn.convert import load_strict, unet_state_dict
-
     obj = load_torch(args.checkpoint)
     state = obj.get("model", obj)
     check(
@@ -307,8 +308,6 @@ def _torch_model(args, info: dict):
         weights in prefixes,
         f"--weights {weights!r} is not in the checkpoint; it holds {', '.join(sorted(prefixes))}",
     )
-    from .nn.songunet import songunet, songunet_for_authors
-
     # a run of model.size cifar10-paper always has the augmentation mapping (augment_dim 6);
     # a checkpoint trained without --use_edm_aug gets it as zeros (sampling passes no labels)
     with torch.device("meta"):
@@ -339,10 +338,6 @@ def _torch_model(args, info: dict):
 def convert(args) -> dict:
     """Run the conversion of ``args`` (the parsed options); returns the summary printed."""
     from safetensors.torch import save_file
-
-    from .train.checkpoint import save_checkpoint
-    from .train.config import TrainConfig
-    from .train.run import Normalizer
 
     arch = args.arch or ("dit" if args.source == "authors-jax" else "songunet")
     arch = "songunet" if arch == "unet" else arch

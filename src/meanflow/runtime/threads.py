@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .errors import check
+from ..errors import check
 
 PROBE_SECONDS = 0.1
 

@@ -39,11 +39,11 @@ import math
 
 import torch
 
-from .errors import check
+from ..errors import check
+from ..flow.jvp import at_least_float32
+from ..flow.path import broadcast_time
 from .guidance import GuidedMeanFlow
-from .jvp import at_least_float32
-from .objective import MeanFlow, _rows, _sub, rows_first
-from .path import broadcast_time
+from .meanflow import MeanFlow, _rows, _sub, rows_first
 
 
 def alpha_schedule(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MeanFlowError, check
+from ..errors import MeanFlowError, check
 
 
 def uniform_schedule(steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

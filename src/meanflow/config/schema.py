@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MeanFlowError, check
-from ..jvp import FD_SCHEMES, JVP_BACKENDS
-from ..times import TimeSampler
+from ..flow.jvp import FD_SCHEMES, JVP_BACKENDS
+from ..flow.times import TimeSampler
 
 OBJECTIVES = ("meanflow", "flow-matching", "imf", "alphaflow")
 PRECISIONS = ("fp32", "bf16")
@@ -45,7 +45,8 @@ class ModelConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Classifier-free guidance in the target (meanflow.guidance); class-conditional runs only."""
+    """Classifier-free guidance in the target (meanflow.objectives.guidance); class-conditional
+    runs only."""
 
     omega: float = 1.0
     kappa: float = 0.0
@@ -59,7 +60,8 @@ class GuidanceConfig:
 
 @dataclass
 class AlphaConfig:
-    """AlphaFlow's curriculum (meanflow.alphaflow.alpha_schedule); ``objective=alphaflow`` only."""
+    """AlphaFlow's curriculum (meanflow.objectives.alphaflow.alpha_schedule);
+    ``objective=alphaflow`` only."""
 
     start: float = 1.0
     end: float = 0.0
