@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 
 from meanflow.runtime import distributed
 from meanflow.cli import build_parser
-from meanflow.cli.train import _train_config
+from meanflow.cli.train import train_request
 from meanflow.runtime.threads import set_threads
 from meanflow.train.loop import train
+from meanflow.train.rundir import plan_run
 
 
 def _kill_at_checkpoint(k: int) -> None:
@@ -40,8 +41,9 @@ if __name__ == "__main__":
         _kill_at_checkpoint(int(os.environ["MEANFLOW_TEST_KILL_AT"]))
     args = build_parser().parse_args(["train", *sys.argv[1:]])
     set_threads(args.threads)
-    cfg, data, resume, overwrite, _ = _train_config(args)
-    result = train(cfg, args.out, resume=resume, overwrite=overwrite, progress=False, data=data)
+    plan = plan_run(train_request(args))
+    result = train(plan.cfg, args.out, resume=plan.resume, overwrite=plan.overwrite,
+                   progress=False, data=plan.data)
     state = {f"model.{k}": v.detach().contiguous() for k, v in result.model.state_dict().items()}
     state.update({f"ema.{k}": v.detach().contiguous()
                   for k, v in result.ema_model.state_dict().items()})

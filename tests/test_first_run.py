@@ -53,12 +53,29 @@ def test_restart_if_changed_resumes_the_same_run_and_replaces_another(tmp_path, 
     code, _, err = run(capsys, *base, "--steps", "50")
     assert code == 0 and "at step 25 of 50; resuming" in err
     os.makedirs(os.path.join(out, "samples"))  # a file of the older run
+    code, _, err = run(capsys, *base, "--set", "time.ratio=0.5")  # finished: never replaced
+    assert code == 2 and "that has finished (50 steps)" in err and "time.ratio: 0.25 -> 0.5" in err
+    assert os.path.isdir(os.path.join(out, "samples"))
+    _unfinish(out, 100)  # as if stopped at step 50 of 100
     code, _, err = run(capsys, *base, "--set", "time.ratio=0.5")
     assert code == 0 and "holds a run with other settings (time); starting over" in err
     assert not os.path.exists(os.path.join(out, "samples"))
     assert json.load(open(os.path.join(out, "config.json")))["time"]["ratio"] == 0.5
     code, _, err = run(capsys, *base, "--resume")
     assert code == 2 and "drop --resume" in err
+
+
+def _unfinish(out, steps):
+    """Make the finished run in ``out`` look stopped before ``steps`` (its saved configuration
+    asks for ``steps``), as a run interrupted by a signal or a crash is."""
+    for name in os.listdir(os.path.join(out, "checkpoints")):
+        if name.endswith(".json"):
+            path = os.path.join(out, "checkpoints", name)
+            meta = json.load(open(path))
+            meta["config"]["steps"] = steps
+            json.dump(meta, open(path, "w"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    json.dump({**config, "steps": steps}, open(os.path.join(out, "config.json"), "w"))
 
 
 def _demo(out, *extra, **popen):

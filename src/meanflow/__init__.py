@@ -16,16 +16,18 @@ from .runtime.threads import set_threads
 
 __all__ = [
     "MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput",
-    "TimeSampler", "sample", "sampling_guidance", "uniform_schedule", "linear_path", "load_run",
-    "TrainedRun", "from_pretrained", "MeanFlowPipeline", "set_threads", "MeanFlowError",
+    "TimeSampler", "sample", "sampling_guidance", "uniform_schedule", "linear_path", "fit",
+    "load_run", "TrainedRun", "from_pretrained", "MeanFlowPipeline", "set_threads", "MeanFlowError",
     "__version__",
 ]  # fmt: skip
 
 # Imported on first use, so that ``import meanflow`` stays light (no checkpoint, data or training
-# modules): ``meanflow.load_run(run_dir)`` reads a ``meanflow train`` run back,
+# modules): ``meanflow.fit(out, data=...)`` trains as ``meanflow train`` does,
+# ``meanflow.load_run(run_dir)`` reads a ``meanflow train`` run back,
 # ``meanflow.from_pretrained(dir)`` an exported model, ``meanflow.MeanFlowPipeline`` is the
 # diffusers pipeline (needs diffusers).
 _LAZY = {
+    "fit": "meanflow.train.rundir",
     "load_run": "meanflow.runs.load",
     "TrainedRun": "meanflow.runs.run",
     "from_pretrained": "meanflow.runs.load",

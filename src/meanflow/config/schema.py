@@ -314,7 +314,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         cfg = cls()
-        for key, value in _flatten(data).items():
+        for key, value in flatten(data).items():
             set_value(cfg, key, value)
         return cfg
 
@@ -338,11 +338,11 @@ def format_shape(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -39,17 +39,6 @@ def grid_columns(num: int, num_classes: int) -> int:
     return max(1, math.isqrt(num))
 
 
-RUN_FILES = (
-    "config.json",
-    "metrics.jsonl",
-    "checkpoints",
-    "samples-1step.png",
-    "samples",
-    "loss.png",
-    "tensorboard",
-)
-
-
 @dataclass
 class Normalizer:
     """Standardization ``(x - mean) / std`` per dimension of vectors (mean of shape (D,)) or per

@@ -10,8 +10,9 @@ from ..config.schema import TrainConfig
 from ..runs.load import load_run
 from ..runs.run import TrainedRun
 from .loop import TrainResult, train
+from .rundir import fit
 
 __all__ = [
     "TrainConfig", "PRESETS", "apply_preset", "default_preset", "configure", "train",
-    "TrainResult", "load_run", "TrainedRun",
+    "TrainResult", "fit", "load_run", "TrainedRun",
 ]  # fmt: skip

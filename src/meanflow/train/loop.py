@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ from ..runs.checkpoint import (
     prefixed,
     save_checkpoint,
 )
-from ..runs.run import RUN_FILES, Normalizer, TrainedRun
+from ..runs.directory import prepare_run_dir
+from ..runs.run import Normalizer, TrainedRun
 from ..runtime import distributed
 from .batches import Batches, open_training_data
 from .ema import EMA
@@ -69,25 +69,7 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
     model: torch.nn.Module | None = None  # the trained network (raw weights), in train mode
     ema_model: torch.nn.Module | None = None  # its EMA, what sampling uses
-
-
-def prepare_run_dir(out: str, overwrite: bool) -> None:
-    """Create ``out``; refuse a non-empty one unless ``overwrite`` (then only our files go)."""
-    if os.path.isfile(out):
-        raise MeanFlowError(f"--out {out!r} is an existing file; give a directory path")
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise MeanFlowError(
-                f"run directory {out!r} already exists and is not empty; pass "
-                "--resume to continue it, --overwrite to replace it, or another --out"
-            )
-        for name in RUN_FILES:
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.makedirs(out, exist_ok=True)
+    complete: bool = False  # a rerun of a finished run: nothing was trained
 
 
 def train(

@@ -1,0 +1,412 @@
+"""What ``meanflow train`` does with its run directory, as a library: new run, resume, rerun of
+the same command, start over, or refuse; then train under the directory's lock.
+
+The policy (docs/reliability.md, "Run directories"):
+- a new or empty directory starts a new run;
+- ``resume`` continues the newest good checkpoint; only ``steps`` may change;
+- rerunning the command of an existing run continues it when the settings match (a finished
+  run is complete: its pictures are redrawn, nothing is trained), and is refused otherwise,
+  naming each differing key with its saved and its new value;
+- ``overwrite`` replaces the run files (only those: :data:`~meanflow.runs.directory.RUN_FILES`);
+- ``restart_if_changed`` (for scripts such as the demo) starts over only a run that it created
+  itself, of the same data, that has not finished; anything else is refused with one line;
+- nothing is written before the directory's lock (:mod:`meanflow.runs.lock`) is held.
+
+:func:`fit` is the Python form of ``meanflow train``; the command line only parses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config.build import build_model, build_objective, count_parameters
+from ..config.presets import PRESETS, configure, default_preset
+from ..config.schema import TrainConfig, flatten
+from ..data import TrainingSet
+from ..errors import MeanFlowError, check, plural
+from ..runs.checkpoint import list_checkpoints, load_latest_good
+from ..runs.directory import ORIGIN_NAME, check_run_dir
+from ..runs.load import load_run
+from ..runs.lock import RunLock
+from ..runtime import distributed
+from ..runtime.devices import resolve_device
+from .batches import open_training_data, record_data
+from .loop import TrainResult, train
+from .optimizer import build_optimizer
+from .pictures import write_loss_curve, write_preview
+from .reliability import last_metrics
+
+# keys that decide which samples open_training_data reads
+_DATA_KEYS = ("data", "data_dir", "image_size", "num_data", "seed", "stream")
+# keys filled in from the data, not chosen by the user
+_DERIVED = ("steps", "data_shape", "num_classes")
+
+Settings = Iterable[tuple[str, Any]]
+
+
+def _stderr(message: str) -> None:
+    print(f"meanflow: {message}", file=sys.stderr)
+
+
+@dataclass
+class RunRequest:
+    """What was asked of a run directory: ``meanflow train``'s options, parsed."""
+
+    out: str | None
+    settings: list[tuple[str, Any]] = field(default_factory=list)  # dotted keys, in order
+    preset: str | None = None
+    steps: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    restart_if_changed: bool = False
+    dry_run: bool = False
+
+    @property
+    def has_data(self) -> bool:
+        return any(k == "data" for k, _ in self.settings)
+
+
+@dataclass
+class RunPlan:
+    """What will happen: train ``cfg`` (resuming or not, replacing run files or not), or
+    nothing (``complete``: the run has already trained ``cfg.steps``)."""
+
+    cfg: TrainConfig
+    data: TrainingSet | None
+    resume: bool
+    overwrite: bool
+    saved_step: int | None
+    restartable: bool = False  # record in the run that restart_if_changed created it
+    notes: list[str] = field(default_factory=list)  # said once the run is ours (lock held)
+
+    @property
+    def complete(self) -> bool:
+        return self.saved_step is not None and self.saved_step == self.cfg.steps
+
+
+def differences(saved: TrainConfig, wanted: TrainConfig, ignore: tuple[str, ...]) -> list[str]:
+    """``key: saved -> wanted`` for every dotted key that differs, except the top-level keys
+    in ``ignore``."""
+    old, new = flatten(saved.to_dict()), flatten(wanted.to_dict())
+    return [
+        f"{k}: {old.get(k)!r} -> {v!r}"
+        for k, v in new.items()
+        if k.split(".")[0] not in ignore and old.get(k) != v
+    ]
+
+
+def _top_keys(diffs: list[str]) -> str:
+    """``model, time`` from ``["model.channels: 8 -> 16", "time.ratio: ..."]``."""
+    return ", ".join(dict.fromkeys(d.split(":")[0].split(".")[0] for d in diffs))
+
+
+def _new_config(req: RunRequest, log: Callable[[str], None]):
+    """Configuration of a new run; opens the data when it picks the preset or for a dry run,
+    and returns it too when it was opened with the final configuration's data keys (else
+    None), so that training need not open it again."""
+    preset, data, probe = req.preset, None, None
+    has_data = req.has_data or (preset in PRESETS and "data" in PRESETS[preset])
+    if preset is None:
+        check(
+            req.has_data,
+            "--data is required (a built-in name, an image dataset, a folder or a .npy/.npz path)",
+        )
+        probe = configure(TrainConfig(), None, req.settings)
+        data = open_training_data(probe)
+        preset = default_preset(data.kind, data.shape, probe.data)
+        log(
+            f"no --preset given; using {preset!r} for {data.kind} of shape "
+            f"{'x'.join(map(str, data.shape))}"
+        )
+    cfg = configure(TrainConfig(), preset, req.settings)
+    check(has_data or req.dry_run, f"--data is required (preset {preset!r} names no data)")
+    if probe is not None and any(getattr(probe, k) != getattr(cfg, k) for k in _DATA_KEYS):
+        data = None  # the preset reads other samples than the probe did
+    if has_data and data is None and req.dry_run:
+        data = open_training_data(cfg)
+    elif data is not None:
+        record_data(cfg, data)
+    return cfg, data
+
+
+def read_origin(out: str) -> dict:
+    try:
+        with open(os.path.join(out, ORIGIN_NAME)) as f:
+            origin = json.load(f)
+        return origin if isinstance(origin, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _saved_config(out: str) -> TrainConfig | None:
+    """The configuration a run directory records without a checkpoint (None: none readable)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            return TrainConfig.from_dict(json.load(f))
+    except (OSError, ValueError, MeanFlowError):
+        return None
+
+
+def _may_restart(out: str, saved: TrainConfig, wanted: TrainConfig, step: int | None) -> str:
+    """Why ``restart_if_changed`` may not start over the run in ``out`` ("" when it may)."""
+    if not read_origin(out).get("restart_if_changed"):
+        return "that --restart-if-changed did not create"
+    if step is not None and step >= saved.steps:
+        return f"that has finished ({plural(step, 'step')})"
+    if saved.data != wanted.data:
+        return f"of other data ({saved.data!r}, not {wanted.data!r})"
+    return ""
+
+
+def plan_run(req: RunRequest) -> RunPlan:
+    """Decide what ``req`` does to its run directory (reads only; writes nothing). What it has
+    to say is in ``plan.notes``, printed by :func:`run_plan` once the directory's lock is held
+    (a job refused by the lock says nothing else)."""
+    notes: list[str] = []
+    log = notes.append
+    if req.overwrite and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        log("torchrun restarted the workers; resuming instead of --overwrite")
+        req.overwrite = False
+    check(
+        not (req.restart_if_changed and req.resume),
+        "--restart-if-changed decides between resuming and starting over; drop --resume",
+    )
+    check(
+        not (req.resume and req.overwrite),
+        "--resume and --overwrite contradict each other; pick one",
+    )
+    if req.out is not None:
+        check(
+            not os.path.isfile(req.out),
+            f"--out {req.out!r} is an existing file; give a directory path",
+        )
+    existing = (
+        req.out is not None
+        and not req.overwrite
+        and not req.dry_run
+        and bool(list_checkpoints(os.path.join(req.out, "checkpoints")))
+    )
+    if req.resume:
+        check(not req.dry_run, "--dry-run builds a new run; drop --resume")
+        check(req.out is not None, "--resume needs --out RUN_DIR")
+        assert req.out is not None
+        _, _, meta = load_latest_good(req.out, tensors=False)
+        cfg = TrainConfig.from_dict(meta["config"])
+        changed = differences(cfg, configure(cfg, req.preset, req.settings), ("steps",))
+        check(
+            not changed,
+            "--resume continues the saved configuration; these settings differ: "
+            f"{'; '.join(changed)} (only --steps may change)",
+        )
+        plan = RunPlan(cfg, None, True, False, meta["step"])
+    elif existing:
+        assert req.out is not None
+        _, _, meta = load_latest_good(req.out, tensors=False)
+        saved = TrainConfig.from_dict(meta["config"])
+        wanted, data = _new_config(req, log)
+        changed = differences(saved, wanted, _DERIVED)
+        if changed and req.restart_if_changed:
+            refusal = _may_restart(req.out, saved, wanted, meta["step"])
+            check(
+                not refusal,
+                f"run directory {req.out!r} holds a run {refusal} with other settings "
+                f"({'; '.join(changed[:6])}); choose another --out, or pass --overwrite to "
+                "replace it",
+            )
+            log(
+                f"{req.out!r} holds a run with other settings ({_top_keys(changed)}); starting "
+                f"over ({'; '.join(changed[:6])})"
+            )
+            plan = RunPlan(wanted, data, False, True, None, restartable=True)
+        else:
+            check(
+                not changed,
+                f"run directory {req.out!r} holds a run (step {meta['step']}) with other "
+                f"settings ({'; '.join(changed[:6])}); rerun the command that started it to "
+                "resume, pass --overwrite to replace it, or choose another --out",
+            )
+            plan = RunPlan(saved, data, True, False, meta["step"])
+    else:
+        cfg, data = _new_config(req, log)
+        plan = RunPlan(cfg, data, False, req.overwrite, None, restartable=req.restart_if_changed)
+        if req.out and not req.overwrite and not req.dry_run and os.path.isdir(req.out):
+            _fresh_directory(req, plan)
+    if req.steps is not None:
+        plan.cfg.steps = req.steps
+    plan.cfg.validate()
+    _check_steps(req, plan, log)
+    plan.notes = notes + plan.notes
+    return plan
+
+
+def _fresh_directory(req: RunRequest, plan: RunPlan) -> None:
+    """A directory without checkpoints: a run killed before its first checkpoint may start
+    again (same settings, or ``restart_if_changed`` on a run it created of the same data)."""
+    assert req.out is not None
+    saved = _saved_config(req.out)
+    if saved is None:
+        return  # nothing of a run here: train() refuses a non-empty directory
+    changed = differences(saved, plan.cfg, _DERIVED)
+    if not changed:
+        plan.overwrite = True
+        plan.notes.append(f"{req.out!r} holds this run without a checkpoint yet; starting it again")
+    elif req.restart_if_changed:
+        refusal = _may_restart(req.out, saved, plan.cfg, None)
+        check(
+            not refusal,
+            f"run directory {req.out!r} holds a run {refusal} with other settings "
+            f"({'; '.join(changed[:6])}); choose another --out, or pass --overwrite",
+        )
+        plan.overwrite = True
+
+
+def _check_steps(req: RunRequest, plan: RunPlan, log: Callable[[str], None]) -> None:
+    step = plan.saved_step
+    if step is None:
+        return
+    check(
+        step <= plan.cfg.steps,
+        f"run {req.out!r} has already trained {plural(step, 'step')}, more than --steps "
+        f"{plan.cfg.steps}; pass --steps {step} or more",
+    )
+    if step < plan.cfg.steps and not req.resume:
+        log(
+            f"{req.out!r} holds this run at step {step} of {plan.cfg.steps}; resuming (pass "
+            "--overwrite to start over)"
+        )
+
+
+def hold_lock(out: str) -> RunLock:
+    """The run directory's lock, taken by rank 0; every rank raises if it was not."""
+    lock = RunLock(out)
+    error = ""
+    if distributed.from_env().is_main:
+        try:
+            lock.acquire()
+        except MeanFlowError as exc:
+            error = str(exc)
+    error = distributed.gather_objects(error)[0]
+    if error:
+        raise MeanFlowError(error)
+    return lock
+
+
+def fit(
+    out: str | None = None,
+    *,
+    data: str | None = None,
+    preset: str | None = None,
+    steps: int | None = None,
+    settings: dict[str, Any] | Settings = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    restart_if_changed: bool = False,
+    device: torch.device | str = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = _stderr,
+) -> TrainResult:
+    """Train into run directory ``out`` as ``meanflow train`` does, with the same policy
+    (module docstring), and return what the run reached. ``settings`` are ``--set`` keys
+    (``{"optim.lr": 3e-4}``); a user error raises :class:`MeanFlowError`."""
+    pairs = list(settings.items()) if isinstance(settings, dict) else list(settings)
+    req = RunRequest(
+        out,
+        ([("data", data)] if data is not None else []) + pairs,
+        preset,
+        steps,
+        resume,
+        overwrite,
+        restart_if_changed,
+    )
+    check(out is not None, "--out RUN_DIR is required (or pass --dry-run)")
+    return run_plan(req, plan_run(req), resolve_device(str(device)), progress, log)
+
+
+def run_plan(
+    req: RunRequest,
+    plan: RunPlan,
+    device: torch.device,
+    progress: bool = True,
+    log: Callable[[str], None] = _stderr,
+) -> TrainResult:
+    """Carry out ``plan`` under the run directory's lock: train, or for a complete run redraw
+    its pictures."""
+    assert req.out is not None
+    with hold_lock(req.out):
+        if distributed.from_env().is_main:
+            for note in plan.notes:
+                log(note)
+        if plan.complete:
+            return complete_run(req.out, plan, device, log)
+        if not plan.resume and distributed.from_env().is_main:
+            check_run_dir(req.out, plan.overwrite)  # before the note below is written
+            with open(os.path.join(req.out, ORIGIN_NAME), "w") as f:
+                json.dump({"restart_if_changed": plan.restartable, "data": plan.cfg.data}, f)
+        return train(
+            plan.cfg,
+            req.out,
+            resume=plan.resume,
+            overwrite=plan.overwrite,
+            device=device,
+            progress=progress,
+            data=plan.data,
+        )
+
+
+def complete_run(
+    out: str, plan: RunPlan, device: torch.device, log: Callable[[str], None] = _stderr
+) -> TrainResult:
+    """A rerun of a finished run: nothing to train. Redraw ``loss.png``, write the one-step
+    preview if an interruption after the last checkpoint left it missing, and report."""
+    cfg = plan.cfg
+    log(
+        f"{out!r} is complete ({cfg.steps} of {plural(cfg.steps, 'step')}); nothing to train "
+        "(pass a larger --steps to continue, or --overwrite to start over)"
+    )
+    write_loss_curve(out, f"{cfg.objective} on {cfg.data}")
+    preview = os.path.join(out, "samples-1step.png")
+    if not os.path.isfile(preview):
+        run = load_run(out, "ema", device)
+        reference = None
+        if not run.is_image:
+            data = open_training_data(cfg) if plan.data is None else plan.data
+            reference = data.x[: cfg.sample_num].numpy()
+        write_preview(preview, run, device, reference, cfg.seed)
+    last = last_metrics(out)
+    return TrainResult(out, cfg.steps, last.get("loss"), 0.0, last.get("skipped", 0), complete=True)
+
+
+def describe(cfg: TrainConfig, data: TrainingSet | None) -> dict:
+    """What ``--dry-run`` prints: the network, objective and optimizer ``cfg`` builds (on the
+    meta device: shapes only, no memory)."""
+    check(
+        bool(cfg.shape),
+        f"preset {cfg.preset!r} does not say the data shape; pass --data "
+        "or --set data_shape=CxHxW (or D)",
+    )
+    classes = cfg.num_classes if cfg.conditional else 0
+    with torch.device("meta"):
+        model = build_model(cfg, cfg.shape, classes)
+    objective = build_objective(cfg, classes)
+    build_optimizer(cfg, model)
+    return {
+        "preset": cfg.preset,
+        "parameters": count_parameters(model),
+        "model": type(model).__name__,
+        "arch": cfg.model.arch,
+        "size": cfg.model.size,
+        "data_shape": list(cfg.shape),
+        "num_classes": classes,
+        "objective": type(objective).__name__,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "data": cfg.data if data is not None else None,
+        "data_samples": len(data) if data is not None else None,
+    }
