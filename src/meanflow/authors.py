@@ -327,13 +327,49 @@ def _torch_model(args, info: dict):
         nets[role] = model
     if added:
         info["added"] = added
-    epoch = obj.get("epoch")
-    info.update(
-        file=args.checkpoint,
-        weights={"ema": weights},
-        step=int(epoch) + 1 if isinstance(epoch, int) else 0,
-    )
+    step, how = torch_step(state, obj.get("epoch"), obj.get("args"))
+    info.update(file=args.checkpoint, weights={"ema": weights}, step=step, step_from=how)
     return nets, shape, 0, cfg_model, None
+
+
+# py-meanflow's training sets (torchvision CIFAR10 and MNIST, train split)
+_TRAIN_SIZES = {"cifar10": 50_000, "mnist": 60_000}
+
+
+def torch_step(state: dict, epoch: Any, run_args: Any) -> tuple[int, str]:
+    """The optimizer step a py-meanflow checkpoint was taken at, and how it was found.
+
+    py-meanflow saves after the epoch ``epoch`` (from 0) has finished (``train.py``), and its
+    ``MeanFlow.update_ema`` adds 1 to the buffer ``num_updates`` after every optimizer step, so
+    that buffer is the count. Without it, the count is ``(epoch + 1) * steps_per_epoch`` with
+    ``steps_per_epoch = len(DataLoader) = ceil(N / W) // B`` (DistributedSampler pads each of the
+    W ranks to ceil(N / W) rows, the loader drops the last partial batch of B; no gradient
+    accumulation), when ``args`` says the dataset, ``batch_size`` and ``world_size``. Otherwise
+    the step is unknown: 0, with a one-line reason.
+    """
+    count = state.get("num_updates")
+    if isinstance(count, torch.Tensor) and count.numel() == 1:
+        return int(count.item()), "num_updates (optimizer steps taken)"
+    get = (lambda k: getattr(run_args, k, None)) if run_args is not None else (lambda k: None)
+    size, batch, world = _TRAIN_SIZES.get(get("dataset")), get("batch_size"), get("world_size")
+    if (
+        isinstance(epoch, int)
+        and size
+        and isinstance(batch, int)
+        and isinstance(world, int)
+        and batch > 0
+        and world > 0
+        and not get("test_run")
+    ):
+        per_epoch = -(-size // world) // batch
+        return (epoch + 1) * per_epoch, (
+            f"(epoch {epoch} + 1) x {per_epoch} steps per epoch "
+            f"({get('dataset')}: ceil({size} / {world} GPUs) // batch {batch})"
+        )
+    return 0, (
+        "unknown: the checkpoint has no num_updates and its args do not give the steps per "
+        "epoch (dataset, batch_size, world_size); the run starts at step 0"
+    )
 
 
 def convert(args) -> dict:
@@ -409,6 +445,7 @@ def _summary(info: dict) -> dict:
     return {
         "from": info["from"],
         "step": info["step"],
+        **({"step_from": info["step_from"]} if "step_from" in info else {}),
         "weights": info["weights"],
         **({"model": spec} if spec else {}),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 CONVERT_EPILOG = """\
 examples:
@@ -86,5 +87,8 @@ def cmd_convert(args) -> int:
     """``meanflow convert``: see :func:`add_convert_parser` and docs/convert.md."""
     from ..authors import convert
 
-    print(json.dumps(convert(args)))
+    summary = convert(args)
+    if str(summary.get("step_from", "")).startswith("unknown"):
+        print(f"meanflow: step {summary['step_from']}", file=sys.stderr)
+    print(json.dumps(summary))
     return 0

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import MeanFlowError, check, plural
 from ..train.config import OBJECTIVES, config_keys
-from ..train.presets import PRESETS
+from ..train.presets import PRESETS, PUBLISHED
 
 TRAIN_EPILOG = """\
 examples:
@@ -416,6 +416,15 @@ def _dry_run(cfg, data) -> int:
         model = build_model(cfg, cfg.shape, classes)
     objective = build_objective(cfg, classes)
     build_optimizer(cfg, model)
+    g = cfg.guidance
+    guidance = {
+        "omega": g.omega,
+        "kappa": g.kappa,
+        "interval": [g.t_min, g.t_max],
+        "effective_scale": g.omega / (1 - g.kappa) if g.kappa < 1 else None,
+        "label_dropout": g.label_dropout,
+    }
+    published = PUBLISHED.get(cfg.preset)
     print(
         json.dumps(
             {
@@ -431,6 +440,10 @@ def _dry_run(cfg, data) -> int:
                 "batch_size": cfg.batch_size,
                 "data": cfg.data if data is not None else None,
                 "data_samples": len(data) if data is not None else None,
+                "guidance": guidance if classes else None,
+                "hflip": cfg.hflip,
+                "precision": cfg.precision,
+                "reproduces": vars(published) if published else None,
             }
         )
     )
