@@ -3,6 +3,7 @@ format their code writes (Gsunshine/meanflow models/models_dit.py, models/torch_
 models/timm_models.py, flax msgpack; Gsunshine/py-meanflow meanflow/models/unet.py), converted
 and compared with a numpy transcription of their forward pass."""
 
+import json
 import math
 import os
 import struct
@@ -318,7 +319,9 @@ def test_py_meanflow_checkpoint_converts_and_samples(tmp_path, capsys):
         nets[prefix] = {k: fir.clone() if k.endswith("resample_filter")
                         else 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()}
     state = {f"{p}.{k}": v for p, sd in nets.items() for k, v in sd.items()}
-    state["num_updates"] = torch.tensor(1000)
+    # the end of cifar10_v1.sh: 16,000 epochs of 48 steps (8 GPUs x 128), counted by the
+    # num_updates buffer that update_ema raises once per optimizer step
+    state["num_updates"] = torch.tensor(768_000)
     path = tmp_path / "checkpoint-last.pth"
     torch.save({"model": state, "epoch": 15999, "args": argparse.Namespace(arch="unet",
                 dropout=0.2, use_edm_aug=True, ema_decays=[0.99995, 0.9996])}, path)
@@ -326,7 +329,9 @@ def test_py_meanflow_checkpoint_converts_and_samples(tmp_path, capsys):
     code, stdout, err = _convert(capsys, "--from", "authors-torch", "--checkpoint", str(path),
                                  "--out", out)
     assert code == 0, err
-    assert '"step": 16000' in stdout and '"ema": "net_ema1"' in stdout
+    assert '"step": 768000' in stdout and '"ema": "net_ema1"' in stdout
+    assert json.loads(stdout)["step_from"].startswith("num_updates")
+    assert os.path.exists(os.path.join(out, "checkpoints", "step-00768000.safetensors"))
 
     from meanflow.train import load_run
     for weights, prefix in (("ema", "net_ema1"), ("raw", "net")):
@@ -340,3 +345,48 @@ def test_py_meanflow_checkpoint_converts_and_samples(tmp_path, capsys):
                        str(tmp_path / "c.npy"), "--threads", "1")
     assert code == 0, err
     assert np.isfinite(np.load(tmp_path / "c.npy")).all()
+
+
+def test_py_meanflow_step_is_the_optimizer_step():
+    """py-meanflow: ``MeanFlow.update_ema`` raises the buffer ``num_updates`` once per optimizer
+    step; ``train.py`` saves after epoch ``epoch`` ends; an epoch is ``len(DataLoader)`` steps,
+    ``ceil(N / W) // B`` (DistributedSampler, drop_last=True), no gradient accumulation."""
+    import argparse
+
+    from meanflow.runs.authors import torch_step
+
+    step, how = torch_step({"num_updates": torch.tensor(1234)}, 5, None)
+    assert step == 1234 and how.startswith("num_updates")
+    # cifar10_v1.sh: 8 GPUs x 128, 16,000 epochs; README: "800k iterations with batch 128x8"
+    v1 = argparse.Namespace(dataset="cifar10", batch_size=128, world_size=8, test_run=False)
+    assert torch_step({}, 15999, v1)[0] == 16_000 * 48 == 768_000
+    assert torch_step({}, 0, v1)[0] == 48
+    # train_arg_parser.py defaults: batch 64 on one process; MNIST has 60,000 images
+    one = argparse.Namespace(dataset="mnist", batch_size=64, world_size=1)
+    assert torch_step({}, 9, one)[0] == 10 * 937
+    # three ranks: each is padded to ceil(50,000 / 3) = 16,667 rows
+    three = argparse.Namespace(dataset="cifar10", batch_size=128, world_size=3)
+    assert torch_step({}, 0, three)[0] == 130
+    for args in (None, argparse.Namespace(dataset="cifar10"),
+                 argparse.Namespace(dataset="cifar10", batch_size=128, world_size=8,
+                                    test_run=True)):
+        step, how = torch_step({}, 3, args)
+        assert step == 0 and how.startswith("unknown") and "\n" not in how
+    assert torch_step({}, None, v1)[0] == 0
+
+
+def test_py_meanflow_unknown_step_is_said_in_one_line(tmp_path, capsys):
+    import argparse
+
+    pytest.importorskip("meanflow.nn.songunet")
+    shapes = _py_meanflow_shapes()
+    gen = torch.Generator().manual_seed(0)
+    state = {f"net_ema.{k}": 0.01 * torch.randn(s, generator=gen) for k, s in shapes.items()
+             if not k.endswith("resample_filter")}
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": state, "epoch": 7, "args": argparse.Namespace(arch="unet")}, path)
+    code, stdout, err = _convert(capsys, "--from", "authors-torch", "--checkpoint", str(path),
+                                 "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads(stdout)["step"] == 0
+    assert len(err.strip().splitlines()) == 1 and "step unknown" in err

@@ -6,7 +6,16 @@ sources in the authors' code:
   ``scripts/cifar10_v1.sh``: t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6), ratio 0.75, batch 8 x 128,
   16,000 epochs, 200 warm-up epochs; ``scripts/cifar10_v0.sh``: v0 with LN(-2, 2).
 - meanflow (JAX) ``configs/default.py``: norm_eps 0.01, class_dropout_prob 0.1, P(-0.4, 1.0),
-  data_proportion 0.75 (25% r != t); ``configs/run_b4.yml``: 240 epochs at batch 256.
+  data_proportion 0.75 (25% r != t), guidance_eq 'cfg' with omega 1.0, kappa 0.5,
+  half_precision False, vae 'mse'; ``configs/run_b4.yml``: 240 epochs at batch 256.
+  ``meanflow.py``: guidance_eq 'none' leaves v~ = v but cond_drop still drops 10% of labels.
+  ``utils/data_util.py``: latents are encoded from the centre crop, no flip;
+  ``utils/vae_util.py``: LatentDataset returns the stored latent (its use_flip is never read).
+- README (JAX), MF-B/4 "Performance": guidance_eq none 61.09 (paper) / 60.75 (repo) at 80
+  epochs, 48.16 at 240; cfg omega 1.0, kappa 0.5: 19.15 / 18.70 at 80, 11.35 at 240.
+- The paper: Table 1 (B/4, 80 epochs, no guidance in a-e) 61.06 at its defaults; Table 2
+  (240 epochs, 1-NFE) B/2 6.17, M/2 5.01, L/2 3.84, XL/2 3.43, 2-NFE XL/2 2.93 (no 2-NFE
+  figure for B/2, M/2, L/2); Table 3 CIFAR-10 2.92.
 """
 
 import math
@@ -14,7 +23,7 @@ import math
 import torch
 
 from meanflow import TimeSampler
-from meanflow.config.presets import configure
+from meanflow.config.presets import PUBLISHED, configure
 from meanflow.config.schema import TrainConfig
 
 
@@ -126,3 +135,87 @@ def test_cifar_recipe_trains_with_augmentation_labels(tmp_path, capsys, monkeypa
     _, tensors, meta = load_latest_good(str(tmp_path / "run"))
     assert set(meta["emas"]) == {"ema", "ema-0.9999", "ema-0.9996"}
     assert any(k.startswith("ema-0.9996.") for k in tensors)
+
+
+IMAGENET = ("imagenet256-b4", "imagenet256-b4-ablation", "imagenet256-b2", "imagenet256-m2",
+            "imagenet256-l2", "imagenet256-xl2")
+
+
+def test_imagenet_presets_train_unflipped_in_float32():
+    """The authors encode the centre crop alone and their LatentDataset never flips; they
+    train in float32 (half_precision False)."""
+    for name in IMAGENET:
+        cfg = _preset(name)
+        assert cfg.hflip is False and cfg.precision == "fp32", name
+
+
+def test_ablation_preset_is_the_table_1_setting():
+    """Table 1 (a-e): B/4, 80 epochs, no guidance (guidance_eq 'none': v~ = v) with the 10%
+    label dropout kept; FID 61.06. The B/4 preset keeps their default.py guidance, omega 1.0,
+    kappa 0.5, for 240 epochs (README: 11.35)."""
+    per_epoch = 1_281_167 // 256
+    cfg = _preset("imagenet256-b4-ablation")
+    assert (cfg.guidance.omega, cfg.guidance.kappa) == (1.0, 0.0)
+    assert (cfg.guidance.t_min, cfg.guidance.t_max, cfg.guidance.label_dropout) == (0, 1, 0.1)
+    assert cfg.model.size == "B/4" and cfg.steps == 80 * per_epoch
+    b4 = _preset("imagenet256-b4")
+    assert (b4.guidance.omega, b4.guidance.kappa) == (1.0, 0.5) and b4.model.size == "B/4"
+    # M/2 and L/2: no values of their own are published; they take B/2's
+    b2 = _preset("imagenet256-b2").guidance
+    for name in ("imagenet256-m2", "imagenet256-l2"):
+        g = _preset(name).guidance
+        assert (g.omega, g.kappa, g.t_min, g.t_max) == (b2.omega, b2.kappa, b2.t_min, b2.t_max)
+    assert (b2.omega, b2.kappa) == (1.0, 0.5)
+
+
+def test_each_paper_preset_names_its_published_figure():
+    expected = {
+        "imagenet256-b4-ablation": (61.06, None, 80),
+        "imagenet256-b4": (11.35, None, 240),
+        "imagenet256-b2": (6.17, None, 240),
+        "imagenet256-m2": (5.01, None, 240),
+        "imagenet256-l2": (3.84, None, 240),
+        "imagenet256-xl2": (3.43, 2.93, 240),
+        "cifar10-paper": (2.92, None, 16_000),
+    }
+    assert {k: (p.fid_1step, p.fid_2step, p.epochs) for k, p in PUBLISHED.items()} == expected
+    per_epoch = {"imagenet": 1_281_167 // 256, "cifar10": (50_000 // 8) // 128}
+    for name, figure in PUBLISHED.items():
+        data = "cifar10" if name.startswith("cifar10") else "imagenet"
+        assert _preset(name).steps == figure.epochs * per_epoch[data]
+    # the ablation figure is Table 1's default, the same as the ablation studies'
+    from meanflow.train.ablation import STUDIES
+
+    assert STUDIES["ratio"].paper["25%"] == PUBLISHED["imagenet256-b4-ablation"].fid_1step
+    assert "61.09" in PUBLISHED["imagenet256-b4-ablation"].source  # the README's copy
+
+
+def test_dry_run_shows_the_table_1_setting(capsys):
+    import json
+
+    from cli_helpers import run
+
+    code, out, err = run(capsys, "train", "--preset", "imagenet256-b4-ablation", "--dry-run")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["guidance"]["omega"] == 1.0 and shown["guidance"]["kappa"] == 0.0
+    assert shown["guidance"]["effective_scale"] == 1.0 and shown["hflip"] is False
+    assert shown["reproduces"]["fid_1step"] == 61.06 and shown["reproduces"]["epochs"] == 80
+    assert shown["steps"] == 80 * (1_281_167 // 256) and shown["precision"] == "fp32"
+
+
+def test_recipe_reproduces_with_the_authors_vae_and_precision():
+    """docs/recipes.md: encode with sd-vae-ft-mse (their vae 'mse'), no mirrors, and train in
+    float32; bf16 is offered apart as the faster option."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "recipes.md")).read()
+    commands = [line.strip() for line in text.splitlines() if "meanflow" in line
+                and line.startswith("    ")]
+    encode = [c for c in commands if "latents encode" in c]
+    assert encode and all("sd-vae-ft-mse" in c and "--flip" not in c for c in encode)
+    train = [c for c in commands if re.search(r"meanflow train .*--preset imagenet256", c)]
+    assert train and "bf16" not in train[0]  # the reproduction command comes first
+    assert "precision=bf16" in text  # offered apart

@@ -164,3 +164,35 @@ def test_pipeline_and_export_decode_a_latent_run(latent_run, tmp_path):
     back = meanflow.from_pretrained(run.save_pretrained(str(tmp_path / "exported")))
     assert back.latents == run.latents and back.decoder is not None
     np.testing.assert_array_equal(back.sample(4, steps=2, seed=3, classes=labels), expected)
+
+
+def test_latent_flips_only_with_hflip(latents, image_dir, vae_dir, tmp_path, capsys,  # noqa: F811
+                                      monkeypatch):
+    """The MeanFlow authors train on the stored latent alone (their LatentDataset returns
+    ``data['image']`` and never flips, although it is built with ``use_flip=True``): a set
+    encoded with mirrors trains on the unmirrored rows unless ``hflip`` asks for them."""
+    import meanflow.train.loop as loop
+
+    seen = []
+    draw = loop.draw_latents
+
+    def spy(moments, generator, *args):
+        seen.append((moments.shape[1], args[2]))  # F, flip
+        return draw(moments, generator, *args)
+
+    monkeypatch.setattr(loop, "draw_latents", spy)
+    code, _, err = run(capsys, "train", "--data", latents, "--out", str(tmp_path / "plain"),
+                       "--steps", "2", *TRAIN)
+    assert code == 0, err
+    assert seen and all(entry == (2, False) for entry in seen)
+    seen.clear()
+    code, _, err = run(capsys, "train", "--data", latents, "--out", str(tmp_path / "flip"),
+                       "--steps", "2", *TRAIN, "--set", "hflip=true")
+    assert code == 0, err
+    assert seen and all(entry == (2, True) for entry in seen)
+    # hflip on latents without mirrors is refused in one line
+    single = str(tmp_path / "single")
+    assert run(capsys, *encode_args(image_dir, vae_dir, single, "--no-flip"))[0] == 0
+    code, _, err = run(capsys, "train", "--data", single, "--out", str(tmp_path / "refused"),
+                       "--steps", "2", *TRAIN, "--set", "hflip=true")
+    assert code == 2 and "latents encode --flip" in err and len(err.strip().splitlines()) == 1

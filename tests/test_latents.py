@@ -70,9 +70,10 @@ def image_dir(tmp_path_factory) -> str:
 
 
 def encode_args(data, vae_dir, out, *extra):
+    """An encode with mirror images (``--flip``), so that both rows of F can be checked."""
     return ("latents", "encode", "--data", data, "--vae", vae_dir, "--out", out,
             "--image-size", str(SIZE), "--shard-size", "8", "--batch-size", "5", "--quiet",
-            *extra)
+            "--flip", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +267,10 @@ def test_other_settings_in_an_existing_out_are_refused(encoded, image_dir, vae_d
     assert open(os.path.join(out, "latents.json")).read() == before
 
 
-def test_flat_folder_no_flip_float16(tmp_path, vae_dir, capsys):
+def test_flat_folder_float16_without_flips_by_default(tmp_path, vae_dir, capsys):
+    """By default each image is encoded once, unmirrored: the MeanFlow authors' encoder
+    (meanflow ``utils/data_util.py`` compute_latent_dataset: centre crop, ToTensor, Normalize,
+    no flip) stores one latent per image."""
     data = tmp_path / "flat"
     data.mkdir()
     rng = np.random.default_rng(3)
@@ -274,7 +278,7 @@ def test_flat_folder_no_flip_float16(tmp_path, vae_dir, capsys):
         Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
     out = str(tmp_path / "lat")
     code, printed, _ = run(capsys, "latents", "encode", "--data", str(data), "--vae", vae_dir,
-                           "--out", out, "--image-size", "8", "--no-flip", "--dtype", "float16",
+                           "--out", out, "--image-size", "8", "--dtype", "float16",
                            "--quiet", "--threads", "1")
     assert code == 0 and json.loads(printed)["shape"] == [4, 4, 4]
     assert sorted(os.listdir(out)) == ["latents.json", "moments-00000.npy"]
@@ -329,19 +333,20 @@ def test_draw_latents_is_the_reparameterised_sample():
     g = torch.Generator().manual_seed(0)
     moments = torch.randn(6, 2, 2, 4, 3, 3, generator=g)
     moments[:, :, 1] = moments[:, :, 1].abs() + 0.1
-    z = draw_latents(moments, torch.Generator().manual_seed(5), 0.18215)
+    z = draw_latents(moments, torch.Generator().manual_seed(5), 0.18215, flip=True)
     g = torch.Generator().manual_seed(5)  # documented order: the flip choice, then eps
     f = torch.randint(0, 2, (6,), generator=g)
     eps = torch.randn(6, 4, 3, 3, generator=g)
     rows = moments[torch.arange(6), f]
     assert torch.allclose(z, (rows[:, 0] + rows[:, 1] * eps) * 0.18215, atol=1e-7)
-    shifted = draw_latents(moments, torch.Generator().manual_seed(5), 0.3611, shift_factor=0.1159)
+    shifted = draw_latents(moments, torch.Generator().manual_seed(5), 0.3611, shift_factor=0.1159,
+                           flip=True)
     assert torch.allclose(shifted, (rows[:, 0] + rows[:, 1] * eps - 0.1159) * 0.3611, atol=1e-7)
     # float16 moments are sampled in float32
-    half = draw_latents(moments.half(), torch.Generator().manual_seed(5), 1.0)
+    half = draw_latents(moments.half(), torch.Generator().manual_seed(5), 1.0, flip=True)
     assert half.dtype == torch.float32
     assert torch.equal(half, draw_latents(moments.half().float(),
-                                          torch.Generator().manual_seed(5), 1.0))
+                                          torch.Generator().manual_seed(5), 1.0, flip=True))
 
 
 def test_draw_latents_statistics_and_flip_choice():
@@ -350,16 +355,17 @@ def test_draw_latents_statistics_and_flip_choice():
     moments = torch.zeros(n, 2, 2, 2, 1, 1)
     moments[:, 0, 0], moments[:, 0, 1] = mean, 0.5  # the image: N(mean, 0.25)
     moments[:, 1, 0], moments[:, 1, 1] = 7.0, 0.0  # its flip: exactly 7
-    z = draw_latents(moments, torch.Generator().manual_seed(1), 2.0)
+    z = draw_latents(moments, torch.Generator().manual_seed(1), 2.0, flip=True)
     flipped = (z == 14.0).all(dim=(1, 2, 3))
     # the flip is drawn with probability 1/2 per row: 4 standard deviations of a binomial
     assert abs(flipped.float().mean().item() - 0.5) < 4 * 0.5 / n ** 0.5
-    z = draw_latents(moments, torch.Generator().manual_seed(2), 2.0, flip=False)
+    # off by default, as the authors' LatentDataset (it never flips): always the stored image
+    z = draw_latents(moments, torch.Generator().manual_seed(2), 2.0)
     assert not (z == 14.0).all(dim=(1, 2, 3)).any()
     # (mean + 0.5 eps) * 2 ~ N(2 mean, 1): 5 standard errors
     assert torch.allclose(z.mean(0).flatten(), 2 * mean.flatten(), atol=5 / n ** 0.5)
     assert torch.allclose(z.std(0).flatten(), torch.ones(2), atol=5 * 0.71 / n ** 0.5)
-    single = draw_latents(moments[:, :1], torch.Generator().manual_seed(3), 2.0)  # F = 1
+    single = draw_latents(moments[:, :1], torch.Generator().manual_seed(3), 2.0, flip=True)
     assert not (single == 14.0).all(dim=(1, 2, 3)).any()
 
 

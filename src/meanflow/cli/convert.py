@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 CONVERT_EPILOG = """\
 examples:
@@ -84,7 +85,21 @@ def add_convert_parser(sub) -> None:
 
 def cmd_convert(args) -> int:
     """``meanflow convert``: see :func:`add_convert_parser` and docs/convert.md."""
-    from ..runs.authors import convert
+    from ..runs.authors import ConvertRequest, convert
 
-    print(json.dumps(convert(args)))
+    summary = convert(
+        ConvertRequest(
+            args.source,
+            args.checkpoint,
+            args.out,
+            args.arch,
+            args.weights,
+            args.image_size,
+            args.vae,
+            args.overwrite,
+        )
+    )
+    if str(summary.get("step_from", "")).startswith("unknown"):
+        print(f"meanflow: step {summary['step_from']}", file=sys.stderr)
+    print(json.dumps(summary))
     return 0

@@ -9,9 +9,9 @@ from ..errors import MeanFlowError
 
 LATENTS_EPILOG = """\
 examples:
-  meanflow latents encode --data imagenet/train --vae vae/sd-vae-ft-ema --out latents/in256
+  meanflow latents encode --data imagenet/train --vae vae/sd-vae-ft-mse --out latents/in256
   meanflow latents encode --data my_images/ --vae vae/sd-vae-ft-mse --out latents/mine \\
-      --image-size 128 --no-flip --dtype float16
+      --image-size 128 --flip --dtype float16
   meanflow train --data latents/in256 --out runs/in256        # trains in latent space
 
 Rerun the same command to resume an encode that was stopped. See docs/latents.md.
@@ -30,8 +30,8 @@ def add_latents_parser(sub) -> None:
     e = actions.add_parser(
         "encode",
         help="encode an image folder with a diffusers VAE (e.g. the SD-VAE)",
-        description="Centre-crop every image as ADM does, encode it and its horizontal flip "
-        "with a local diffusers AutoencoderKL, and write the posterior mean and std "
+        description="Centre-crop every image as ADM does, encode it (with --flip also its "
+        "mirror) with a local diffusers AutoencoderKL, and write the posterior mean and std "
         "in shards of LATENTS (moments-K.npy, labels-K.npy, latents.json). Prints "
         "one JSON line at the end.",
         epilog=LATENTS_EPILOG,
@@ -66,7 +66,7 @@ def add_latents_parser(sub) -> None:
         type=int,
         default=32,
         metavar="B",
-        help="images per VAE call (default 32; each is encoded with its flip)",
+        help="images per VAE call (default 32; with --flip each also with its mirror)",
     )
     e.add_argument(
         "--shard-size",
@@ -76,9 +76,11 @@ def add_latents_parser(sub) -> None:
         help="images per shard file (default 1024)",
     )
     e.add_argument(
-        "--no-flip",
-        action="store_true",
-        help="do not encode horizontal flips (F = 1; halves disk and time)",
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also encode each image's horizontal mirror (F = 2; twice the disk and time), "
+        "for training with --set hflip=true; default off, as the MeanFlow authors encode",
     )
     e.add_argument(
         "--dtype",
@@ -109,7 +111,7 @@ def cmd_latents(args) -> int:
             image_size=args.image_size,
             batch_size=args.batch_size,
             shard_size=args.shard_size,
-            flip=not args.no_flip,
+            flip=args.flip,
             dtype=args.dtype,
             device=args.device,
             workers=args.workers,

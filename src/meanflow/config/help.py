@@ -31,7 +31,9 @@ KEY_HELP = {
     "data_dir": "folder holding the fashion-mnist IDX or cifar10 binary files (`--data-dir`)",
     "image_size": "resize folder images to this square size; digits size 8, 16 or 32 "
     "(0: native; digits 16)",
-    "hflip": "flip each training image horizontally with probability 1/2",
+    "hflip": "flip each training sample horizontally with probability 1/2: images are "
+    "mirrored, latents take their stored mirror encoding (`latents encode --flip`); off in "
+    "the ImageNet presets, as the MeanFlow authors train",
     "augment": "EDM's augmentation pipeline: `edm-cifar10` (the authors' CIFAR-10 setting, "
     "docs/augmentation.md) or empty; its labels condition the network (SongUNet)",
     "augment_p": "augmentation probability p of the pipeline (the authors: 0.12)",

@@ -8,6 +8,7 @@ chosen by measurement (docs/benchmarks.md). Where a value is ours, the comment s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MeanFlowError
@@ -17,7 +18,10 @@ from .schema import TrainConfig, _suggest, set_value
 # 32x32x4, batch 256, Adam (0.9, 0.95), constant lr 1e-4, EMA 0.9999, 25% r != t,
 # logit-normal(-0.4, 1.0), adaptive weight p = 1 with c = 0.01 (their `norm_eps`), 10% label
 # dropout on r = t rows, 240 epochs (the authors' run_b4.yml; the paper's ablations train B/4 for
-# 80). An epoch is 5,004 steps: 1,281,167 // 256 (their DataLoader drops the last batch).
+# 80). An epoch is 5,004 steps: 1,281,167 // 256 (their DataLoader drops the last batch). No
+# flips: their latents are encoded from the centre crop alone and their LatentDataset returns the
+# stored latent unflipped (utils/data_util.py, utils/vae_util.py); float32 (default.py
+# half_precision False).
 _IMAGENET = {
     "model.arch": "dit",
     "data_shape": "4x32x32",
@@ -35,12 +39,16 @@ _IMAGENET = {
     "guidance.label_dropout": 0.1,
     "loss.c": 0.01,
     "ema_warmup": False,
+    "hflip": False,
+    "precision": "fp32",
     "steps": 1_200_960,  # 240 epochs x 5,004
     "log_every": 100,
     "ckpt_every": 10_000,
     "grid_every": 10_000,
 }
 _B2_GUIDANCE = {"guidance.omega": 1.0, "guidance.kappa": 0.5}
+# Table 1 (a-e) trains without guidance (their guidance_eq 'none': v~ = v, labels still dropped)
+_NO_GUIDANCE = {"guidance.omega": 1.0, "guidance.kappa": 0.0}
 
 # The authors' CIFAR-10 recipe (py-meanflow): unconditional DDPM++ U-Net (their SongUNet,
 # 55.9M; model.arch=songunet), batch 1024, lr 6e-4 with 200 warm-up epochs, Adam (0.9, 0.999),
@@ -162,7 +170,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet256-b4": {**_IMAGENET, **_B2_GUIDANCE, "model.size": "B/4"},
     "imagenet256-b4-ablation": {
         **_IMAGENET,
-        **_B2_GUIDANCE,
+        **_NO_GUIDANCE,
         "model.size": "B/4",
         "steps": 400_320,
     },  # 80 epochs x 5,004
@@ -194,14 +202,53 @@ PRESET_HELP = {
     "t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6) and their v1 sampler "
     "(time.order=official-v1); GPU",
     "imagenet256-b4": "DiT-B/4 on 32x32x4 latents, the authors' config (run_b4.yml): 240 "
-    "epochs; guidance omega 1.0, kappa 0.5 (the B/2 values)",
-    "imagenet256-b4-ablation": "as imagenet256-b4 for 80 epochs, the paper's ablation setting "
-    "(Table 1)",
-    "imagenet256-b2": "DiT-B/2 (131M) on latents, paper recipe, 240 epochs, omega 1.0, kappa 0.5",
-    "imagenet256-m2": "DiT-M/2 (308M) on latents, paper recipe; guidance as B/2",
-    "imagenet256-l2": "DiT-L/2 (459M) on latents, paper recipe; guidance as B/2",
-    "imagenet256-xl2": "DiT-XL/2 (676M) on latents, paper recipe, omega 0.2, kappa 0.92, "
-    "guidance for t in [0, 0.75]",
+    "epochs, guidance omega 1.0, kappa 0.5 (their default.py); their README: FID 11.35",
+    "imagenet256-b4-ablation": "DiT-B/4 for 80 epochs without guidance, the paper's Table 1 "
+    "(a-e) default: FID 61.06",
+    "imagenet256-b2": "DiT-B/2 (131M) on latents, paper recipe, 240 epochs, omega 1.0, kappa 0.5; "
+    "paper Table 2: FID 6.17",
+    "imagenet256-m2": "DiT-M/2 (308M) on latents, paper recipe, 240 epochs; guidance as B/2 "
+    "(none published for M/2); paper Table 2: FID 5.01",
+    "imagenet256-l2": "DiT-L/2 (459M) on latents, paper recipe, 240 epochs; guidance as B/2 "
+    "(none published for L/2); paper Table 2: FID 3.84",
+    "imagenet256-xl2": "DiT-XL/2 (676M) on latents, paper recipe, 240 epochs, omega 0.2, kappa "
+    "0.92, guidance for t in [0, 0.75]; paper Table 2: FID 3.43 (1 step), 2.93 (2 steps)",
+}
+
+
+@dataclass(frozen=True)
+class Published:
+    """The published figure a paper preset should reproduce: FID-50K of 1-step (and, where
+    published, 2-step) samples after ``epochs`` epochs, with where it is printed."""
+
+    source: str
+    fid_1step: float
+    fid_2step: float | None
+    epochs: int
+
+
+# Paper: Table 1 (B/4 ablations, 80 epochs), Table 2 (ImageNet 256, 1 and 2 NFE), Table 3
+# (CIFAR-10). README: the authors' JAX repository (MF-B/4 "Performance": paper / their repo).
+PUBLISHED: dict[str, Published] = {
+    "imagenet256-b4-ablation": Published(
+        "paper Table 1 (a-e) default, no guidance (README guidance_eq none: 61.09 paper, 60.75 "
+        "their repo)",
+        61.06,
+        None,
+        80,
+    ),
+    "imagenet256-b4": Published(
+        "authors' README, guidance_eq cfg, omega 1.0, kappa 0.5 (19.15 at 80 epochs; released "
+        "MF-B/4 checkpoint: 11.4)",
+        11.35,
+        None,
+        240,
+    ),
+    "imagenet256-b2": Published("paper Table 2", 6.17, None, 240),
+    "imagenet256-m2": Published("paper Table 2", 5.01, None, 240),
+    "imagenet256-l2": Published("paper Table 2", 3.84, None, 240),
+    "imagenet256-xl2": Published("paper Table 2", 3.43, 2.93, 240),
+    "cifar10-paper": Published("paper Table 3 (unconditional)", 2.92, None, 16_000),
 }
 
 

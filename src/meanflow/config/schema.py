@@ -131,7 +131,7 @@ class TrainConfig:
     sample_num: int = 5000  # points in the scatter plot written at the end of training
     data_dir: str = ""  # folder of fashion-mnist / cifar10 files
     image_size: int = 0  # resize folder images (digits: 8, 16 or 32); 0: native
-    hflip: bool = False  # random horizontal flips of images
+    hflip: bool = False  # random horizontal flips (images; latents encoded with --flip)
     augment: str = ""  # augmentation pipeline: "" (none) or "edm-cifar10"
     augment_p: float = 0.12  # its probability per transformation (EDM's p)
     conditional: bool = True  # use the data's labels when it has them

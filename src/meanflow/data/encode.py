@@ -1,6 +1,7 @@
-"""Encode a folder of images (ADM centre crop, and its horizontal
-flip) with a diffusers VAE into the shards of a latents directory (format in
-:mod:`meanflow.data.latents`), resumable by rerunning the same command.
+"""Encode a folder of images (ADM centre crop; with ``flip`` also its horizontal mirror) with a
+diffusers VAE into the shards of a latents directory (format in :mod:`meanflow.data.latents`),
+resumable by rerunning the same command. Mirrors are off by default: the MeanFlow authors encode
+the centre crop alone (their ``utils/data_util.py``).
 
 Each shard is written to a temporary file and renamed into place, then ``latents.json`` is
 rewritten (also atomically) to list it, so a killed encode loses at most the shard in progress.
@@ -27,7 +28,7 @@ from .vae import adm_center_crop, encode, find_vae_dir, load_vae, vae_downsampli
 _SETTING_FLAGS = {
     "vae": "--vae",
     "image_size": "--image-size",
-    "flips": "--no-flip",
+    "flips": "--flip / --no-flip",
     "dtype": "--dtype",
     "shard_size": "--shard-size",
     "source": "--data",
@@ -192,7 +193,7 @@ def encode_folder(
     image_size: int = 256,
     batch_size: int = 32,
     shard_size: int = 1024,
-    flip: bool = True,
+    flip: bool = False,
     dtype: str = "float32",
     device: str = "auto",
     workers: int = 0,

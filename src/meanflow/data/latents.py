@@ -5,7 +5,8 @@ A latents directory (written by ``meanflow latents encode``) holds ``latents.jso
 
 - ``moments-KKKKK.npy``: a plain .npy of shape (n, F, 2, C, H, W), float32 or float16;
   ``[:, f, 0]`` is the posterior mean and ``[:, f, 1]`` its std, f = 0 the image and f = 1 its
-  horizontal flip (F = 1 when encoded with ``--no-flip``);
+  horizontal mirror (F = 2 when encoded with ``--flip``; F = 1 by default, as the MeanFlow
+  authors encode);
 - ``labels-KKKKK.npy``: (n,) int64 class indices (absent for an unlabelled, flat folder).
 
 ``latents.json`` = {"format": "meanflow-latents", "version": 1, "count": N, "shape": [C, H, W],
@@ -304,14 +305,16 @@ def draw_latents(
     generator: torch.Generator | None,
     scaling_factor: float,
     shift_factor: float | None = None,
-    flip: bool = True,
+    flip: bool = False,
     total: int | None = None,
     part: slice = slice(None),
 ) -> torch.Tensor:
     """One posterior sample per row, in training scale: ``(B, C, H, W)`` float32.
 
-    ``moments`` is (B, F, 2, C, H, W) (mean, std). With ``flip`` and F == 2, the image or its
-    flip is chosen uniformly per row (``torch.randint(0, 2, (B,))``, drawn first), else f = 0;
+    ``moments`` is (B, F, 2, C, H, W) (mean, std). With ``flip`` (the run's ``hflip``) and
+    F == 2, the image or its mirror is chosen uniformly per row (``torch.randint(0, 2, (B,))``,
+    drawn first); else f = 0, the image as stored, as the MeanFlow authors train (their
+    ``LatentDataset`` never flips);
     then ``eps ~ N(0, I)`` (B, C, H, W) is drawn, both from ``generator`` on ``moments``'
     device, and ``z = (mean_f + std_f * eps - shift) * scaling_factor`` (shift 0 when None).
 

@@ -10,7 +10,8 @@
 * ``--from authors-torch``: a py-meanflow checkpoint (github.com/Gsunshine/py-meanflow,
   ``checkpoint-last.pth``: ``{"model": MeanFlow.state_dict(), "optimizer", "lr_schedule",
   "epoch", "args"}``), read with ``torch.load(weights_only=True)`` (``argparse.Namespace``, the
-  type of ``args``, is the only class allowed besides tensors).
+  type of ``args``, is the only class allowed besides tensors; it is read as a
+  ``types.SimpleNamespace``).
 
 The output is a run directory that ``meanflow sample --run`` reads (``config.json`` and
 ``checkpoints/step-N.{safetensors,json}``), or, for ``--out FILE.safetensors``, the EMA state
@@ -18,6 +19,9 @@ dict of our network alone.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import glob
 import json
@@ -226,11 +230,10 @@ def jax_params(tree: Any, weights: str) -> dict:
 
 def load_torch(path: str) -> dict:
     """A py-meanflow checkpoint, loaded without running code."""
-    import argparse  # py-meanflow pickles its options as an argparse.Namespace
-
     check(os.path.isfile(path), f"--checkpoint {path!r} is not a file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # py-meanflow pickles its options as an argparse.Namespace: read as a SimpleNamespace
+        with torch.serialization.safe_globals([(SimpleNamespace, "argparse.Namespace")]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -245,7 +248,7 @@ def load_torch(path: str) -> dict:
 # the conversion
 
 
-def _jax_model(args, info: dict):
+def _jax_model(args: ConvertRequest, info: dict):
     file = find_jax_file(args.checkpoint)
     tree = read_flax_msgpack(file)
     stored = _placeholders(tree)
@@ -295,7 +298,7 @@ def _jax_model(args, info: dict):
     return nets, shape, spec["num_classes"], {"arch": "dit", "size": spec["size"]}, latents
 
 
-def _torch_model(args, info: dict):
+def _torch_model(args: ConvertRequest, info: dict):
     obj = load_torch(args.checkpoint)
     state = obj.get("model", obj)
     check(
@@ -326,17 +329,71 @@ def _torch_model(args, info: dict):
         nets[role] = model
     if added:
         info["added"] = added
-    epoch = obj.get("epoch")
-    info.update(
-        file=args.checkpoint,
-        weights={"ema": weights},
-        step=int(epoch) + 1 if isinstance(epoch, int) else 0,
-    )
+    step, how = torch_step(state, obj.get("epoch"), obj.get("args"))
+    info.update(file=args.checkpoint, weights={"ema": weights}, step=step, step_from=how)
     return nets, shape, 0, cfg_model, None
 
 
-def convert(args) -> dict:
-    """Run the conversion of ``args`` (the parsed options); returns the summary printed."""
+# py-meanflow's training sets (torchvision CIFAR10 and MNIST, train split)
+_TRAIN_SIZES = {"cifar10": 50_000, "mnist": 60_000}
+
+
+def torch_step(state: dict, epoch: Any, run_args: Any) -> tuple[int, str]:
+    """The optimizer step a py-meanflow checkpoint was taken at, and how it was found.
+
+    py-meanflow saves after the epoch ``epoch`` (from 0) has finished (``train.py``), and its
+    ``MeanFlow.update_ema`` adds 1 to the buffer ``num_updates`` after every optimizer step, so
+    that buffer is the count. Without it, the count is ``(epoch + 1) * steps_per_epoch`` with
+    ``steps_per_epoch = len(DataLoader) = ceil(N / W) // B`` (DistributedSampler pads each of the
+    W ranks to ceil(N / W) rows, the loader drops the last partial batch of B; no gradient
+    accumulation), when ``args`` says the dataset, ``batch_size`` and ``world_size``. Otherwise
+    the step is unknown: 0, with a one-line reason.
+    """
+    count = state.get("num_updates")
+    if isinstance(count, torch.Tensor) and count.numel() == 1:
+        return int(count.item()), "num_updates (optimizer steps taken)"
+    get = (lambda k: getattr(run_args, k, None)) if run_args is not None else (lambda k: None)
+    size, batch, world = _TRAIN_SIZES.get(get("dataset")), get("batch_size"), get("world_size")
+    if (
+        isinstance(epoch, int)
+        and size
+        and isinstance(batch, int)
+        and isinstance(world, int)
+        and batch > 0
+        and world > 0
+        and not get("test_run")
+    ):
+        per_epoch = -(-size // world) // batch
+        return (epoch + 1) * per_epoch, (
+            f"(epoch {epoch} + 1) x {per_epoch} steps per epoch "
+            f"({get('dataset')}: ceil({size} / {world} GPUs) // batch {batch})"
+        )
+    return 0, (
+        "unknown: the checkpoint has no num_updates and its args do not give the steps per "
+        "epoch (dataset, batch_size, world_size); the run starts at step 0"
+    )
+
+
+@dataclass
+class ConvertRequest:
+    """What to convert (``meanflow convert``'s options): ``source`` ``authors-jax`` or
+    ``authors-torch``, the ``checkpoint`` file, ``out`` (a run directory, or a
+    ``.safetensors`` file of the EMA weights alone), the network ``arch`` (default from the
+    source), which ``weights`` become the EMA, the latent ``image_size`` and ``vae`` folder of a
+    DiT, and whether to ``overwrite`` ``out``."""
+
+    source: str
+    checkpoint: str
+    out: str
+    arch: str | None = None
+    weights: str | None = None
+    image_size: int = 32
+    vae: str = ""
+    overwrite: bool = False
+
+
+def convert(args: ConvertRequest) -> dict:
+    """Run the conversion ``args``; returns the summary ``meanflow convert`` prints."""
     from safetensors.torch import save_file
 
     arch = args.arch or ("dit" if args.source == "authors-jax" else "songunet")
@@ -404,6 +461,7 @@ def _summary(info: dict) -> dict:
     return {
         "from": info["from"],
         "step": info["step"],
+        **({"step_from": info["step_from"]} if "step_from" in info else {}),
         "weights": info["weights"],
         **({"model": spec} if spec else {}),
     }

@@ -103,10 +103,14 @@ def train(
         f"the dataset has {plural(len(data), 'sample')}, "
         f"fewer than the batch size {cfg.batch_size}; lower --batch-size",
     )
-    hint = " (latents encoded with flips use them: see docs/latents.md)"
     check(
-        not cfg.hflip or data.kind == "images",
-        f"hflip needs image data, not {data.kind}{hint * (data.kind == 'latents')}",
+        not cfg.hflip or data.kind == "images" or bool(data.latents),
+        f"hflip needs images or latents, not {data.kind}",
+    )
+    check(
+        not (cfg.hflip and data.latents and int(data.latents.get("flips", 1)) != 2),
+        "hflip=true on latents needs their mirror images: encode with "
+        "`meanflow latents encode --flip` (docs/latents.md), or drop hflip",
     )
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -280,13 +284,13 @@ def train(
                 x, y = batches.next()
                 y = None if data.labels is None else y  # a reader's labels, unconditional run
                 if data.latents:
-                    # a set encoded with mirror images trains on both (docs/latents.md)
+                    # the stored mirror image only with hflip (docs/latents.md)
                     x = draw_latents(
                         x,
                         gen,
                         data.latents["scaling_factor"],
                         data.latents.get("shift_factor"),
-                        True,
+                        cfg.hflip,
                         rows.total,
                         rows.part,
                     )

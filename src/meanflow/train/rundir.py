@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..config.build import build_model, build_objective, count_parameters
-from ..config.presets import PRESETS, configure, default_preset
+from ..config.presets import PRESETS, PUBLISHED, configure, default_preset
 from ..config.schema import TrainConfig, flatten
 from ..data import TrainingSet
 from ..errors import MeanFlowError, check, plural
@@ -396,6 +396,15 @@ def describe(cfg: TrainConfig, data: TrainingSet | None) -> dict:
         model = build_model(cfg, cfg.shape, classes)
     objective = build_objective(cfg, classes)
     build_optimizer(cfg, model)
+    g = cfg.guidance
+    guidance = {
+        "omega": g.omega,
+        "kappa": g.kappa,
+        "interval": [g.t_min, g.t_max],
+        "effective_scale": g.omega / (1 - g.kappa) if g.kappa < 1 else None,
+        "label_dropout": g.label_dropout,
+    }
+    published = PUBLISHED.get(cfg.preset)
     return {
         "preset": cfg.preset,
         "parameters": count_parameters(model),
@@ -409,4 +418,8 @@ def describe(cfg: TrainConfig, data: TrainingSet | None) -> dict:
         "batch_size": cfg.batch_size,
         "data": cfg.data if data is not None else None,
         "data_samples": len(data) if data is not None else None,
+        "guidance": guidance if classes else None,
+        "hflip": cfg.hflip,
+        "precision": cfg.precision,
+        "reproduces": vars(published) if published else None,
     }
