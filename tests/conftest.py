@@ -83,6 +83,46 @@ def assert_total_derivative_matches_fd(model, z, r, t, v, y=None, h=1e-5):
     assert not torch.allclose(dudt, wrong, atol=1e-4)
 
 
+def assert_meanflow_output_is_the_formula(model, out, x, noise, r, t, y=None, c=1e-3,
+                                          h=1e-5):
+    """For a deterministic ``model`` (no dropout) and ``out = MeanFlow()(model, x, y, noise=noise,
+    r=r, t=t)`` not yet backpropagated, recomputed here independently of the objective:
+    ``out.u`` is the network at ``z_t = (1 - t) x + t e``; ``out.target`` is ``v - (t - r) du/dt``
+    with ``v = e - x`` and ``du/dt`` a float64 central difference along ``(v, 0, 1)`` (exactly
+    ``v`` where ``r == t``); the loss is the mean of ``err / (err + c)`` (adaptive weight, p = 1);
+    and ``out.loss.backward()`` gives the gradient of that loss with the target and the weight
+    held constant (the stop-gradients of Eq. 10 and Sec. 4.3). Leaves ``model``'s gradients set."""
+    import copy
+
+    tb = t.view(-1, *[1] * (x.dim() - 1))
+    z, v = (1 - tb) * x + tb * noise, noise - x
+    torch.testing.assert_close(out.u, model(z, r, t, y), rtol=1e-5, atol=1e-5)
+    m64 = copy.deepcopy(model).double()
+    z64, v64, r64, t64 = z.double(), v.double(), r.double(), t.double()
+    with torch.no_grad():
+        fd = (m64(z64 + h * v64, r64, t64 + h, y) - m64(z64 - h * v64, r64, t64 - h, y)) / (2 * h)
+    target = v64 - (t64 - r64).view_as(tb) * fd
+    assert float((out.target.double() - v64).norm()) > 100 * float(
+        (out.target.double() - target).norm())  # the du/dt term is seen, not lost in the error
+    torch.testing.assert_close(out.target.double(), target, rtol=1e-4, atol=1e-4)
+    same = r == t
+    assert same.any() and torch.equal(out.target[same], v[same])
+    err = (out.u.detach() - target.float()).pow(2).flatten(1).sum(dim=1)
+    torch.testing.assert_close(out.err, err, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss.detach(), (err / (err + c)).mean(), rtol=1e-5, atol=0)
+    model.zero_grad()
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    u = model(z, r, t, y)
+    sq = (u - out.target).pow(2).flatten(1).sum(dim=1)
+    (sq / (sq.detach() + c)).mean().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 50-step run of the ``tiny`` preset on eight Gaussians (one per test module)."""

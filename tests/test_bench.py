@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -49,7 +50,15 @@ def test_train_step_and_sample_speed_write_their_fields(tmp_path):
             assert row["memory_ratio"] == pytest.approx(row["peak_mib"] / fm_peak), row
         else:
             assert row["memory_ratio"] is None, row
-        assert row["ms_median"] > 0
+        # the summary figures follow from the recorded per-round times (the same rounds for
+        # every row, so the ratio is the median of the per-round quotients)
+        rounds = row["ms_rounds"]
+        assert len(rounds) == len(net["rows"][0]["ms_rounds"]) >= 1 and min(rounds) > 0
+        assert row["ms_median"] == pytest.approx(statistics.median(rounds))
+        assert row["ms_min"] == min(rounds) and row["ms_max"] == max(rounds)
+        assert row["ms_min"] <= row["ms_q1"] <= row["ms_median"] <= row["ms_q3"] <= row["ms_max"]
+        assert row["ratio"] == pytest.approx(statistics.median(
+            a / b for a, b in zip(rounds, net["rows"][0]["ms_rounds"])))
     assert net["rows"][0]["ratio"] == 1.0
     assert net["rows"][1]["jvp"] == "full" and net["rows"][1]["r_ne_t"] == 0.25
     assert result["load_before"] and result["threads"] == 1
@@ -58,13 +67,27 @@ def test_train_step_and_sample_speed_write_their_fields(tmp_path):
     rows = result["speed"]["rows"]
     assert [row["name"] for row in rows] == ["bare network forward", "meanflow.sample, 1 step",
                                              "flow-matching Euler, 2 steps"]
+    forward = rows[0]["s_rounds"]
     for row in rows:
-        assert row["images_per_s"] > 0 and row["throughput_ratio_to_forward"] > 0
+        rounds = row["s_rounds"]
+        assert len(rounds) == len(forward) >= 1 and min(rounds) > 0
+        assert row["s_per_batch"] == pytest.approx(statistics.median(rounds))
+        assert row["images_per_s"] == pytest.approx(32 / row["s_per_batch"])  # --batch 32
+        assert row["throughput_ratio_to_forward"] == pytest.approx(
+            statistics.median(f / s for f, s in zip(forward, rounds)))
+    assert rows[0]["throughput_ratio_to_forward"] == 1.0
     assert result["speed"]["one_step_ratio"] == rows[1]["throughput_ratio_to_forward"]
-    small, big = result["stream"]["runs"]
+    stream = result["stream"]
+    small, big = stream["runs"]
     assert (small["num"], big["num"]) == (30, 300)
-    assert big["rows_in_file"] == 300 and big["peak_growth_mib"] >= 0
-    assert isinstance(result["stream"]["bounded"], bool)
+    assert (small["rows_in_file"], big["rows_in_file"]) == (30, 300)
+    for run in (small, big):  # 8x8 grey digits: 64 float32 values a sample
+        assert run["all_samples_float32_mib"] == pytest.approx(run["num"] * 64 * 4 / 2 ** 20)
+        assert run["peak_growth_mib"] >= 0  # VmHWM never falls below the starting VmRSS
+        # a uint8 .npz of num x 8 x 8 x 1 holds at least the num * 64 bytes
+        assert run["file_mib"] >= run["num"] * 64 / 2 ** 20
+    assert stream["excess_mib"] == pytest.approx(big["peak_growth_mib"] - small["peak_growth_mib"])
+    assert stream["bounded"] is (stream["excess_mib"] < 0.25 * big["all_samples_float32_mib"])
 
 
 def _results_io():

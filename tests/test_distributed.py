@@ -53,8 +53,15 @@ def _train(tmp_path, name, argv, nproc=1):
     return [load_file(str(dump / f"rank{k}.safetensors")) for k in range(nproc)]
 
 
+def _equal(a, b):
+    """``a`` and ``b`` hold the same non-empty set of tensors, bit for bit."""
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def _close(a, b, atol=1e-5, rtol=1e-4):
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and len(a) > 0
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert all(torch.allclose(a[k], b[k], atol=atol, rtol=rtol) for k in a), worst
     return worst
@@ -81,7 +88,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     argv = ["--data", "eight-gaussians", *COMMON]
     one = _train(tmp_path, "one", argv)[0]
     two = _train(tmp_path, "two", argv, nproc=2)
-    assert all(torch.equal(two[0][k], two[1][k]) for k in two[0])  # ranks agree exactly
+    _equal(two[0], two[1])  # ranks agree exactly
     gap = _close(two[0], one)
     initial = _train(tmp_path, "zero", [*argv, "--steps", "1"])[0]  # the last --steps wins
     # training moved the weights far more than the rank-vs-process difference
@@ -94,7 +101,7 @@ def test_accumulation_under_ddp_matches_the_full_batch(tmp_path, labelled):
             "--set", "guidance.label_dropout=0.2"]
     one = _train(tmp_path, "one", argv)[0]
     two = _train(tmp_path, "two-accum", [*argv, "--set", "grad_accum=2"], nproc=2)
-    assert all(torch.equal(two[0][k], two[1][k]) for k in two[0])
+    _equal(two[0], two[1])
     _close(two[0], one)
 
 
@@ -117,7 +124,7 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes(tmp_path):
     resumed_at = int(err.split("at step ")[1].split()[0])
     assert resumed_at == 50, err[-3000:]  # the last checkpoint before the crash at step 100
     two = [load_file(str(dump / f"rank{k}.safetensors")) for k in range(2)]
-    assert all(torch.equal(two[0][k], two[1][k]) for k in two[0])
+    _equal(two[0], two[1])
     # resuming is exact: the same weights as two processes never interrupted
     uninterrupted = _train(tmp_path, "uninterrupted", argv, nproc=2)[0]
-    assert all(torch.equal(two[0][k], uninterrupted[k]) for k in uninterrupted)
+    _equal(two[0], uninterrupted)

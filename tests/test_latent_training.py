@@ -48,6 +48,31 @@ def _weights(run_dir):
     return tensors, meta
 
 
+def _train(capsys, *args):
+    code, _, err = run(capsys, "train", *args)
+    assert code == 0, err
+
+
+def _assert_same_state(first, second, step):
+    """Both runs stopped at ``step`` and hold bit-identical weights, EMA weights and optimizer
+    state; the compared keys are exactly one ``model.`` and one ``ema.`` entry for every entry
+    of the network's state_dict (so nothing passes by comparing nothing)."""
+    from meanflow.train import load_run
+
+    a, meta_a = _weights(first)
+    b, meta_b = _weights(second)
+    assert meta_a["step"] == meta_b["step"] == step
+    names = set(load_run(first).model.state_dict())
+    assert len(names) > 0
+    expected = {f"{prefix}.{name}" for prefix in ("model", "ema") for name in names}
+    assert {k for k in a if k.startswith(("model.", "ema."))} == expected
+    assert a.keys() == b.keys()
+    optim = {k for k in a if k.startswith("optim.")}
+    assert len(optim) > 0
+    for key in sorted(expected | optim):
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_latent_run_records_the_vae_and_streams(latent_run, latents, vae_dir):  # noqa: F811
     tensors, meta = _weights(latent_run)
     assert meta["step"] == 6 and meta["shape"] == [4, SIZE // 2, SIZE // 2]
@@ -104,27 +129,25 @@ def test_eval_decodes_before_the_features(latent_run, image_dir, fake_fidelity, 
 
 def test_streamed_resume_and_workers_are_exact(latents, tmp_path, capsys):
     whole = str(tmp_path / "whole")
-    run(capsys, "train", "--data", latents, "--out", whole, "--steps", "6", *TRAIN,
-        "--set", "workers=0")
+    _train(capsys, "--data", latents, "--out", whole, "--steps", "6", *TRAIN,
+           "--set", "workers=0")
     parts = str(tmp_path / "parts")
-    run(capsys, "train", "--data", latents, "--out", parts, "--steps", "3", *TRAIN,
-        "--set", "workers=1")
-    run(capsys, "train", "--data", latents, "--out", parts, "--steps", "6", *TRAIN,
-        "--set", "workers=1")
-    a, _ = _weights(whole)
-    b, _ = _weights(parts)
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
+    _train(capsys, "--data", latents, "--out", parts, "--steps", "3", *TRAIN,
+           "--set", "workers=1")
+    _, meta = _weights(parts)
+    assert meta["step"] == 3
+    _train(capsys, "--data", latents, "--out", parts, "--steps", "6", *TRAIN,
+           "--set", "workers=1")
+    _assert_same_state(whole, parts, step=6)
 
 
 def test_streaming_an_in_memory_set_changes_nothing(tmp_path, capsys):
     args = ["--data", "eight-gaussians", "--preset", "tiny", "--steps", "12", "--quiet",
             "--set", "ckpt_every=6"]
-    run(capsys, "train", *args, "--out", str(tmp_path / "memory"))
-    run(capsys, "train", *args, "--out", str(tmp_path / "stream"), "--set", "stream=true",
-        "--set", "workers=1")
-    a, _ = _weights(str(tmp_path / "memory"))
-    b, _ = _weights(str(tmp_path / "stream"))
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("model.", "ema.")))
+    _train(capsys, *args, "--out", str(tmp_path / "memory"))
+    _train(capsys, *args, "--out", str(tmp_path / "stream"), "--set", "stream=true",
+           "--set", "workers=1")
+    _assert_same_state(str(tmp_path / "memory"), str(tmp_path / "stream"), step=12)
 
 
 def test_unconditional_training_on_labelled_latents(latents, tmp_path, capsys):

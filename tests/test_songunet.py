@@ -9,7 +9,12 @@ import math
 
 import pytest
 import torch
-from conftest import assert_total_derivative_matches_fd, jvp_inputs, perturbed
+from conftest import (
+    assert_meanflow_output_is_the_formula,
+    assert_total_derivative_matches_fd,
+    jvp_inputs,
+    perturbed,
+)
 
 from meanflow import MeanFlow, MeanFlowError
 from meanflow.cli import main
@@ -175,21 +180,30 @@ def test_jvp_matches_central_finite_difference(conditional):
 
 
 def test_dropout_in_train_mode_only():
+    """Training mode: two calls differ (dropout masks); eval mode: the same function as the
+    network with dropout 0 and the same weights, which differs from a training-mode call."""
     model = _tiny(dtype=torch.float32)
     z, r, t, _ = _inputs(dtype=torch.float32)
     assert not torch.equal(model(z, r, t), model(z, r, t))
-    model.eval()
-    assert torch.equal(model(z, r, t), model(z, r, t))
+    plain = _tiny(dtype=torch.float32, perturb=False, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    expected = plain(z, r, t)  # training mode, nothing to drop
+    assert torch.equal(model.eval()(z, r, t), expected)
+    assert not torch.allclose(model.train()(z, r, t), expected)
 
 
-def test_meanflow_objective_trains_through_songunet():
-    model = _tiny(dtype=torch.float32)
+@pytest.mark.parametrize("conditional", [False, True])
+def test_meanflow_objective_trains_through_songunet(conditional):
+    """Without dropout: u, target (against a float64 central difference), loss and gradient
+    recomputed apart from the objective; then every parameter gets a finite gradient."""
+    model = _tiny(dtype=torch.float32, dropout=0.0, num_classes=10 if conditional else 0)
     x, _, _, noise = _inputs(dtype=torch.float32, seed=1)
-    out = MeanFlow()(model, x, None, noise=noise, r=torch.tensor([0.1, 0.6, 0.0]),
-                     t=torch.tensor([0.3, 0.6, 0.9]))
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    r, t = torch.tensor([0.1, 0.6, 0.0]), torch.tensor([0.3, 0.6, 0.9])
+    y = torch.tensor([0, 3, 9]) if conditional else None
+    out = MeanFlow()(model, x, y, noise=noise, r=r, t=t)
+    assert_meanflow_output_is_the_formula(model, out, x, noise, r, t, y)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 @pytest.mark.parametrize("case", ["name", "size", "attention", "groups", "shape"])
