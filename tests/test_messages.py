@@ -85,11 +85,11 @@ def test_non_numeric_files_are_refused_without_pickle_advice(tmp_path, capsys, t
 
 
 def test_image_reference_statistics_file_that_is_text(tmp_path):
-    from meanflow.cli.eval import _reference_stats
+    from meanflow.eval.references import reference_stats
 
     (tmp_path / "stats.npz").write_text("mu sigma")
     with pytest.raises(MeanFlowError, match="is not a NumPy array file of numbers.*holds text"):
-        _reference_stats(str(tmp_path / "stats.npz"))
+        reference_stats(str(tmp_path / "stats.npz"))
 
 
 def test_counts_use_the_singular_for_one(tmp_path):
