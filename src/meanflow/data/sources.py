@@ -214,15 +214,13 @@ def check_not_a_run(path: str, role: str) -> None:
     data = _trained_on(path)
     trained = f" (it was trained on {data!r})" if data else ""
     if role == "data":
-        hint = (
-            f"give the data to train on, e.g. --data {data}; to continue that run use "
-            f"--out {path} --resume"
-            if data and what == "run directory"
-            else "give the data to train on"
-        )
+        hint = "give the data to train on" + (f", e.g. --data {data}" if data else "")
+        if what == "run directory":
+            hint += f"; to continue that run use --out {path} --resume"
     else:
         hint = "give the data to compare the samples with" + (f", e.g. {data!r}" if data else "")
-    raise MeanFlowError(f"{path!r} is a {what}, not {role}{trained}; {hint}")
+    article = "an" if what[0] in "aeiou" else "a"
+    raise MeanFlowError(f"{path!r} is {article} {what}, not {role}{trained}; {hint}")
 
 
 def check_same_classes(trained: list[str] | None, other: list[str] | None, what: str) -> None:

@@ -133,8 +133,9 @@ def evaluate_run(
     else:
         ref, nets = vector_reference(reference, num, seed), {}
     if nets:  # fd, pr or fid: features of the samples, computed batch by batch
-        more = dict(features=features, reference=reference, cache_dir=cache_dir)
-        result = _feature_metrics(run, wanted, nets, ref, sampling, num, seed, progress, **more)
+        result = _feature_metrics(
+            run, wanted, nets, ref, sampling, num, seed, progress, features, reference, cache_dir
+        )
         samples = result.pop("_samples")
     else:
         samples = _sample(run, num, progress, sampling)
@@ -252,7 +253,6 @@ def _feature_metrics(
     num: int,
     seed: int,
     progress: bool,
-    *,
     features: str | None,
     reference: str,
     cache_dir: str | None,
