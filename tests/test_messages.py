@@ -85,11 +85,11 @@ def test_non_numeric_files_are_refused_without_pickle_advice(tmp_path, capsys, t
 
 
 def test_image_reference_statistics_file_that_is_text(tmp_path):
-    from meanflow.cli.eval import _reference_stats
+    from meanflow.eval.references import reference_stats
 
     (tmp_path / "stats.npz").write_text("mu sigma")
     with pytest.raises(MeanFlowError, match="is not a NumPy array file of numbers.*holds text"):
-        _reference_stats(str(tmp_path / "stats.npz"))
+        reference_stats(str(tmp_path / "stats.npz"))
 
 
 def test_counts_use_the_singular_for_one(tmp_path):
@@ -133,3 +133,60 @@ def test_eval_shows_progress_on_stderr_and_one_json_line_on_stdout(tiny_run, cap
     code, quiet_out, quiet_err = run(capsys, *argv, "--quiet")
     assert code == 0 and quiet_err == ""
     assert json.loads(quiet_out) == json.loads(out)
+
+
+def _one_line(code, out, err):
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_an_image_reference_for_a_vector_run_names_both_kinds(tiny_run, capsys, tmp_path):
+    for reference in ("fashion-mnist", "digits"):
+        err = _one_line(*run(capsys, "eval", "--run", tiny_run, "--reference", reference,
+                             "--num", "10", "--quiet"))
+        assert err.startswith(f"meanflow: error: reference '{reference}' is images but the run "
+                              "generates vectors (2 dimensions); ")
+        assert "a .npy/.npz file of (N, 2) points" in err
+    (tmp_path / "pictures").mkdir()
+    err = _one_line(*run(capsys, "eval", "--run", tiny_run, "--reference",
+                         str(tmp_path / "pictures"), "--num", "10", "--quiet"))
+    assert "is a folder of images but the run generates vectors" in err
+
+
+def test_a_run_directory_as_data_or_reference_is_named_as_one(tiny_run, capsys, tmp_path):
+    out = tmp_path / "new"
+    err = _one_line(*run(capsys, "train", "--data", tiny_run, "--out", str(out), "--quiet"))
+    assert err == (f"meanflow: error: {tiny_run!r} is a run directory, not data (it was trained "
+                   f"on 'eight-gaussians'); give the data to train on, e.g. --data "
+                   f"eight-gaussians; to continue that run use --out {tiny_run} --resume")
+    assert not out.exists()
+    err = _one_line(*run(capsys, "eval", "--run", tiny_run, "--reference", tiny_run,
+                         "--num", "10", "--quiet"))
+    assert err == (f"meanflow: error: {tiny_run!r} is a run directory, not reference data (it "
+                   "was trained on 'eight-gaussians'); give the data to compare the samples "
+                   "with, e.g. 'eight-gaussians'")
+    exported = str(tmp_path / "exported")
+    assert run(capsys, "export", "--run", tiny_run, "--out", exported)[0] == 0
+    err = _one_line(*run(capsys, "train", "--data", exported, "--out", str(out), "--quiet"))
+    assert err.startswith(f"meanflow: error: {exported!r} is an exported model, not data (it "
+                          "was trained on 'eight-gaussians')")
+
+
+def test_set_with_a_space_instead_of_equals_shows_the_joined_form(capsys, tmp_path):
+    from meanflow.config.schema import parse_overrides
+
+    err = _one_line(*run(capsys, "train", "--data", "rings", "--out", str(tmp_path / "r"),
+                         "--set", "time.ratio", "0.5", "--quiet"))
+    assert err.startswith("meanflow: error: unrecognized arguments: 0.5 (did you mean --set "
+                          "time.ratio=0.5?)")
+    err = _one_line(*run(capsys, "train", "--data", "rings", "--out", str(tmp_path / "r"),
+                         "--set", "time.ratio 0.5", "--quiet"))
+    assert err == ("meanflow: error: --set expects key=value, got 'time.ratio 0.5'; write --set "
+                   "time.ratio=0.5 (no space between the key and its value)")
+    with pytest.raises(MeanFlowError, match=r"got 'loss.p'; write --set loss.p=VALUE \(one"):
+        parse_overrides(["loss.p"])
+    with pytest.raises(MeanFlowError, match="the key is missing"):
+        parse_overrides(["=3"])
+    assert parse_overrides(["time.ratio=0.5", " loss.p = 1 "]) == [("time.ratio", "0.5"),
+                                                                   ("loss.p", "1")]
+    assert not (tmp_path / "r").exists()

@@ -37,13 +37,16 @@ class Parser(argparse.ArgumentParser):
     closest valid option for a misspelled one."""
 
     options: set[str] = set()
+    argv: list[str] = []  # the arguments being parsed, for hints that need their order
 
     def error(self, message: str):
         import difflib
         import re
 
         if message.startswith("unrecognized arguments"):
-            for word in message.split(":", 1)[1].split():
+            spaced = _spaced_set(Parser.argv, message.split(":", 1)[1].split())
+            message += spaced
+            for word in message.split(":", 1)[1].split() if not spaced else ():
                 close = difflib.get_close_matches(word.split("=")[0], sorted(Parser.options), n=1)
                 if word.startswith("-") and close:
                     message += f" (did you mean {close[0]}?)"
@@ -56,6 +59,16 @@ class Parser(argparse.ArgumentParser):
                 message += f" (did you mean {close[0]}?)"
         where = "" if self.prog == "meanflow" else f"{self.prog}: "  # name a subcommand once
         self.exit(2, f"meanflow: error: {where}{message}; see '{self.prog} --help'\n")
+
+
+def _spaced_set(argv: list[str], unrecognized: list[str]) -> str:
+    """`` (did you mean --set KEY=VALUE?)`` when ``argv`` holds ``--set KEY VALUE``, the value
+    given as a separate argument (left over as unrecognized), else ``""``."""
+    for i in range(len(argv) - 2):
+        key, value = argv[i + 1], argv[i + 2]
+        if argv[i] == "--set" and "=" not in key and value in unrecognized:
+            return f" (did you mean --set {key}={value}?)"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +122,7 @@ def _leaf_parsers(sub) -> list[argparse.ArgumentParser]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed

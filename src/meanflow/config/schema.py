@@ -426,9 +426,23 @@ def set_value(cfg: Any, key: str, value: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """``--set KEY=VALUE`` arguments as (key, value) pairs; an item written with a space
+    instead of ``=`` (``"time.ratio 0.5"``) or missing its value is refused with the form to
+    use."""
     pairs = []
     for item in items:
         key, sep, value = item.partition("=")
-        check(bool(sep) and bool(key.strip()), f"--set expects key=value, got {item!r}")
+        if not sep:
+            words = item.split()
+            fix = (
+                f"write --set {words[0]}={' '.join(words[1:])} (no space between the key and "
+                "its value)"
+                if len(words) > 1
+                else f"write --set {words[0]}=VALUE (one argument, joined by '=')"
+                if words
+                else "write --set KEY=VALUE"
+            )
+            raise MeanFlowError(f"--set expects key=value, got {item!r}; {fix}")
+        check(bool(key.strip()), f"--set expects key=value, got {item!r}; the key is missing")
         pairs.append((key.strip(), value.strip()))
     return pairs

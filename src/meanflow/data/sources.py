@@ -22,6 +22,7 @@ FILE.npy/.npz      (N, D) vectors, or (N, C, H, W) arrays such as VAE latents; a
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -163,6 +164,7 @@ def open_data(
         )
         return _from_images(load_cifar10_binary(directory, split))
     if os.path.isdir(name):
+        check_not_a_run(name, "data")
         return _open_directory(name, size, split)
     if os.path.splitext(name)[1] in (".npy", ".npz") or os.path.exists(name):
         return _open_array(name)
@@ -173,6 +175,52 @@ def open_data(
         f"unknown dataset {name!r}: {hint}use one of {', '.join(known)}, a "
         "folder of images, or a .npy/.npz file"
     )
+
+
+def run_folder(path: str) -> str | None:
+    """What ``meanflow`` wrote at ``path``, if anything: ``"run directory"`` (``config.json``
+    and ``checkpoints/``, from ``meanflow train``), ``"exported model"`` (``config.json`` and
+    ``model.safetensors``, from ``meanflow export``) or None."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "run directory"
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return "exported model"
+    return None
+
+
+def _trained_on(path: str) -> str | None:
+    """The ``data`` a run directory's ``config.json`` names (None when unreadable)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, str):  # an exported model nests the training config
+        inner = config.get("train_config") if isinstance(config, dict) else None
+        data = inner.get("data") if isinstance(inner, dict) else None
+    return data if isinstance(data, str) and data else None
+
+
+def check_not_a_run(path: str, role: str) -> None:
+    """Refuse a run directory or exported model given where data is expected (``role``:
+    ``"data"`` for training, ``"reference data"`` for evaluation), naming the data it was
+    trained on."""
+    what = run_folder(path)
+    if what is None:
+        return
+    data = _trained_on(path)
+    trained = f" (it was trained on {data!r})" if data else ""
+    if role == "data":
+        hint = "give the data to train on" + (f", e.g. --data {data}" if data else "")
+        if what == "run directory":
+            hint += f"; to continue that run use --out {path} --resume"
+    else:
+        hint = "give the data to compare the samples with" + (f", e.g. {data!r}" if data else "")
+    article = "an" if what[0] in "aeiou" else "a"
+    raise MeanFlowError(f"{path!r} is {article} {what}, not {role}{trained}; {hint}")
 
 
 def check_same_classes(trained: list[str] | None, other: list[str] | None, what: str) -> None:

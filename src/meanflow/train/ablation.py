@@ -1,5 +1,6 @@
 """The paper's ablations (MeanFlow, Table 1) and the objectives, on any data: one training run per
-setting from the same preset and seed, each evaluated by ``meanflow eval`` at 1 and 2 steps.
+setting from the same preset and seed, each evaluated at 1 and 2 steps by the protocol of
+``meanflow eval`` (:func:`meanflow.eval.run_eval.evaluate_run`, in this process).
 
 The paper's figures are FID-50K of 1-step samples of DiT-B/4 on ImageNet 256 after 80 epochs;
 ours are the project's metrics (SWD for vectors, FD in a feature network's space for images) on
@@ -11,13 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 from ..config.presets import configure
 from ..config.schema import TrainConfig
-from ..errors import check
+from ..errors import MeanFlowError, check
+from ..eval.run_eval import evaluate_run
 from . import loop
 
 
@@ -127,31 +127,13 @@ def _slug(label: str) -> str:
 
 
 def evaluate(run_dir: str, reference: str, steps: int, num: int, device: str) -> dict:
-    """``meanflow eval`` of a run at ``steps`` sampling steps (one JSON line, parsed)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "meanflow",
-        "eval",
-        "--run",
-        run_dir,
-        "--reference",
-        reference,
-        "--steps",
-        str(steps),
-        "--num",
-        str(num),
-        "--quiet",
-        "--device",
-        device,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    check(
-        out.returncode == 0,
-        f"meanflow eval failed on {run_dir}: "
-        f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}",
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """What ``meanflow eval --run RUN_DIR --reference REFERENCE --steps STEPS --num NUM``
+    prints, computed in this process (:func:`meanflow.eval.run_eval.evaluate_run` with its
+    defaults: the primary EMA, seed 0, the default metrics)."""
+    try:
+        return evaluate_run(run_dir, reference, steps=steps, num=num, device=device)
+    except MeanFlowError as exc:
+        raise MeanFlowError(f"evaluating {run_dir}: {exc}") from None
 
 
 def headline(result: dict) -> tuple[str, float]:
