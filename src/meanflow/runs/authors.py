@@ -20,24 +20,21 @@ dict of our network alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
-
 import glob
 import json
 import os
 import struct
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import MeanFlowError, check
 from ..config.schema import TrainConfig
+from ..errors import MeanFlowError, check
 from ..nn import dit
-from ..nn.convert import dit_spec, dit_state_dict, load_strict
-from ..nn.convert import flatten_tree
-from ..nn.convert import load_strict, unet_state_dict
+from ..nn.convert import dit_spec, dit_state_dict, flatten_tree, load_strict, unet_state_dict
 from ..nn.songunet import songunet, songunet_for_authors
 from .checkpoint import save_checkpoint
 from .run import Normalizer
@@ -353,7 +350,8 @@ def torch_step(state: dict, epoch: Any, run_args: Any) -> tuple[int, str]:
     if isinstance(count, torch.Tensor) and count.numel() == 1:
         return int(count.item()), "num_updates (optimizer steps taken)"
     get = (lambda k: getattr(run_args, k, None)) if run_args is not None else (lambda k: None)
-    size, batch, world = _TRAIN_SIZES.get(get("dataset")), get("batch_size"), get("world_size")
+    size = _TRAIN_SIZES.get(str(get("dataset")))
+    batch, world = get("batch_size"), get("world_size")
     if (
         isinstance(epoch, int)
         and size

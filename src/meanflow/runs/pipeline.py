@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..errors import MeanFlowError, check
 from ..data.vae import latent_decoder
+from ..errors import MeanFlowError, check
 from .load import from_pretrained
 from .pretrained import save_pretrained
 

@@ -48,7 +48,6 @@ def save_pretrained(
     an exported model (never a training run or other files)."""
     from safetensors.torch import save_file
 
-
     if os.path.exists(directory):
         check(os.path.isdir(directory), f"{directory!r} is a file; give a directory to export to")
         entries = set(os.listdir(directory))
@@ -144,11 +143,9 @@ def is_pretrained(directory: str) -> bool:
     )
 
 
-
 def load_folder(path: str, device, vae: str | None) -> TrainedRun:
     """The model in the exported folder ``path`` (:func:`from_pretrained` without the Hub)."""
     from safetensors.torch import load_file
-
 
     try:
         with open(os.path.join(path, CONFIG_NAME)) as f:

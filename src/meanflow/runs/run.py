@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -15,18 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import MeanFlowError, check
-from ..objectives.guidance import sampling_guidance
-from ..flow.sampling import sample
-from .checkpoint import load_latest_good, prefixed
-from ..config.schema import TrainConfig, _suggest
 from ..config.build import build_model
+from ..config.schema import TrainConfig, _suggest
 from ..data.vae import latent_decoder
+from ..errors import MeanFlowError, check
+from ..flow.sampling import sample
+from ..objectives.guidance import sampling_guidance
 from ..objectives.imf import with_guidance
 from ..runtime.devices import resolve_device
 
 # What ``classes=`` takes (see TrainedRun.sample and parse_classes).
 Classes = Union[str, int, Sequence[str | int], None]  # noqa: UP007 - a runtime alias (3.10)
+
 
 def grid_labels(num: int, num_classes: int) -> torch.Tensor | None:
     """Labels ``i mod K``: in a grid of K columns, one column per class."""
@@ -166,7 +165,8 @@ class TrainedRun:
         return save_pretrained(self, directory, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload this network to the Hugging Face Hub (:func:`meanflow.runs.pretrained.push_to_hub`)."""
+        """Upload this network to the Hugging Face Hub
+        (:func:`meanflow.runs.pretrained.push_to_hub`)."""
         from .pretrained import push_to_hub  # on use, as in save_pretrained
 
         return push_to_hub(self, repo_id, private=private, token=token)
@@ -191,9 +191,9 @@ class TrainedRun:
         index, a list of them or a comma-separated string, cycled over the samples; ``"random"``;
         ``None`` or ``"none"``: the null label, i.e. unconditional) or by ``labels``, a (num,)
         tensor of indices (not both). ``guidance`` != 1 adds classifier-free guidance at sampling
-        time (:func:`~meanflow.objectives.guidance.sampling_guidance`, two evaluations per step); a run
-        trained with guidance inputs (improved MeanFlow, ``guidance.inputs``) takes it as its
-        input scale instead, over ``[guidance.t_min, guidance.t_max]``: one evaluation.
+        time (:func:`~meanflow.objectives.guidance.sampling_guidance`, two evaluations per
+        step); a run trained with guidance inputs (improved MeanFlow, ``guidance.inputs``) takes
+        it as its input scale instead, over ``[guidance.t_min, guidance.t_max]``: one evaluation.
         ``device`` defaults to the run's (:attr:`device`); ``batch`` bounds the rows per pass.
         A latent run with its VAE returns decoded images in [-1, 1] (``decode=False``: the
         latents)."""
@@ -307,7 +307,6 @@ def sample_noise(shape: tuple[int, ...], seed: int, start: int, stop: int) -> to
     return torch.cat(list(iter_noise(tuple(shape), seed, start, stop, stop - start)))
 
 
-
 def assemble_run(
     cfg: TrainConfig,
     shape: tuple[int, ...],
@@ -356,7 +355,6 @@ def weights_name(weights: str, emas: dict[str, float], run_dir: str = "") -> str
             return name
     choices = ", ".join(["raw"] + [f"{n} ({v})" if n == "ema" else n for n, v in emas.items()])
     raise MeanFlowError(f"weights {text!r} are not in run {run_dir!r}; choose one of {choices}")
-
 
 
 def parse_classes(text: Classes, num: int, run, seed: int, option: str = "--class"):

@@ -377,10 +377,12 @@ def complete_run(
         reference = None
         if not run.is_image:
             data = open_training_data(cfg) if plan.data is None else plan.data
+            assert data.x is not None  # vectors are held in memory
             reference = data.x[: cfg.sample_num].numpy()
         write_preview(preview, run, device, reference, cfg.seed)
     last = last_metrics(out)
-    return TrainResult(out, cfg.steps, last.get("loss"), 0.0, last.get("skipped", 0), complete=True)
+    loss = float(last.get("loss", float("nan")))
+    return TrainResult(out, cfg.steps, loss, 0.0, int(last.get("skipped", 0)), complete=True)
 
 
 def describe(cfg: TrainConfig, data: TrainingSet | None) -> dict:
