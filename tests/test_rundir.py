@@ -48,6 +48,12 @@ def test_a_second_job_is_refused_and_a_killed_holder_never_blocks(tmp_path):
         assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "in use by" in lines[0]
         assert open(os.path.join(out, "config.json")).read() == config_before
         assert first.poll() is None  # the holder trains on
+        for _ in range(3):  # a run in training reads back from its last complete checkpoint
+            sampled = subprocess.run([sys.executable, "-m", "meanflow", "sample", "--run", out,
+                                      "--num", "50", "--out", str(tmp_path / "s.npy"),
+                                      "--overwrite", "--threads", "1"],
+                                     capture_output=True, text=True, timeout=120)
+            assert sampled.returncode == 0, sampled.stderr
     finally:
         first.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel drops the flock
         first.wait()

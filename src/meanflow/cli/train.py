@@ -105,8 +105,9 @@ def add_train_parser(sub) -> None:
     p.add_argument(
         "--restart-if-changed",
         action="store_true",
-        help="resume RUN_DIR when it holds this run (same settings), start it over "
-        "when it holds a run with other settings (for scripts such as the demo)",
+        help="resume RUN_DIR when it holds this run (same settings); start it over "
+        "when it holds an unfinished run of the same data that this flag created, with other "
+        "settings; refuse anything else (for scripts such as the demo)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
