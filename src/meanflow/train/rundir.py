@@ -17,10 +17,11 @@ The policy (docs/reliability.md, "Run directories"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,8 +284,10 @@ def _check_steps(req: RunRequest, plan: RunPlan, log: Callable[[str], None]) -> 
         )
 
 
-def hold_lock(out: str) -> RunLock:
-    """The run directory's lock, taken by rank 0; every rank raises if it was not."""
+@contextlib.contextmanager
+def hold_lock(out: str) -> Iterator[RunLock]:
+    """Hold the run directory's lock while the block runs: rank 0 takes it, and every rank
+    raises if it could not."""
     lock = RunLock(out)
     error = ""
     if distributed.from_env().is_main:
@@ -295,7 +298,10 @@ def hold_lock(out: str) -> RunLock:
     error = distributed.gather_objects(error)[0]
     if error:
         raise MeanFlowError(error)
-    return lock
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def fit(
