@@ -25,6 +25,11 @@ evaluation. ``kappa = 0`` is the plain form of Sec. 4.2 (``v~ = omega v + (1 - o
 
 Paper settings (ImageNet 256): B/2 omega = 1.0, kappa = 0.5 (w' = 2.0); XL/2
 omega = 0.2, kappa = 0.92 (w' = 2.5) with guidance interval t in [0, 0.75]; label dropout 10%.
+
+:class:`Guidance` is this part; an objective holds it (``MeanFlow(...,
+guidance=Guidance(...))``, any objective the same way) and calls it for the label dropout and
+``v~``. :class:`GuidedMeanFlow` and :class:`GuidedFlowMatching` build such objectives under
+their earlier names and signatures.
 """
 
 from __future__ import annotations
