@@ -224,3 +224,5 @@ def test_the_earlier_names_are_the_composed_objectives(named, cls, extra):
     assert torch.equal(la, lb)
     with pytest.raises(AttributeError):
         a.no_such_setting  # noqa: B018
+    a.omega, a.p = 2.5, 0.25  # a guidance setting goes to the guidance, others stay
+    assert a.guidance.omega == 2.5 and a.p == 0.25 and "omega" not in vars(a)

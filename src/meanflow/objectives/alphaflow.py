@@ -43,7 +43,7 @@ from ..errors import check
 from ..flow.jvp import at_least_float32
 from ..flow.path import broadcast_time
 from ..flow.times import TimeSampler
-from .guidance import guidance_attribute, guidance_from
+from .guidance import guidance_attribute, guidance_from, set_guidance_attribute
 from .meanflow import MeanFlow
 from .rows import _rows, _sub, rows_first
 
@@ -150,3 +150,4 @@ class GuidedAlphaFlow(AlphaFlow):
         super().__init__(time_sampler, guidance=guidance, **options)
 
     __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute

@@ -238,18 +238,28 @@ def guidance_from(num_classes: int, options: dict) -> Guidance:
 
 def guidance_attribute(objective: MeanFlow, name: str):
     """``__getattr__`` of the guided classes: their guidance's attributes (``omega``,
-    ``effective_scale``, ``drop_labels``, ...) read through, as when they were its own."""
+    ``effective_scale``, ``drop_labels``, ...) read through, as when they were their own."""
     guidance = objective.__dict__.get("guidance")
     if guidance is None or name.startswith("__"):
         raise AttributeError(f"{type(objective).__name__!r} object has no attribute {name!r}")
     return getattr(guidance, name)
 
 
+def set_guidance_attribute(objective: MeanFlow, name: str, value) -> None:
+    """``__setattr__`` of the guided classes: a guidance setting (``objective.omega = 2.0``)
+    is set on their guidance, as when it was their own; anything else on the objective."""
+    guidance = objective.__dict__.get("guidance")
+    if guidance is not None and name in vars(guidance):
+        setattr(guidance, name, value)
+    else:
+        object.__setattr__(objective, name, value)
+
+
 class GuidedMeanFlow(MeanFlow):
     """MeanFlow with classifier-free guidance in the target: ``MeanFlow(time_sampler,
     guidance=Guidance(num_classes, omega=..., ...), ...)`` under the name and signature of
     earlier releases. ``y`` is required; the :class:`Guidance` attributes (``omega``,
-    ``effective_scale``, ``drop_labels``, ...) read through.
+    ``effective_scale``, ``drop_labels``, ...) read and set through.
 
     Args:
         num_classes, omega, kappa, t_min, t_max, label_dropout, drop_rows: :class:`Guidance`.
@@ -281,6 +291,7 @@ class GuidedMeanFlow(MeanFlow):
         super().__init__(time_sampler, guidance=guidance, **options)
 
     __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute
 
 
 class GuidedFlowMatching(FlowMatching):
@@ -297,6 +308,7 @@ class GuidedFlowMatching(FlowMatching):
         super().__init__(time_sampler, guidance=guidance, **options)
 
     __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute
 
 
 def sampling_guidance(model, scale: float, num_classes: int):

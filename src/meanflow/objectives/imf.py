@@ -30,7 +30,7 @@ from ..errors import check
 from ..flow.jvp import at_least_float32
 from ..flow.path import PathSample, broadcast_time
 from ..flow.times import TimeSampler
-from .guidance import Guidance, guidance_attribute, guidance_from
+from .guidance import Guidance, guidance_attribute, guidance_from, set_guidance_attribute
 from .meanflow import MeanFlow
 from .rows import Conditioned, Draws, evaluation_mode, rows_first
 
@@ -171,6 +171,7 @@ class GuidedImprovedMeanFlow(ImprovedMeanFlow):
         super().__init__(time_sampler, guidance=guidance, **options)
 
     __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute
 
 
 class GuidanceInputsIMF(ImprovedMeanFlow):
@@ -197,6 +198,7 @@ class GuidanceInputsIMF(ImprovedMeanFlow):
         super().__init__(time_sampler, guidance=guidance, **options)
 
     __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute
 
 
 def with_guidance(model, omega: float, t_min: float = 0.0, t_max: float = 1.0):
