@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from torch import nn
 
 from ..data.augment import AugmentPipe, augment_config
 from ..errors import MeanFlowError, check
 from ..nn import MLP, SONGUNET_CONFIGS, UNET_CONFIGS, dit, songunet, unet
-from ..objectives.alphaflow import AlphaFlow, GuidedAlphaFlow
-from ..objectives.guidance import GuidedFlowMatching, GuidedMeanFlow
-from ..objectives.imf import GuidanceInputsIMF, GuidedImprovedMeanFlow, ImprovedMeanFlow
-from ..objectives.meanflow import FlowMatching, MeanFlow
+from ..objectives.guidance import Guidance
+from ..objectives.imf import GuidanceInputs
+from ..objectives.meanflow import MeanFlow
+from ..objectives.registry import objective_entry
 from .schema import TrainConfig
 
 
@@ -123,36 +122,36 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
 
 
 def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
-    """The objective named by ``cfg.objective``; with classes, guidance folded into the
-    target."""
-    jvp = dict(jvp=cfg.loss.jvp, jvp_dtype=cfg.loss.jvp_dtype, **_jvp_options(cfg))
-    extra = dataclasses.asdict(cfg.alpha) if cfg.objective == "alphaflow" else {}
-    if num_classes > 0:
-        g = cfg.guidance
-        kwargs: dict[str, Any] = dict(
+    """The objective named by ``cfg.objective`` (:data:`meanflow.objectives.registry.OBJECTIVES`);
+    with classes, guidance composed into it (``guidance.inputs``: the scale as network input)."""
+    entry = objective_entry(cfg.objective)
+    g = cfg.guidance
+    guidance: Guidance | None = None
+    if num_classes > 0 and g.inputs:
+        guidance = GuidanceInputs(
+            num_classes, omega_max=g.omega_max, label_dropout=g.label_dropout, drop_rows=g.drop_rows
+        )
+    elif num_classes > 0:
+        guidance = Guidance(
+            num_classes,
             omega=g.omega,
             kappa=g.kappa,
             t_min=g.t_min,
             t_max=g.t_max,
             label_dropout=g.label_dropout,
             drop_rows=g.drop_rows,
-            p=cfg.loss.p,
-            c=cfg.loss.c,
         )
-        if cfg.objective == "flow-matching":
-            return GuidedFlowMatching(num_classes, cfg.time, **kwargs)
-        if g.inputs:
-            return GuidanceInputsIMF(num_classes, cfg.time, omega_max=g.omega_max, **jvp, **kwargs)
-        guided = {
-            "meanflow": GuidedMeanFlow,
-            "imf": GuidedImprovedMeanFlow,
-            "alphaflow": GuidedAlphaFlow,
-        }[cfg.objective]
-        return guided(num_classes, cfg.time, **jvp, **kwargs, **extra)
-    if cfg.objective == "flow-matching":
-        return FlowMatching(cfg.time, p=cfg.loss.p, c=cfg.loss.c)
-    plain = {"meanflow": MeanFlow, "imf": ImprovedMeanFlow, "alphaflow": AlphaFlow}
-    return plain[cfg.objective](cfg.time, p=cfg.loss.p, c=cfg.loss.c, **jvp, **extra)
+    own = dataclasses.asdict(getattr(cfg, entry.section)) if entry.section else {}
+    return entry.build(
+        cfg.time,
+        guidance,
+        p=cfg.loss.p,
+        c=cfg.loss.c,
+        jvp=cfg.loss.jvp,
+        jvp_dtype=cfg.loss.jvp_dtype,
+        **_jvp_options(cfg),
+        **own,
+    )
 
 
 def _jvp_options(cfg: TrainConfig) -> dict:

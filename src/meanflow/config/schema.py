@@ -17,8 +17,10 @@ from typing import Any
 from ..errors import MeanFlowError, check
 from ..flow.jvp import FD_SCHEMES, JVP_BACKENDS
 from ..flow.times import TimeSampler
+from ..objectives.registry import OBJECTIVES as _OBJECTIVE_REGISTRY
 
-OBJECTIVES = ("meanflow", "flow-matching", "imf", "alphaflow")
+# the registry's names, a live view (meanflow, flow-matching, imf, alphaflow; and any added)
+OBJECTIVES = _OBJECTIVE_REGISTRY.keys()
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")

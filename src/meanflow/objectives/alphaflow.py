@@ -42,8 +42,10 @@ import torch
 from ..errors import check
 from ..flow.jvp import at_least_float32
 from ..flow.path import broadcast_time
-from .guidance import GuidedMeanFlow
-from .meanflow import MeanFlow, _rows, _sub, rows_first
+from ..flow.times import TimeSampler
+from .guidance import guidance_attribute, guidance_from, set_guidance_attribute
+from .meanflow import MeanFlow
+from .rows import _rows, _sub, rows_first
 
 
 def alpha_schedule(
@@ -75,7 +77,9 @@ def alpha_schedule(
 class AlphaFlow(MeanFlow):
     """The AlphaFlow objective: ``alpha`` follows :func:`alpha_schedule` as the trainer calls
     :meth:`at_step`; set ``objective.alpha`` directly to fix it. Positional and other keyword
-    arguments go to :class:`MeanFlow` (the JVP options matter once ``alpha`` reaches 0)."""
+    arguments go to :class:`MeanFlow` (the JVP options matter once ``alpha`` reaches 0); with
+    ``guidance``, ``v~`` replaces ``v`` in the Euler step and the target, as the authors'
+    ``_compute_velocity_cfg``."""
 
     def __init__(
         self,
@@ -133,7 +137,17 @@ class AlphaFlow(MeanFlow):
         return u, target
 
 
-class GuidedAlphaFlow(AlphaFlow, GuidedMeanFlow):
-    """AlphaFlow with classifier-free guidance folded into ``v~`` (:class:`GuidedMeanFlow`,
-    whose ``num_classes`` comes first): ``v~`` replaces ``v`` in the Euler step and the target,
-    as the authors' ``_compute_velocity_cfg``."""
+class GuidedAlphaFlow(AlphaFlow):
+    """AlphaFlow with classifier-free guidance folded into ``v~``: ``AlphaFlow(time_sampler,
+    guidance=Guidance(num_classes, ...), ...)`` under its earlier name; ``num_classes`` first,
+    then the keywords of :class:`meanflow.objectives.guidance.GuidedMeanFlow` and of
+    :class:`AlphaFlow`."""
+
+    def __init__(
+        self, num_classes: int, time_sampler: TimeSampler | None = None, **options
+    ) -> None:
+        guidance = guidance_from(num_classes, options)
+        super().__init__(time_sampler, guidance=guidance, **options)
+
+    __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute

@@ -25,11 +25,16 @@ evaluation. ``kappa = 0`` is the plain form of Sec. 4.2 (``v~ = omega v + (1 - o
 
 Paper settings (ImageNet 256): B/2 omega = 1.0, kappa = 0.5 (w' = 2.0); XL/2
 omega = 0.2, kappa = 0.92 (w' = 2.5) with guidance interval t in [0, 0.75]; label dropout 10%.
+
+:class:`Guidance` is this part; an objective holds it (``MeanFlow(...,
+guidance=Guidance(...))``, any objective the same way) and calls it for the label dropout and
+``v~``. :class:`GuidedMeanFlow` and :class:`GuidedFlowMatching` build such objectives under
+their earlier names and signatures.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 
@@ -37,11 +42,16 @@ from ..errors import check
 from ..flow.jvp import at_least_float32
 from ..flow.path import PathSample
 from ..flow.times import TimeSampler
-from .meanflow import Draws, MeanFlow, ObjectiveOutput, SingleTime, _sub, rows_first
+from .meanflow import FlowMatching, MeanFlow
+from .rows import Draws, _sub, evaluation_mode, rows_first
+
+GUIDANCE_ARGUMENTS = ("omega", "kappa", "t_min", "t_max", "label_dropout", "drop_rows")
 
 
-class GuidedMeanFlow(MeanFlow):
-    """MeanFlow with classifier-free guidance in the target. ``y`` is required.
+class Guidance:
+    """Classifier-free guidance in the target, the part an objective holds
+    (``MeanFlow(..., guidance=Guidance(10, omega=1.0, kappa=0.5))``): label dropout before the
+    loss (:meth:`prepare`, :meth:`draw`) and the guided velocity ``v~`` (:meth:`velocity`).
 
     Args:
         num_classes: number of real classes; the null label is ``num_classes``.
@@ -54,14 +64,11 @@ class GuidedMeanFlow(MeanFlow):
         drop_rows: ``"r=t"`` (the authors'): Binomial(B, label_dropout) rows are dropped, chosen
             among the r = t rows (all of them if there are fewer); ``"any"``: each row
             independently with probability ``label_dropout``.
-        time_sampler, p, c, jvp, jvp_dtype: as in :class:`MeanFlow`; ``jvp_options``
-            (``jvp_backend``, ``fd_step``, ``fd_scheme``) are passed to it.
     """
 
     def __init__(
         self,
         num_classes: int,
-        time_sampler: TimeSampler | None = None,
         *,
         omega: float = 1.0,
         kappa: float = 0.0,
@@ -69,13 +76,7 @@ class GuidedMeanFlow(MeanFlow):
         t_max: float = 1.0,
         label_dropout: float = 0.1,
         drop_rows: str = "r=t",
-        p: float = 1.0,
-        c: float = 1e-3,
-        jvp: str = "subset",
-        jvp_dtype: str = "float32",
-        **jvp_options,
     ) -> None:
-        super().__init__(time_sampler, p=p, c=c, jvp=jvp, jvp_dtype=jvp_dtype, **jvp_options)
         check(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
         check(omega > 0, f"guidance omega must be > 0, got {omega}")
         check(kappa < 1, f"guidance kappa must be < 1, got {kappa}")
@@ -90,6 +91,14 @@ class GuidedMeanFlow(MeanFlow):
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.label_dropout = float(label_dropout)
 
+    def arguments(self) -> dict:
+        """The keyword arguments that build this guidance again (besides ``num_classes``)."""
+        return {name: getattr(self, name) for name in GUIDANCE_ARGUMENTS}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.arguments().items())
+        return f"{type(self).__name__}({self.num_classes}, {args})"
+
     @property
     def effective_scale(self) -> float:
         """The CFG scale the trained one-step model realises: ``omega / (1 - kappa)``."""
@@ -100,6 +109,7 @@ class GuidedMeanFlow(MeanFlow):
         """False when ``omega = 1, kappa = 0``: then ``v~ = v`` and the network is not called."""
         return not (self.omega == 1 and self.kappa == 0)
 
+    # -- label dropout ---------------------------------------------------------------------
     def drop_labels(
         self, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -133,19 +143,11 @@ class GuidedMeanFlow(MeanFlow):
         """``y`` with the labels where ``drop`` is true replaced by the null label."""
         return y if drop is None else torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def draw(
-        self,
-        n: int,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> Draws:
-        """As :meth:`MeanFlow.draw`, with the label-dropout mask: drawn first for
-        ``drop_rows="any"``, after the times for ``"r=t"`` (it depends on them)."""
+    def draw(self, n: int, generator, device, rest: Callable[[], Draws]) -> Draws:
+        """The objective's draws ``rest()`` (noise, times) with the label-dropout mask: drawn
+        before them for ``drop_rows="any"``, after them for ``"r=t"`` (it depends on them)."""
         first = self.drop_mask(n, generator, device) if self.drop_rows == "any" else None
-        draws = super().draw(n, shape, generator=generator, device=device, dtype=dtype)
+        draws = rest()
         draws.drop = (
             first
             if self.drop_rows == "any"
@@ -153,21 +155,17 @@ class GuidedMeanFlow(MeanFlow):
         )
         return draws
 
-    def __call__(
-        self,
-        model,
-        x: torch.Tensor,
-        y: torch.Tensor | None = None,
-        *,
-        noise: torch.Tensor | None = None,
-        r: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        drop: torch.Tensor | None = None,
-        cond: dict[str, torch.Tensor] | None = None,
-    ) -> ObjectiveOutput:
-        """``drop``: the label-dropout mask from :meth:`draw`, drawn here when absent;
-        ``cond``: as in :meth:`MeanFlow.__call__`."""
+    # -- before the loss -------------------------------------------------------------------
+    def prepare(self, objective: MeanFlow, x, y, noise, r, t, generator, drop, guide, cond):
+        """``(y, noise, r, t, cond)`` for the loss: the labels checked and dropped (``drop``
+        from :meth:`draw`, drawn here when absent; every draw of ``objective`` when none is
+        given). ``guide`` belongs to guidance inputs only."""
+        check(guide is None, "guide (per-row guidance inputs) needs guidance.inputs=true")
+        y, noise, r, t = self.dropped_labels(objective, x, y, noise, r, t, generator, drop)
+        return y, noise, r, t, cond
+
+    def dropped_labels(self, objective: MeanFlow, x, y, noise, r, t, generator, drop):
+        """``(y with its dropped labels, noise, r, t)`` (:meth:`prepare`)."""
         check(y is not None, "guided MeanFlow needs class labels y (shape (B,), dtype long)")
         assert y is not None  # check() raised otherwise
         check(
@@ -180,11 +178,11 @@ class GuidedMeanFlow(MeanFlow):
             f"got {tuple(y.shape)}",
         )
         check(
-            not self.check_inputs or bool(((y >= 0) & (y <= self.num_classes)).all()),
+            not objective.check_inputs or bool(((y >= 0) & (y <= self.num_classes)).all()),
             f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null label)",
         )
         if drop is None and noise is None and r is None and t is None:
-            d = self.draw(
+            d = objective.draw(
                 x.shape[0], tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype
             )
             noise, r, t, drop = d.noise, d.r, d.t, d.drop
@@ -194,12 +192,13 @@ class GuidedMeanFlow(MeanFlow):
             drop is None or tuple(drop.shape) == (x.shape[0],),
             f"drop mask must have shape ({x.shape[0]},), got {tuple(getattr(drop, 'shape', ()))}",
         )
-        return self._loss(model, x, self.apply_drop(y, drop), noise, r, t, generator, cond)
+        return self.apply_drop(y, drop), noise, r, t
 
+    # -- the guided velocity ---------------------------------------------------------------
     def velocity(
-        self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+        self, model, path: PathSample, t: torch.Tensor, y: torch.Tensor | None
     ) -> torch.Tensor:
-        """The guided velocity ``v~`` (see the module docstring); ``y`` is already dropped."""
+        """The guided velocity ``v~`` (module docstring); ``y`` is already dropped."""
         v = path.v
         if not self.guided:
             return v
@@ -207,12 +206,12 @@ class GuidedMeanFlow(MeanFlow):
         count, order = rows_first(mask)
         if count == 0:
             return v
-        assert y is not None  # guided objectives always pass labels (checked in __call__)
+        assert y is not None  # guided objectives always pass labels (checked in prepare)
         idx = order[:count]
         z, ti, yi = path.z[idx], t[idx], y[idx]
         null = torch.full_like(yi, self.num_classes)
         out = at_least_float32(v).clone()
-        with torch.no_grad(), _evaluation_mode(model):
+        with torch.no_grad(), evaluation_mode(model):
             if self.kappa != 0:  # both terms in one call
                 tt = torch.cat([ti, ti])
                 twice = _sub(model, torch.cat([idx, idx]))
@@ -225,30 +224,91 @@ class GuidedMeanFlow(MeanFlow):
         out[idx] = self.omega * out[idx] + guide
         return out
 
-
-@contextmanager
-def _evaluation_mode(model):
-    """``model`` in eval mode (no dropout) for the guidance terms, as the authors' train=False;
-    every submodule's own mode is restored afterwards. Plain callables pass through."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    def velocity_model(self, model, t: torch.Tensor):
+        """The network whose ``u(z, t, t | y)`` is the model's own velocity at ``z`` (iMF's
+        tangent): ``model`` itself here."""
+        return model
 
 
-class GuidedFlowMatching(SingleTime, GuidedMeanFlow):
-    """Class-conditional flow matching (r = t, one time draw) with the same label dropout and
-    guided velocity ``v~`` as :class:`GuidedMeanFlow`: the baseline to compare it with."""
+# -- the classes of earlier releases: the composed objectives under their names ---------------
+def guidance_from(num_classes: int, options: dict) -> Guidance:
+    """A :class:`Guidance` from the guidance keywords in ``options`` (taken out of it)."""
+    return Guidance(num_classes, **{k: options.pop(k) for k in GUIDANCE_ARGUMENTS if k in options})
 
-    def __init__(self, num_classes: int, time_sampler: TimeSampler | None = None, **kwargs) -> None:
-        kwargs.pop("jvp", None)
-        super().__init__(num_classes, time_sampler, **kwargs)
+
+def guidance_attribute(objective: MeanFlow, name: str):
+    """``__getattr__`` of the guided classes: their guidance's attributes (``omega``,
+    ``effective_scale``, ``drop_labels``, ...) read through, as when they were their own."""
+    guidance = objective.__dict__.get("guidance")
+    if guidance is None or name.startswith("__"):
+        raise AttributeError(f"{type(objective).__name__!r} object has no attribute {name!r}")
+    return getattr(guidance, name)
+
+
+def set_guidance_attribute(objective: MeanFlow, name: str, value) -> None:
+    """``__setattr__`` of the guided classes: a guidance setting (``objective.omega = 2.0``)
+    is set on their guidance, as when it was their own; anything else on the objective."""
+    guidance = objective.__dict__.get("guidance")
+    if guidance is not None and name in vars(guidance):
+        setattr(guidance, name, value)
+    else:
+        object.__setattr__(objective, name, value)
+
+
+class GuidedMeanFlow(MeanFlow):
+    """MeanFlow with classifier-free guidance in the target: ``MeanFlow(time_sampler,
+    guidance=Guidance(num_classes, omega=..., ...), ...)`` under the name and signature of
+    earlier releases. ``y`` is required; the :class:`Guidance` attributes (``omega``,
+    ``effective_scale``, ``drop_labels``, ...) read and set through.
+
+    Args:
+        num_classes, omega, kappa, t_min, t_max, label_dropout, drop_rows: :class:`Guidance`.
+        time_sampler, options (p, c, jvp, jvp_dtype, jvp_backend, ...): :class:`MeanFlow`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        time_sampler: TimeSampler | None = None,
+        *,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        label_dropout: float = 0.1,
+        drop_rows: str = "r=t",
+        **options,
+    ) -> None:
+        guidance = Guidance(
+            num_classes,
+            omega=omega,
+            kappa=kappa,
+            t_min=t_min,
+            t_max=t_max,
+            label_dropout=label_dropout,
+            drop_rows=drop_rows,
+        )
+        super().__init__(time_sampler, guidance=guidance, **options)
+
+    __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute
+
+
+class GuidedFlowMatching(FlowMatching):
+    """Class-conditional flow matching (r = t, one time draw) with the label dropout and guided
+    velocity ``v~`` of :class:`GuidedMeanFlow`, the baseline to compare it with:
+    ``FlowMatching(time_sampler, guidance=Guidance(num_classes, ...))``. Keywords as
+    :class:`GuidedMeanFlow` (``jvp`` is ignored: no JVP runs)."""
+
+    def __init__(
+        self, num_classes: int, time_sampler: TimeSampler | None = None, **options
+    ) -> None:
+        options.pop("jvp", None)
+        guidance = guidance_from(num_classes, options)
+        super().__init__(time_sampler, guidance=guidance, **options)
+
+    __getattr__ = guidance_attribute
+    __setattr__ = set_guidance_attribute
 
 
 def sampling_guidance(model, scale: float, num_classes: int):

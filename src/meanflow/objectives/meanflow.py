@@ -23,8 +23,7 @@ single-process, full-batch objective (docs/distributed.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,88 +37,23 @@ from ..flow.jvp import (
 )
 from ..flow.path import PathSample, broadcast_time, linear_path
 from ..flow.times import TimeSampler
+from .rows import Conditioned, Draws, ObjectiveOutput, _rows, _sub, rows_first
+
+if TYPE_CHECKING:  # only held and called here; guidance.py builds on this module
+    from .guidance import Guidance
+
+__all__ = ["MeanFlow", "FlowMatching", "ObjectiveOutput", "Draws", "Conditioned", "rows_first"]
 
 JVP_MODES = ("subset", "full", "detached")
 JVP_DTYPES = ("float32", "autocast")
 
 
-@dataclass
-class Draws:
-    """The random inputs of one batch: noise (B, ...), times ``r``, ``t`` (B,) and, for guided
-    objectives, the label-dropout mask (B,) (None otherwise) and, for improved MeanFlow with
-    guidance inputs, each row's ``(omega, t_min, t_max)`` (B, 3)."""
-
-    noise: torch.Tensor
-    r: torch.Tensor
-    t: torch.Tensor
-    drop: torch.Tensor | None = None
-    guide: torch.Tensor | None = None
-
-    def rows(self, part: slice) -> Draws:
-        """The draws of rows ``part`` (a slice of the batch)."""
-        values: list[Any] = [
-            None if getattr(self, f.name) is None else getattr(self, f.name)[part]
-            for f in fields(self)
-        ]
-        return Draws(*values)
-
-    def kwargs(self) -> dict:
-        """Keyword arguments for an objective call: ``objective(model, x, y, **d.kwargs())``."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "guide" or self.guide is not None
-        }
-
-
-def _rows(a: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
-    """``a[idx]``, or None for absent (optional) labels."""
-    return None if a is None else a[idx]
-
-
-class Conditioned(torch.nn.Module):
-    """``model`` with per-row keyword inputs bound: ``Conditioned(net, {"aug": a})(z, r, t, y)``
-    calls ``net(z, r, t, y=y, aug=a)``; :meth:`rows` keeps the inputs of some rows, so the
-    objective can split a batch (e.g. the r != t rows for the JVP) without knowing them. Used
-    for EDM's augmentation labels (``cond`` of an objective call)."""
-
-    def __init__(self, net, cond: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.net, self.cond = net, cond
-
-    def forward(self, z, r, t, y=None):
-        return self.net(z, r, t, y=y, **self.cond)
-
-    def rows(self, idx: torch.Tensor) -> Conditioned:
-        return Conditioned(self.net, {k: v[idx] for k, v in self.cond.items()})
-
-
-def rows_first(mask: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """``(count, order)``: how many rows ``mask`` selects (the one host sync) and a row order
-    with those rows first, each group in its original order."""
-    return int(mask.sum()), torch.argsort(mask.to(torch.int8), descending=True, stable=True)
-
-
-def _sub(model, idx: torch.Tensor):
-    """The model for rows ``idx`` of the batch (per-row inputs of a :class:`Conditioned`)."""
-    return model.rows(idx) if isinstance(model, Conditioned) else model
-
-
-@dataclass
-class ObjectiveOutput:
-    """What one objective evaluation produced (all per-sample tensors have leading dim B)."""
-
-    loss: torch.Tensor  # scalar, mean of ``per_sample``; backpropagate this
-    per_sample: torch.Tensor  # (B,) weighted loss err / sg((err + c)^p)
-    err: torch.Tensor  # (B,) squared error summed over non-batch dims (unweighted)
-    u: torch.Tensor  # network output, with autograd graph
-    target: torch.Tensor  # regression target, detached
-    r: torch.Tensor  # (B,)
-    t: torch.Tensor  # (B,)
-
-
 class MeanFlow:
     """The MeanFlow objective. Call as ``obj(model, x, y=None, *, noise=None, r=None, t=None)``.
+
+    Subclasses change the method through the hooks :meth:`velocity`, :meth:`draw_times`,
+    :meth:`tangent`, :meth:`prediction_and_target`, :meth:`row_scale` and :meth:`at_step`;
+    guidance is a part the objective holds, not a subclass.
 
     Args:
         time_sampler: draws ``(r, t)`` when they are not given.
@@ -141,6 +75,10 @@ class MeanFlow:
             :func:`meanflow.flow.jvp.total_derivative`, docs/method.md "JVP back-ends").
         time_tangent: the JVP tangent ``(dr, dt)`` on ``(r, t)``: ``(0, 1)``, the total
             derivative the MeanFlow identity needs; others only for the paper's ablation.
+        guidance: classifier-free guidance in the target
+            (:class:`meanflow.objectives.guidance.Guidance`; class labels ``y`` are then
+            required): label dropout before the loss and the guided velocity ``v~`` in place
+            of ``v``. None: the conditional velocity ``v``.
     """
 
     def __init__(
@@ -155,6 +93,7 @@ class MeanFlow:
         fd_step: float | None = None,
         time_tangent: tuple[float, float] = (0.0, 1.0),
         fd_scheme: str = "forward",
+        guidance: Guidance | None = None,
     ) -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
@@ -182,13 +121,15 @@ class MeanFlow:
             "finite differences support the tangent (v, 0, 1) only",
         )
         self.time_tangent = (float(time_tangent[0]), float(time_tangent[1]))
+        self.guidance = guidance
 
-    # -- hooks for subclasses (guidance replaces the velocity) ---------------------------------
+    # -- hooks for subclasses ----------------------------------------------------------------
     def velocity(
         self, model, path: PathSample, r: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
     ) -> torch.Tensor:
-        """The velocity used as JVP tangent and in the target; the conditional ``v`` here."""
-        return path.v
+        """The velocity used as JVP tangent and in the target: the conditional ``v``, or with
+        guidance the guided ``v~`` (:meth:`Guidance.velocity`; ``y`` is already dropped)."""
+        return path.v if self.guidance is None else self.guidance.velocity(model, path, t, y)
 
     def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r, t)`` for ``n`` samples from the time sampler."""
@@ -205,10 +146,17 @@ class MeanFlow:
     ) -> Draws:
         """Every random input for a batch of ``n`` samples of ``shape``, in the order a call
         without them draws them (noise, then times), so ``obj(model, x, **obj.draw(...).kwargs())``
-        equals ``obj(model, x, generator=...)`` for the same generator state."""
-        noise = torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)
-        r, t = self.draw_times(n, generator, device)
-        return Draws(noise, r, t)
+        equals ``obj(model, x, generator=...)`` for the same generator state. Guidance adds
+        its own draws (:meth:`Guidance.draw`: the label-dropout mask)."""
+
+        def noise_and_times() -> Draws:
+            noise = torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)
+            r, t = self.draw_times(n, generator, device)
+            return Draws(noise, r, t)
+
+        if self.guidance is None:
+            return noise_and_times()
+        return self.guidance.draw(n, generator, device, noise_and_times)
 
     # -- the objective ---------------------------------------------------------------------
     def __call__(
@@ -222,11 +170,20 @@ class MeanFlow:
         t: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         drop: torch.Tensor | None = None,
+        guide: torch.Tensor | None = None,
         cond: dict[str, torch.Tensor] | None = None,
     ) -> ObjectiveOutput:
-        """``cond``: more per-row network inputs (B, ...), passed to the model as keywords
-        (e.g. ``{"aug": labels}`` of EDM's augmentation)."""
-        check(drop is None, "drop (a label-dropout mask) needs a class-conditional objective")
+        """``drop``, ``guide``: the label-dropout mask and the rows' guidance inputs from
+        :meth:`draw` (guided objectives; drawn here when absent); ``cond``: more per-row network
+        inputs (B, ...), passed to the model as keywords (e.g. ``{"aug": labels}`` of EDM's
+        augmentation)."""
+        if self.guidance is None:
+            check(drop is None, "drop (a label-dropout mask) needs a class-conditional objective")
+            check(guide is None, "guide (per-row guidance inputs) needs guidance.inputs=true")
+        else:
+            y, noise, r, t, cond = self.guidance.prepare(
+                self, x, y, noise, r, t, generator, drop, guide, cond
+            )
         return self._loss(model, x, y, noise, r, t, generator, cond)
 
     def _loss(self, model, x, y, noise, r, t, generator, cond=None) -> ObjectiveOutput:
@@ -372,13 +329,27 @@ class MeanFlow:
         return r, t, noise
 
 
-class SingleTime:
-    """Mixin of the flow-matching objectives: r = t everywhere, t one draw ``t ~ D_t``
-    (:meth:`TimeSampler.single`), and given times refused unless r == t."""
+class FlowMatching(MeanFlow):
+    """Flow matching with the same interface: r = t everywhere, target ``v`` (or, with
+    ``guidance``, the guided ``v~``), no JVP.
 
-    # provided by MeanFlow, which this mixin precedes in the MRO
-    time_sampler: TimeSampler
-    check_inputs: bool
+    Times are one draw ``t ~ D_t`` of the sampler's distribution (:meth:`TimeSampler.single`),
+    the standard flow-matching choice; the MeanFlow sampler's own r = t samples use the max of
+    two draws, as in the authors' code. Given times are refused unless r == t. The adaptive
+    weighting is kept (set ``p = 0`` for the plain squared error). ``options``: the other
+    keywords of :class:`MeanFlow` (its JVP settings are checked, and unused).
+    """
+
+    def __init__(
+        self,
+        time_sampler: TimeSampler | None = None,
+        *,
+        p: float = 1.0,
+        c: float = 1e-3,
+        guidance: Guidance | None = None,
+        **options,
+    ) -> None:
+        super().__init__(time_sampler, p=p, c=c, jvp="subset", guidance=guidance, **options)
 
     def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.time_sampler.single(n, generator=generator, device=device)
@@ -391,18 +362,3 @@ class SingleTime:
             "flow matching needs r == t for every sample",
         )
         return r, t, noise
-
-
-class FlowMatching(SingleTime, MeanFlow):
-    """Flow matching with the same interface: r = t everywhere, target ``v``, no JVP.
-
-    Times are one draw ``t ~ D_t`` of the sampler's distribution (:meth:`TimeSampler.single`),
-    the standard flow-matching choice; the MeanFlow sampler's own r = t samples use the max of
-    two draws, as in the authors' code. The adaptive weighting is kept (set ``p = 0`` for the
-    plain squared error).
-    """
-
-    def __init__(
-        self, time_sampler: TimeSampler | None = None, *, p: float = 1.0, c: float = 1e-3
-    ) -> None:
-        super().__init__(time_sampler, p=p, c=c, jvp="subset")
