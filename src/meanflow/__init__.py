@@ -10,13 +10,14 @@ from .errors import MeanFlowError
 from .flow.path import linear_path
 from .flow.sampling import sample, uniform_schedule
 from .flow.times import TimeSampler
-from .objectives.guidance import GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
+from .objectives.guidance import Guidance, GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
 from .objectives.meanflow import FlowMatching, MeanFlow, ObjectiveOutput
 from .runtime.threads import set_threads
 
 __all__ = [
-    "MeanFlow", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching", "ObjectiveOutput",
-    "TimeSampler", "sample", "sampling_guidance", "uniform_schedule", "linear_path", "fit",
+    "MeanFlow", "Guidance", "GuidedMeanFlow", "GuidedFlowMatching", "FlowMatching",
+    "ObjectiveOutput", "TimeSampler", "sample", "sampling_guidance", "uniform_schedule",
+    "linear_path", "fit",
     "load_run", "TrainedRun", "from_pretrained", "MeanFlowPipeline", "set_threads", "MeanFlowError",
     "__version__",
 ]  # fmt: skip
