@@ -33,7 +33,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import MeanFlowError
-from ..runtime import distributed
 
 FORMAT = "meanflow-checkpoint-1"
 
@@ -266,9 +265,10 @@ def find_latest_good(
 
 def _warn_once(errors: list[MeanFlowError], used: str) -> None:
     """One stderr line naming the failed checkpoints and the one used: once per process for
-    the same outcome (the command line and the trainer both look), and only on rank 0."""
+    the same outcome (the command line and the trainer both look), and only on rank 0 (torchrun's
+    ``RANK``)."""
     key = (*map(str, errors), used)
-    if not errors or key in _WARNED or not distributed.from_env().is_main:
+    if not errors or key in _WARNED or os.environ.get("RANK", "0") not in ("", "0"):
         return
     _WARNED.add(key)
     print(

@@ -137,9 +137,11 @@ def train(
         ema.model, cfg, normalizer, state.step, "ema", data.shape, data.class_names,
         _decoder(data, device) if main else None, data.latents,
     )  # fmt: skip
-    every_step = [*_main_hooks(cfg, out, run, data, device, state, writer, progress, ranks)]
-    every_step.insert(1 if main else 0, checkpoints)  # after the metrics, before the pictures
-    every_step += hooks
+    log, grids = (None, None)
+    if main:
+        log, grids = _main_hooks(cfg, out, run, data, device, state, writer, progress, ranks)
+    # in this order: the metrics, the checkpoint, the pictures, then the caller's hooks
+    every_step = [h for h in (log, checkpoints, grids) if h is not None] + list(hooks)
     start, bad, last_loss, stopped = time.perf_counter(), 0, math.nan, None
     stop, stop_all = StopSignals(), False
     try:
@@ -296,10 +298,8 @@ def _resume(
         trim_metrics(os.path.join(out, "metrics.jsonl"), state.step)
 
 
-def _main_hooks(cfg, out, run, data, device, state, writer, progress, ranks) -> list[Hook]:
+def _main_hooks(cfg, out, run, data, device, state, writer, progress, ranks) -> tuple[Hook, Hook]:
     """Rank 0's hooks: the metrics log (with the progress bar) and the preview grids."""
-    if not ranks.is_main:
-        return []
     bar = tqdm(
         total=cfg.steps,
         initial=state.step,
@@ -310,7 +310,7 @@ def _main_hooks(cfg, out, run, data, device, state, writer, progress, ranks) -> 
     )
     probe, floor = quality_probe(run, data, device, cfg.seed)
     log = MetricsLog(out, cfg.log_every, cfg.steps, bar, writer, probe, floor, ranks.world_size)
-    return [log, PreviewGrids(out, run, device, cfg.grid_every, writer)]
+    return log, PreviewGrids(out, run, device, cfg.grid_every, writer)
 
 
 def _final_pictures(out: str, run: TrainedRun, data: TrainingSet, device) -> None:
