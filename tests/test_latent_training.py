@@ -194,16 +194,16 @@ def test_latent_flips_only_with_hflip(latents, image_dir, vae_dir, tmp_path, cap
     """The MeanFlow authors train on the stored latent alone (their LatentDataset returns
     ``data['image']`` and never flips, although it is built with ``use_flip=True``): a set
     encoded with mirrors trains on the unmirrored rows unless ``hflip`` asks for them."""
-    import meanflow.train.loop as loop
+    import meanflow.train.step as step  # the training step draws the latents
 
     seen = []
-    draw = loop.draw_latents
+    draw = step.draw_latents
 
     def spy(moments, generator, *args):
         seen.append((moments.shape[1], args[2]))  # F, flip
         return draw(moments, generator, *args)
 
-    monkeypatch.setattr(loop, "draw_latents", spy)
+    monkeypatch.setattr(step, "draw_latents", spy)
     code, _, err = run(capsys, "train", "--data", latents, "--out", str(tmp_path / "plain"),
                        "--steps", "2", *TRAIN)
     assert code == 0, err

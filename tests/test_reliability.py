@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from meanflow.cli import main
+from meanflow.config.build import build_objective
 from meanflow.runs.checkpoint import latest_checkpoint, list_checkpoints
 from meanflow.train import TrainConfig, configure, load_run, train
 from meanflow.runs import checkpoint as checkpoint_module
@@ -39,26 +40,28 @@ def assert_identical(a, b):
 
 
 class CrashAt:
-    """Wraps the objective: raises at call number ``call`` (a crash in the middle of a step)."""
+    """Wraps the objective: raises at call number ``call`` (a crash in the middle of a step).
+    ``wrap(objective)`` gives the faulty objective to pass to ``train(objective=...)``; with
+    ``monkeypatch``, runs started from the command line get it too."""
 
     def __init__(self, monkeypatch, call, fault="crash"):
         self.calls, self.call, self.fault = 0, call, fault
-        real = loop_module.build_objective
+        if monkeypatch is not None:
+            real = loop_module.build_objective
+            monkeypatch.setattr(loop_module, "build_objective",
+                                lambda cfg, num_classes=0: self.wrap(real(cfg, num_classes)))
 
-        def build(cfg, num_classes=0):
-            objective = real(cfg, num_classes)
-
-            def wrapped(model, x, y=None, **kwargs):
-                self.calls += 1
-                out = objective(model, x, y, **kwargs)
-                if self.fault == "crash" and self.calls == self.call:
-                    raise RuntimeError("simulated crash")
-                if self.fault == "nan" and self.calls in self.call:
-                    out.loss = out.loss * float("nan")
-                return out
-            wrapped.draw = objective.draw  # the loop draws each batch's randomness first
-            return wrapped
-        monkeypatch.setattr(loop_module, "build_objective", build)
+    def wrap(self, objective):
+        def wrapped(model, x, y=None, **kwargs):
+            self.calls += 1
+            out = objective(model, x, y, **kwargs)
+            if self.fault == "crash" and self.calls == self.call:
+                raise RuntimeError("simulated crash")
+            if self.fault == "nan" and self.calls in self.call:
+                out.loss = out.loss * float("nan")
+            return out
+        wrapped.draw = objective.draw  # the loop draws each batch's randomness first
+        return wrapped
 
 
 TINY = ["--data", "eight-gaussians", "--preset", "tiny", "--batch-size", "64",
@@ -135,8 +138,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path):
 
 def test_transient_nan_is_skipped_and_counted(tmp_path, monkeypatch):
     cfg = configure(TrainConfig(), "tiny", [("data", "rings"), ("steps", 6), ("log_every", 1)])
-    CrashAt(monkeypatch, call={3}, fault="nan")
-    result = train(cfg, str(tmp_path / "run"), progress=False)
+    faulty = CrashAt(None, call={3}, fault="nan").wrap(build_objective(cfg))
+    result = train(cfg, str(tmp_path / "run"), progress=False, objective=faulty)
     assert result.step == 6 and result.skipped_steps == 1
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert records[-1]["skipped"] == 1 and all(np.isfinite(r["loss"]) for r in records)

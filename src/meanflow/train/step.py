@@ -12,18 +12,32 @@ full-batch gradient up to floating-point summation order (tests/test_distributed
 Here the whole objective, JVP included, is the ``forward`` of :class:`LossModule`, and DDP
 wraps that module: DDP's forward runs (the JVP happens inside it, on the plain network), then
 backward all-reduces every gradient as usual. Inner micro-batches run under ``no_sync()``.
+
+**The step.** :func:`train_step` is one optimizer step on a :class:`~meanflow.train.state.
+TrainState`: learning rate ``lr_at(step)``, batch, its random inputs, forward and backward,
+the global batch's statistics (one all-reduce, one device-to-host transfer), clipping, then
+the optimizer and EMA updates, or none of them when the loss or gradient norm is not finite
+(the step is counted as skipped). It writes nothing and logs nothing: it returns
+:class:`StepStats`, which the loop and its hooks read.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..config.schema import TrainConfig
+from ..data.latents import draw_latents
 from ..nn.forward_mode import in_forward_transform
 from ..objectives.meanflow import Draws, MeanFlow, ObjectiveOutput
+
+if TYPE_CHECKING:
+    from .state import TrainState
 
 
 class CompiledForward(nn.Module):
@@ -129,3 +143,90 @@ def forward_backward(
         errs.append(out.err.sum() / len(x))
         times.append((out.r, out.t))
     return torch.stack(losses).sum(), torch.stack(errs).sum(), times
+
+
+@dataclass
+class StepStats:
+    """What one step measured: the global batch's mean loss and unweighted error, the gradient
+    norm before clipping, whether any process was asked to stop, the micro-batches' ``(r, t)``."""
+
+    loss: float
+    mse: float
+    grad_norm: float
+    stop: bool
+    times: list
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+@dataclass
+class StepParts:
+    """What every step of a run uses and never changes: the configuration, the objective and
+    its module (DDP-wrapped under torchrun), EDM's augmentation (or None), this rank's rows,
+    the sample shape, the latents' description (or None), whether the data has labels."""
+
+    cfg: TrainConfig
+    loss_module: nn.Module
+    objective: Any  # a MeanFlow, or a callable with its draw()
+    augment: Any
+    rows: Rows
+    shape: tuple[int, ...]
+    latents: dict | None = None
+    labelled: bool = False
+
+    @property
+    def clip(self) -> float:
+        return self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+
+
+def _inputs(parts: StepParts, state: TrainState):
+    """This rank's batch ``(x, y, cond)``, with its flips, latent draws or augmentation."""
+    x, y = state.batches.next()
+    y = y if parts.labelled else None  # a reader's labels, unconditional run
+    gen, rows, cond = state.generator, parts.rows, None
+    if parts.latents:  # the stored mirror image only with hflip (docs/latents.md)
+        scale, shift = parts.latents["scaling_factor"], parts.latents.get("shift_factor")
+        x = draw_latents(x, gen, scale, shift, parts.cfg.hflip, rows.total, rows.part)
+    elif parts.cfg.hflip:
+        x = flip_rows(x, gen, rows)
+    if parts.augment is not None:  # EDM's pipeline; its labels condition the network
+        x, aug = parts.augment(x, gen, total=rows.total, part=rows.part)
+        cond = {"aug": aug}
+    return x, y, cond
+
+
+def train_step(parts: StepParts, state: TrainState, stop_requested: bool = False) -> StepStats:
+    """One optimizer step (module docstring); ``stop_requested``: this process received a stop
+    signal (shared with the others in the step's all-reduce)."""
+    cfg, model, objective = parts.cfg, state.model, parts.objective
+    for group in state.optimizer.param_groups:
+        group["lr"] = cfg.optim.lr_at(state.step, cfg.steps)
+    x, y, cond = _inputs(parts, state)
+    if hasattr(objective, "at_step"):  # a schedule (AlphaFlow's alpha)
+        objective.at_step(state.step, cfg.steps)
+    draws = objective.draw(
+        cfg.batch_size, parts.shape, generator=state.generator, device=x.device, dtype=x.dtype
+    )
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_t, err_t, times = forward_backward(
+        parts.loss_module, x, y, draws, parts.rows, cfg.grad_accum, cfg.precision, cond
+    )
+    flag = torch.tensor(float(stop_requested), device=loss_t.device)
+    stats = torch.stack([loss_t.float(), err_t.float(), flag])
+    world = parts.rows.world
+    if world > 1:  # the global batch's mean loss; stop when any rank was told
+        torch.distributed.all_reduce(stats)
+        stats[:2] /= world
+    grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), parts.clip)
+    # one device-to-host transfer per step for everything the loop reads
+    loss, mse, stop_votes, grad_norm = torch.cat([stats, grad_norm_t.reshape(1).to(stats)]).tolist()
+    result = StepStats(loss, mse, grad_norm, stop_votes > 0, times)
+    if not result.finite:
+        state.skipped += 1  # its gradients are cleared at the next step's start
+        return result
+    state.optimizer.step()
+    state.ema.update(model)
+    state.step += 1
+    return result
