@@ -42,6 +42,8 @@ if __name__ == "__main__":
     args = build_parser().parse_args(["train", *sys.argv[1:]])
     set_threads(args.threads)
     plan = plan_run(train_request(args))
+    for note in plan.notes:
+        print(f"meanflow: {note}", file=sys.stderr)
     result = train(plan.cfg, args.out, resume=plan.resume, overwrite=plan.overwrite,
                    progress=False, data=plan.data)
     state = {f"model.{k}": v.detach().contiguous() for k, v in result.model.state_dict().items()}

@@ -240,3 +240,19 @@ def test_bad_input_raises_meanflow_error(case):
             _tiny(dtype=torch.float32)(z, r[:3], t)
         elif case == "labels":
             _tiny(dtype=torch.float32)(z, r, t, y=y[:2])
+
+
+def test_every_gradient_has_its_parameters_layout():
+    """DDP copies (and warns about) a gradient whose strides differ from its parameter's: the
+    one-head attention's output projection once got a channels-last weight gradient."""
+    from meanflow.config import TrainConfig, build_model, configure
+
+    torch.manual_seed(0)
+    cfg = configure(TrainConfig(), "digits-small", [("model.channels", 8)])
+    model = build_model(cfg, (1, 16, 16), 10)  # one-head attention at 4x4 and 8x8
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    MeanFlow()(model, x, y, generator=torch.Generator().manual_seed(0)).loss.backward()
+    odd = [(n, tuple(p.stride()), tuple(p.grad.stride())) for n, p in model.named_parameters()
+           if p.grad is not None and p.grad.stride() != p.stride()]
+    assert any(p.grad is not None for p in model.parameters())
+    assert not odd, odd

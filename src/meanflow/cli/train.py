@@ -15,7 +15,8 @@ from ..config.schema import OBJECTIVES, config_keys, parse_overrides
 from ..errors import check
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import from_env
-from ..train.rundir import RunRequest, describe, plan_run, run_plan
+from ..train.dry_run import describe
+from ..train.rundir import RunRequest, plan_run, run_plan
 
 TRAIN_EPILOG = """\
 examples:

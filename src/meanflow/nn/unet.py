@@ -115,7 +115,9 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, ch // self.heads, hgt * wid)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, ch/heads)
         out = attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, ch, hgt, wid))
+        # contiguous: with one head the reshape is a view in channels-last order, and the 1x1
+        # convolution's weight gradient then took that layout (DDP warned about its strides)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, ch, hgt, wid).contiguous())
 
 
 class Downsample(nn.Module):

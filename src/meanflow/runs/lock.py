@@ -13,14 +13,17 @@ POSIX locks, which are per process); docs/reliability.md says so.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from typing import IO
 
 from ..errors import MeanFlowError, check
+from ..runtime import distributed
 
 LOCK_NAME = ".lock"
 
@@ -89,3 +92,23 @@ def _describe(text: str) -> str:
         return f"pid {note['pid']} on {note['host']}, started {note['started']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+@contextlib.contextmanager
+def hold_lock(out: str) -> Iterator[RunLock]:
+    """Hold the run directory's lock while the block runs: rank 0 takes it, and every rank
+    raises if it could not."""
+    lock = RunLock(out)
+    error = ""
+    if distributed.from_env().is_main:
+        try:
+            lock.acquire()
+        except MeanFlowError as exc:
+            error = str(exc)
+    error = distributed.gather_objects(error)[0]
+    if error:
+        raise MeanFlowError(error)
+    try:
+        yield lock
+    finally:
+        lock.release()

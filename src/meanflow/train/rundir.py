@@ -21,26 +21,24 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..config.build import build_model, build_objective, count_parameters
-from ..config.presets import PRESETS, PUBLISHED, configure, default_preset
+from ..config.presets import PRESETS, configure, default_preset
 from ..config.schema import TrainConfig, flatten
 from ..data import TrainingSet
 from ..errors import MeanFlowError, check, plural
 from ..runs.checkpoint import list_checkpoints, load_latest_good
 from ..runs.directory import ORIGIN_NAME, check_run_dir
 from ..runs.load import load_run
-from ..runs.lock import RunLock
+from ..runs.lock import LOCK_NAME, hold_lock
 from ..runtime import distributed
 from ..runtime.devices import resolve_device
 from .batches import open_training_data, record_data
 from .loop import TrainResult, train
-from .optimizer import build_optimizer
 from .pictures import write_loss_curve, write_preview
 from .reliability import last_metrics
 
@@ -284,26 +282,6 @@ def _check_steps(req: RunRequest, plan: RunPlan, log: Callable[[str], None]) -> 
         )
 
 
-@contextlib.contextmanager
-def hold_lock(out: str) -> Iterator[RunLock]:
-    """Hold the run directory's lock while the block runs: rank 0 takes it, and every rank
-    raises if it could not."""
-    lock = RunLock(out)
-    error = ""
-    if distributed.from_env().is_main:
-        try:
-            lock.acquire()
-        except MeanFlowError as exc:
-            error = str(exc)
-    error = distributed.gather_objects(error)[0]
-    if error:
-        raise MeanFlowError(error)
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
 def fit(
     out: str | None = None,
     *,
@@ -345,25 +323,57 @@ def run_plan(
     """Carry out ``plan`` under the run directory's lock: train, or for a complete run redraw
     its pictures."""
     assert req.out is not None
-    with hold_lock(req.out):
-        if distributed.from_env().is_main:
+    out, main = req.out, distributed.from_env().is_main
+    created = not os.path.exists(out)
+    with hold_lock(out):
+        if main:
             for note in plan.notes:
                 log(note)
         if plan.complete:
-            return complete_run(req.out, plan, device, log)
-        if not plan.resume and distributed.from_env().is_main:
-            check_run_dir(req.out, plan.overwrite)  # before the note below is written
-            with open(os.path.join(req.out, ORIGIN_NAME), "w") as f:
+            return complete_run(out, plan, device, log)
+        origin = os.path.join(out, ORIGIN_NAME)
+        before = _read_text(origin)
+        if not plan.resume and main:
+            check_run_dir(out, plan.overwrite)  # before the note below is written
+            with open(origin, "w") as f:
                 json.dump({"restart_if_changed": plan.restartable, "data": plan.cfg.data}, f)
-        return train(
-            plan.cfg,
-            req.out,
-            resume=plan.resume,
-            overwrite=plan.overwrite,
-            device=device,
-            progress=progress,
-            data=plan.data,
-        )
+        try:
+            return train(
+                plan.cfg,
+                out,
+                resume=plan.resume,
+                overwrite=plan.overwrite,
+                device=device,
+                progress=progress,
+                data=plan.data,
+            )
+        except BaseException:
+            if main and not plan.resume and not os.path.exists(os.path.join(out, "config.json")):
+                _undo(out, origin, before, created)  # refused before it began: leave no trace
+            raise
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _undo(out: str, origin: str, before: str | None, created: bool) -> None:
+    """Put back what :func:`run_plan` changed in ``out`` for a run that never started: the
+    previous ``origin.json`` (or none), and a directory it created (with its lock file)."""
+    if before is None:
+        with contextlib.suppress(OSError):
+            os.remove(origin)
+    else:
+        with open(origin, "w") as f:
+            f.write(before)
+    if created:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, LOCK_NAME))
+            os.rmdir(out)
 
 
 def complete_run(
@@ -389,45 +399,3 @@ def complete_run(
     last = last_metrics(out)
     loss = float(last.get("loss", float("nan")))
     return TrainResult(out, cfg.steps, loss, 0.0, int(last.get("skipped", 0)), complete=True)
-
-
-def describe(cfg: TrainConfig, data: TrainingSet | None) -> dict:
-    """What ``--dry-run`` prints: the network, objective and optimizer ``cfg`` builds (on the
-    meta device: shapes only, no memory)."""
-    check(
-        bool(cfg.shape),
-        f"preset {cfg.preset!r} does not say the data shape; pass --data "
-        "or --set data_shape=CxHxW (or D)",
-    )
-    classes = cfg.num_classes if cfg.conditional else 0
-    with torch.device("meta"):
-        model = build_model(cfg, cfg.shape, classes)
-    objective = build_objective(cfg, classes)
-    build_optimizer(cfg, model)
-    g = cfg.guidance
-    guidance = {
-        "omega": g.omega,
-        "kappa": g.kappa,
-        "interval": [g.t_min, g.t_max],
-        "effective_scale": g.omega / (1 - g.kappa) if g.kappa < 1 else None,
-        "label_dropout": g.label_dropout,
-    }
-    published = PUBLISHED.get(cfg.preset)
-    return {
-        "preset": cfg.preset,
-        "parameters": count_parameters(model),
-        "model": type(model).__name__,
-        "arch": cfg.model.arch,
-        "size": cfg.model.size,
-        "data_shape": list(cfg.shape),
-        "num_classes": classes,
-        "objective": type(objective).__name__,
-        "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
-        "data": cfg.data if data is not None else None,
-        "data_samples": len(data) if data is not None else None,
-        "guidance": guidance if classes else None,
-        "hflip": cfg.hflip,
-        "precision": cfg.precision,
-        "reproduces": vars(published) if published else None,
-    }
