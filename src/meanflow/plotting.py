@@ -166,6 +166,10 @@ LOSS_NOTE = (
 )
 ERR_TITLE = r"squared error $\|u - u_\mathrm{tgt}\|^2$ summed over dims (unweighted, 'mse')"
 SWD_TITLE = "one-step samples (EMA) vs training data:\nsliced Wasserstein distance, lower is better"
+FD_TITLE = (
+    "one-step samples (EMA) vs training images:\n"
+    "Frechet distance in the feature network's space, lower is better"
+)
 LOSS_TITLE = (
     r"loss = err / sg((err + c)$^p$), adaptively weighted"
     "\n"
@@ -253,7 +257,8 @@ def loss_curve_png(path: str, records: list[dict], title: str = "") -> None:
     mse = np.array([r["mse"] for r in records], dtype=np.float64)
     loss = np.array([r["loss"] for r in records], dtype=np.float64)
     same = np.allclose(loss, mse, rtol=1e-6, atol=0.0)
-    quality = [r for r in records if "swd_1step" in r]
+    key = "fd" if any("fd_1step" in r for r in records) else "swd"
+    quality = [r for r in records if f"{key}_1step" in r]
     panels = (len(quality) >= MIN_RECORDS) + 1 + (not same)
     fig, grid = plt.subplots(1, panels, figsize=(1.0 + 5.2 * panels, 3.9), squeeze=False)
     axes = list(grid[0])
@@ -262,11 +267,11 @@ def loss_curve_png(path: str, records: list[dict], title: str = "") -> None:
         _curve(
             ax,
             [r["step"] for r in quality],
-            [r["swd_1step"] for r in quality],
-            SWD_TITLE,
+            [r[f"{key}_1step"] for r in quality],
+            FD_TITLE if key == "fd" else SWD_TITLE,
             "#2a7d3a",
         )
-        floor = quality[-1].get("swd_floor")
+        floor = quality[-1].get(f"{key}_floor")
         if floor is not None:
             ax.axhline(
                 floor,

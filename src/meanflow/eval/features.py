@@ -178,17 +178,22 @@ def save_feature_net(model: FeatureNet, path: str, info: dict) -> dict:
     return meta
 
 
+def shipped_feature_nets() -> list[str]:
+    """Names of the feature networks shipped with the package (``digits``, ``fashion-mnist``)."""
+    if not os.path.isdir(WEIGHTS_DIR):
+        return []
+    return sorted(
+        n[: -len(".safetensors")] for n in os.listdir(WEIGHTS_DIR) if n.endswith(".safetensors")
+    )
+
+
 def load_feature_net(name_or_path: str) -> tuple[FeatureNet, dict]:
     """A feature net shipped with the package (``fashion-mnist``, ``digits``) or a
     ``.safetensors`` file written by ``meanflow features train``."""
     path = name_or_path
     if not path.endswith(".safetensors"):
         path = os.path.join(WEIGHTS_DIR, f"{name_or_path}.safetensors")
-        shipped = (
-            sorted(n[:-12] for n in os.listdir(WEIGHTS_DIR) if n.endswith(".safetensors"))
-            if os.path.isdir(WEIGHTS_DIR)
-            else []
-        )
+        shipped = shipped_feature_nets()
         check(
             os.path.isfile(path),
             f"no feature network {name_or_path!r}; shipped: "

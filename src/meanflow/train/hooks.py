@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +28,8 @@ from tqdm import tqdm
 from ..data import TrainingSet
 from ..errors import MeanFlowError
 from ..eval.distances import sliced_wasserstein
+from ..eval.features import extract, load_feature_net, shipped_feature_nets
+from ..eval.frechet import fd_from_features
 from ..runs.run import TrainedRun
 from .pictures import write_loss_curve, write_preview
 from .reliability import memory_mib
@@ -41,8 +45,7 @@ class Hook(Protocol):
 
 class MetricsLog:
     """``metrics.jsonl``, the progress bar and TensorBoard's scalars (module docstring).
-    ``probe``: a function giving the one-step sample quality, with its noise floor ``floor``
-    (see :func:`quality_probe`), or None."""
+    ``probe``: the one-step sample quality probe of :func:`quality_probe`, or None."""
 
     def __init__(
         self,
@@ -51,12 +54,12 @@ class MetricsLog:
         steps: int,
         bar: tqdm,
         writer: Any = None,
-        probe=None,
-        floor: float | None = None,
+        probe: Probe | None = None,
         world_size: int = 1,
     ) -> None:
         self.every, self.steps, self.bar, self.writer = every, steps, bar, writer
-        self.probe, self.floor, self.world_size = probe, floor, world_size
+        self.probe, self.world_size = probe, world_size
+        self.probed = -1  # the last probe's step // probe.every
         self.log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.start = self.window_start = time.perf_counter()
         self.window: list[tuple[float, float, float]] = []
@@ -82,16 +85,28 @@ class MetricsLog:
         }
         if self.world_size > 1:
             record["world_size"] = self.world_size
-        if self.probe is not None:
-            record.update(swd_1step=self.probe(), swd_floor=self.floor)
+        probe = self.probe
+        if probe is not None and self._probe_due(state.step):
+            record.update(
+                {f"{probe.name}_1step": probe.measure(), f"{probe.name}_floor": probe.floor}
+            )
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
         self.bar.set_postfix(loss=f"{mean[0]:.4f}", mse=f"{mean[1]:.4f}")
         if self.writer is not None:
-            for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s", "swd_1step"):
+            for key in ("loss", "mse", "grad_norm", "lr", "steps_per_s", "swd_1step", "fd_1step"):
                 if key in record:
                     self.writer.add_scalar(f"train/{key}", record[key], state.step)
         self.window, self.window_start = [], now
+
+    def _probe_due(self, step: int) -> bool:
+        """The first record at or after each multiple of the probe's ``every`` (and the last)."""
+        assert self.probe is not None
+        every = self.probe.every or self.every
+        if step // every > self.probed or step == self.steps:
+            self.probed = step // every
+            return True
+        return False
 
     def close(self) -> None:
         self.bar.close()
@@ -131,26 +146,70 @@ class PreviewGrids:
         """Nothing to release."""
 
 
-def quality_probe(run: TrainedRun, data: TrainingSet, device, seed: int):
-    """For vector data, ``(probe, floor)``: ``probe()`` is the sliced Wasserstein distance
-    (128 projections, data units) between ``n`` one-step EMA samples from fixed noise and ``n``
-    fixed training points, ``n = min(2000, N // 2)``; ``floor`` is the same distance between
-    those points and ``n`` other training points (sampling noise alone). It shows progress where
-    the MeanFlow loss cannot (docs/method.md). Own generators: the run's randomness is
-    untouched. ``(None, None)`` for images or fewer than 200 points."""
-    if data.kind != "vectors" or len(data) < 200:
-        return None, None
-    assert data.x is not None  # vector sets are held in memory
-    n = min(2000, len(data) // 2)
+@dataclass
+class Probe:
+    """A one-step sample quality measure: ``measure()`` logged as ``<name>_1step`` beside its
+    noise floor ``<name>_floor``, at the first log record after every ``every`` steps (0: every
+    record)."""
+
+    name: str  # "swd" (vectors) or "fd" (images)
+    measure: Callable[[], float]
+    floor: float
+    every: int = 0
+
+
+def quality_probe(run: TrainedRun, data: TrainingSet, device, seed: int, every: int = 0):
+    """The run's :class:`Probe`, or None. It shows progress where the MeanFlow loss cannot
+    (docs/method.md). Own generators: the run's randomness is untouched, so resuming stays
+    bitwise.
+
+    - Vectors (>= 200 points): the sliced Wasserstein distance (128 projections, data units)
+      between ``n`` one-step EMA samples from fixed noise and ``n`` fixed training points,
+      ``n = min(2000, N // 2)``; its floor is the same distance between those points and ``n``
+      other training points (sampling noise alone). Every log record.
+    - Images of a data set with a shipped feature network (fashion-mnist, digits at 16x16): the
+      Frechet distance in that network's features between ``n = min(500, N // 2)`` one-step EMA
+      samples from fixed noise, with the labels of ``n`` fixed training images, and those
+      images; its floor is the FD between them and ``n`` other training images. Every
+      ``every`` steps (``grid_every``), as it costs ``n`` samples."""
+    if data.kind == "vectors" and len(data) >= 200:
+        assert data.x is not None  # vector sets are held in memory
+        n = min(2000, len(data) // 2)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        reference, other = data.x[pick[:n]], data.x[pick[n : 2 * n]]
+
+        def swd() -> float:
+            samples = run.sample(n, steps=1, seed=seed + 1, device=device)
+            return sliced_wasserstein(samples, reference, projections=128)
+
+        return Probe("swd", swd, sliced_wasserstein(other, reference, projections=128))
+    net = _feature_net(data, run.config.data)
+    if net is None or len(data) < 100:
+        return None
+    assert data.x is not None  # image sets with a shipped network are held in memory
+    n = min(500, len(data) // 2)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    reference, other = data.x[pick[:n]], data.x[pick[n : 2 * n]]
-    floor = sliced_wasserstein(other, reference, projections=128)
+    real = extract(net, data.x[pick[:n]])
+    labels = None if data.labels is None else data.labels[pick[:n]]
+    labels = labels if run.num_classes else None
 
-    def probe() -> float:
-        samples = run.sample(n, steps=1, seed=seed + 1, device=device)
-        return sliced_wasserstein(samples, reference, projections=128)
+    def fd() -> float:
+        samples = run.sample(n, steps=1, seed=seed + 1, device=device, labels=labels)
+        return fd_from_features(extract(net, torch.from_numpy(samples)), real)
 
-    return probe, floor
+    return Probe("fd", fd, fd_from_features(extract(net, data.x[pick[n : 2 * n]]), real), every)
+
+
+def _feature_net(data: TrainingSet, name: str):
+    """The shipped feature network trained on data set ``name`` at this image shape, or None."""
+    if data.kind != "images" or data.x is None:
+        return None
+    for shipped in shipped_feature_nets():
+        with torch.random.fork_rng(devices=[]):  # building the network draws its initial weights
+            net, meta = load_feature_net(shipped)
+        if meta.get("data") == name and tuple(meta.get("image_shape", ())) == data.shape:
+            return net
+    return None
 
 
 def tensorboard_class():

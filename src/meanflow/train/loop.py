@@ -308,8 +308,8 @@ def _main_hooks(cfg, out, run, data, device, state, writer, progress, ranks) -> 
         desc=f"{cfg.objective} {cfg.data}",
         unit="step",
     )
-    probe, floor = quality_probe(run, data, device, cfg.seed)
-    log = MetricsLog(out, cfg.log_every, cfg.steps, bar, writer, probe, floor, ranks.world_size)
+    probe = quality_probe(run, data, device, cfg.seed, cfg.grid_every)
+    log = MetricsLog(out, cfg.log_every, cfg.steps, bar, writer, probe, ranks.world_size)
     return log, PreviewGrids(out, run, device, cfg.grid_every, writer)
 
 
