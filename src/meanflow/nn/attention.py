@@ -207,9 +207,10 @@ def _fused_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return f"head dim {d} or length {n} unsupported (D in 16..256, N % 32 == 0)"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} unsupported"
-    level = fwAD._current_level
-    if level < 0 or any(fwAD.unpack_dual(a).tangent is None for a in (q, k, v)):
-        return "not forward-AD dual tensors with tangents on q, k and v (e.g. torch.func.jvp)"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "inside a torch.func transform (the kernel takes forward-AD dual tensors)"
+    if fwAD._current_level < 0 or any(fwAD.unpack_dual(a).tangent is None for a in (q, k, v)):
+        return "not forward-AD dual tensors with tangents on q, k and v"
     return None
 
 
