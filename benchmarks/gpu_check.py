@@ -3,7 +3,7 @@
     bash benchmarks/gpu_check.sh                      # on a machine with one H100 / H200
     python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/check.json   # smoke, < 1 min
 
-Four sections, each written to the JSON as soon as it is done (``--out``, default
+Five sections, each written to the JSON as soon as it is done (``--out``, default
 ``benchmarks/results/gpu/<card name>.json``):
 
 (a) ``jvp``: on DiT-B/2 in float64 (batch 4, latents 4x32x32, 1000 classes; the zero-initialised
@@ -26,6 +26,12 @@ Four sections, each written to the JSON as soon as it is done (``--out``, defaul
     included, identical for all three).
 (d) ``sampling``: one-step sampling (:func:`meanflow.sample`, batch 256, bf16 autocast, no_grad)
     against the bare network forward on the same batch: images/s of each and their ratio.
+(e) ``fused_attention`` (run second, right after (a)): the fused attention JVP of
+    jvp-flash-attention (extra ``gpu``; :mod:`meanflow.nn.attention` picks it on CUDA) against
+    PyTorch's math kernel and the chunked rule: float32 errors against the float64 math kernel
+    (output, tangent, gradients), time and peak memory of forward+JVP(+backward) at N = 256, 1024,
+    4096 (benchmarks/fused_attention.py). Without CUDA or without the package it is skipped, and
+    the reason is printed and recorded. When installed, (a)-(d) use the fused kernel too.
 
 Precision setting as the trainer's defaults on CUDA: TF32 matrix products allowed (except in (a)).
 Exit code 0 when (a) passes and (b) stays finite, 1 otherwise.
@@ -47,6 +53,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import interleaved_times, maybe, md_table, sync  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fused_attention import check_fused_attention  # noqa: E402
+from fused_attention import table as fused_table  # noqa: E402
 
 from meanflow import TimeSampler, sample
 from meanflow.flow.jvp import total_derivative
@@ -309,6 +318,8 @@ def table(res: dict) -> str:
                   f"{sa['one_step_images_per_s']:.0f} "
                   f"images/s, bare forward {sa['forward_images_per_s']:.0f} images/s, ratio "
                   f"{sa['ratio_sample_to_forward']:.2f}x"]
+    if "fused_attention" in res:
+        lines += [""] + fused_table(res["fused_attention"])
     verdict = "PASS" if res.get("pass") else "FAIL"
     lines.append(f"\noverall: {verdict} ({res.get('seconds', 0):.0f} s)")
     return "\n".join(lines)
@@ -353,6 +364,11 @@ def main() -> None:
 
     start = time.perf_counter()
     res["jvp"] = check_jvp(args, device)
+    save()
+    res["fused_attention"] = check_fused_attention(
+        device, (64,) if tiny else (256, 1024, 4096), 64 if tiny else 1024, 3 if tiny else 10)
+    if "skipped" in res["fused_attention"]:
+        print(f"(e) fused attention JVP: skipped ({res['fused_attention']['skipped']})", flush=True)
     save()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

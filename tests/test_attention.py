@@ -268,3 +268,15 @@ def test_real_package_loads_or_says_why():
     assert (fused is None) != (why is None)
     if fused is None:
         assert "jvp-flash-attention" in why
+
+
+def test_gpu_check_fused_section_is_skipped_without_cuda_with_its_reason():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from fused_attention import check_fused_attention, table
+
+    res = check_fused_attention(torch.device("cpu"))
+    assert "no CUDA device" in res["skipped"]
+    assert table(res) == [f"fused attention JVP: skipped ({res['skipped']})"]
