@@ -62,6 +62,24 @@ def _routed():
     ]
 
 
+class Functional(nn.Module):
+    """Functional calls in less common forms: a 1-D input to F.linear, a weight that depends on
+    the input (carries a tangent), norms called directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):  # x: (6,)
+        h = F.linear(x, self.w * x.sum())  # the weight carries a tangent too
+        h = F.layer_norm(h, (5,)) + F.rms_norm(h, [5])
+        return F.linear(h, torch.ones(5, 5, dtype=h.dtype))
+
+
+def _routed_functional():
+    return [("functional", Functional, (6,), "_Linear")]
+
+
 def _fallbacks():
     """Calls the rules do not cover: PyTorch's rule must compute them."""
     return [
@@ -102,7 +120,10 @@ def _events(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.parametrize("name,factory,shape,rule", _routed(), ids=[c[0] for c in _routed()])
+ALL = _routed() + _routed_functional()
+
+
+@pytest.mark.parametrize("name,factory,shape,rule", ALL, ids=[c[0] for c in ALL])
 def test_routed_layer_equals_pytorch_rule_and_uses_the_lean_rule(name, factory, shape, rule):
     layer, x = _make(factory, shape)
     dx = torch.randn_like(x)

@@ -67,7 +67,7 @@ def _live(*tensors) -> bool:
 
 
 def _linear(input, weight, bias=None):
-    if not _live(input, weight, bias):
+    if weight.dim() != 2 or not _live(input, weight, bias):
         return _FALLBACK
     return _call(_Linear.apply, input, weight, bias)
 
