@@ -20,7 +20,7 @@ from meanflow import MeanFlow, TimeSampler
 from meanflow.flow.jvp import total_derivative
 from meanflow.nn import MLP
 from meanflow.nn.forward_mode import torch_rules
-from meanflow.nn.forward_mode.routing import ROUTED, route_standard_layers
+from meanflow.nn.forward_mode.routing import ROUTED, route_standard_layers, routing_needed
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -261,14 +261,34 @@ def test_user_network_meanflow_loss_and_gradients_equal_the_func_reference():
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
 
 
+class Wrapper(nn.Module):
+    """A user's class around a project network: routing on, so both paths meet."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z, r, t, y=None):
+        return self.inner(z, r, t, y=y)
+
+
 def test_project_layers_are_not_handled_twice():
     torch.manual_seed(0)
-    model = MLP(2, hidden=16, depth=3)
+    model = Wrapper(MLP(2, hidden=16, depth=3))
+    assert routing_needed(model)
     z, v = torch.randn(5, 2), torch.randn(5, 2)
     t = torch.rand(5)
     with profile() as prof:
-        total_derivative(model, z, t * 0.5, t, v)
+        _, dudt = total_derivative(model, z, t * 0.5, t, v)
     calls = {e.key: e.count for e in prof.key_averages()}
-    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-    tangent_linear = n_linear  # every Linear of this MLP sees the tangent of z or t
-    assert calls.get("_Linear") == tangent_linear
+    # every Linear of this MLP sees the tangent of z or t, and runs its rule once
+    assert calls.get("_Linear") == sum(isinstance(m, nn.Linear) for m in model.modules())
+    with torch_rules():
+        _, ref = total_derivative(model.inner, z, t * 0.5, t, v, backend="func")
+    torch.testing.assert_close(dudt, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_is_skipped_for_networks_of_the_project_layers_only():
+    assert not routing_needed(MLP(2, hidden=8, depth=2))
+    assert routing_needed(nn.Sequential(MLP(2, hidden=8, depth=2), nn.SiLU()))
+    assert routing_needed(UserNet()) and routing_needed(lambda z, r, t, y=None: z)

@@ -20,8 +20,9 @@ Back-ends (``backend=``; docs/method.md, "JVP back-ends"):
   measurably slower on small CPU networks).
 
 Both exact back-ends run the network under
-:func:`meanflow.nn.forward_mode.routing.route_standard_layers`, so standard ``torch.nn`` layers
-of any network (Linear, Conv, norms, SiLU, GELU, SDPA) take the lean rules as well.
+:func:`meanflow.nn.forward_mode.routing.route_standard_layers` (unless it is built from the
+project's layers only: ``routing_needed``), so standard ``torch.nn`` layers of any network
+(Linear, Conv, norms, SiLU, GELU, SDPA) take the lean rules as well.
 * ``"finite-difference"``: ``u = u(z, r, t)`` from one ordinary forward with graph, and with
   no graph, along ``(v, 0, 1)`` with step ``h``,
 
@@ -43,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import check
 from ..nn.forward_mode import tangents_without_graph
-from ..nn.forward_mode.routing import route_standard_layers
+from ..nn.forward_mode.routing import route_standard_layers, routing_needed
 from .path import broadcast_time
 
 JVP_BACKENDS = ("func", "forward-ad", "finite-difference")
@@ -101,7 +102,8 @@ def total_derivative(
             return at_least_float32(u), at_least_float32(dudt)
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(tangents_without_graph())  # du/dt is detached below
-        stack.enter_context(route_standard_layers())  # lean rules for torch.nn layers too
+        if routing_needed(model):  # lean rules for torch.nn layers of any network too
+            stack.enter_context(route_standard_layers())
         if backend == "func":
             # torch.func.jvp's return type does not depend on has_aux (a 3-tuple only with it)
             u, dudt = torch.func.jvp(  # type: ignore[misc]
