@@ -192,6 +192,9 @@ class _FakeFused:
 
     @staticmethod
     def fwd_dual(q, k, v, sm_scale=None):
+        for a in (q, k, v):  # the kernel reads primal and tangent as contiguous tensors
+            primal, tangent = fwAD.unpack_dual(a)
+            assert primal.is_contiguous() and tangent.is_contiguous()
         _FakeFused.calls.append(tuple(q.shape))
         return attention_module._Attention.apply(q, k, v, sm_scale)
 
@@ -212,6 +215,8 @@ def _dual_attention(q, k, v, tangents):
 
 def test_fused_backend_is_chosen_where_it_applies_with_the_same_numbers(fake_fused):
     q, k, v, dq, dk, dv = _qkv(64, d=16, dtype=torch.float32, count=6)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, as after a head split
+    dk = dk.transpose(1, 2).contiguous().transpose(1, 2)
     ours = _dual_attention(q, k, v, (dq, dk, dv))
     assert fake_fused.calls == [(2, 3, 64, 16)]
     with attention_jvp_backend("chunked"):

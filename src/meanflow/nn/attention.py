@@ -226,10 +226,20 @@ def attention_jvp_choice(
     return ("chunked", why) if why else ("fused", None)
 
 
+def _contiguous_dual(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with a contiguous primal and tangent (the fused kernel reads both with the strides
+    of a contiguous (B, H, N, D) tensor); the primal keeps its autograd graph."""
+    primal, tangent = fwAD.unpack_dual(a)
+    if primal.is_contiguous() and tangent.is_contiguous():
+        return a
+    return fwAD.make_dual(primal.contiguous(), tangent.contiguous())
+
+
 def _dispatch(q, k, v, scale):
     choice, why = attention_jvp_choice(q, k, v)
     if choice == "fused":
         fused, _ = _load_fused()
+        q, k, v = (_contiguous_dual(a) for a in (q, k, v))
         return fused.fwd_dual(q, k, v, sm_scale=scale)
     check(_BACKEND[0] != "fused", f"the fused attention JVP cannot run: {why}")
     if q.device.type == "cuda" and why not in _WARNED:
