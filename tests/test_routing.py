@@ -272,14 +272,15 @@ class Wrapper(nn.Module):
         return self.inner(z, r, t, y=y)
 
 
-def test_project_layers_are_not_handled_twice():
+@pytest.mark.parametrize("backend", ["forward-ad", "func"])
+def test_project_layers_are_not_handled_twice(backend):
     torch.manual_seed(0)
     model = Wrapper(MLP(2, hidden=16, depth=3))
     assert routing_needed(model)
     z, v = torch.randn(5, 2), torch.randn(5, 2)
     t = torch.rand(5)
     with profile() as prof:
-        _, dudt = total_derivative(model, z, t * 0.5, t, v)
+        _, dudt = total_derivative(model, z, t * 0.5, t, v, backend=backend)
     calls = {e.key: e.count for e in prof.key_averages()}
     # every Linear of this MLP sees the tangent of z or t, and runs its rule once
     assert calls.get("_Linear") == sum(isinstance(m, nn.Linear) for m in model.modules())
