@@ -31,6 +31,14 @@ Because the rules are a ``torch.autograd.Function`` (functorch style: ``forward`
 keeps its graph for the loss's backward, and the math-backend context of
 :func:`meanflow.flow.jvp.total_derivative` is not needed (it is harmless: it only changes the kernel
 of the forward). Half-precision inputs are upcast to float32 inside the chunked rules.
+
+Fused back-end (extra ``gpu``): on CUDA, with jvp-flash-attention installed, :func:`attention`
+computes the forward, the JVP and the backward with that package's Triton kernel
+(``JVPAttn.fwd_dual``, one pass per query block, no N x N tensor), where it applies
+(:func:`attention_jvp_choice`: forward-AD dual (B, H, N, D) tensors, D in 16..256, N a multiple
+of 32); elsewhere the chunked rules above, with a one-time warning on CUDA saying why.
+:func:`attention_jvp_backend` forces ``"chunked"`` or ``"fused"``. benchmarks/gpu_check.py
+(section (e)) records its errors against the float64 math kernel and its speed and memory.
 """
 
 from __future__ import annotations
