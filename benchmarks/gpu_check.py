@@ -3,7 +3,7 @@
     bash benchmarks/gpu_check.sh                      # on a machine with one H100 / H200
     python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/check.json   # smoke, < 1 min
 
-Four sections, each written to the JSON as soon as it is done (``--out``, default
+Five sections, each written to the JSON as soon as it is done (``--out``, default
 ``benchmarks/results/gpu/<card name>.json``):
 
 (a) ``jvp``: on DiT-B/2 in float64 (batch 4, latents 4x32x32, 1000 classes; the zero-initialised
@@ -26,6 +26,14 @@ Four sections, each written to the JSON as soon as it is done (``--out``, defaul
     included, identical for all three).
 (d) ``sampling``: one-step sampling (:func:`meanflow.sample`, batch 256, bf16 autocast, no_grad)
     against the bare network forward on the same batch: images/s of each and their ratio.
+(e) ``fused_attention`` (run first): the fused attention JVP of
+    jvp-flash-attention (extra ``gpu``; :mod:`meanflow.nn.attention` picks it on CUDA) against
+    PyTorch's math kernel and the chunked rule: float32 errors against the float64 math kernel
+    (output, tangent, gradients), time and peak memory of forward+JVP(+backward) at N = 256, 1024,
+    4096 (benchmarks/fused_attention.py). Without CUDA or without the package it is skipped, and
+    the reason is printed and recorded; an exception is recorded too. (a)-(d) then use the fused
+    kernel (as the library does on CUDA) only if it ran and all its errors are below
+    ``FUSED_TOL``, otherwise the chunked rule (``used_in_other_sections``).
 
 Precision setting as the trainer's defaults on CUDA: TF32 matrix products allowed (except in (a)).
 Exit code 0 when (a) passes and (b) stays finite, 1 otherwise.
@@ -34,6 +42,7 @@ Exit code 0 when (a) passes and (b) stays finite, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -48,12 +57,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import interleaved_times, maybe, md_table, sync  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fused_attention import check_fused_attention  # noqa: E402
+from fused_attention import table as fused_table  # noqa: E402
+
 from meanflow import TimeSampler, sample
 from meanflow.flow.jvp import total_derivative
+from meanflow.nn.attention import attention_jvp_backend
 from meanflow.nn.dit import dit
 from meanflow.objectives.guidance import GuidedFlowMatching, GuidedMeanFlow
 
 CLASSES = 1000
+FUSED_TOL = 1e-2  # the fused kernel's largest float32 error (vs float64) to use it in (a)-(d)
 
 
 def card_name(device: torch.device) -> str:
@@ -309,6 +323,11 @@ def table(res: dict) -> str:
                   f"{sa['one_step_images_per_s']:.0f} "
                   f"images/s, bare forward {sa['forward_images_per_s']:.0f} images/s, ratio "
                   f"{sa['ratio_sample_to_forward']:.2f}x"]
+    fa = res.get("fused_attention")
+    if fa:
+        lines += [""] + (fused_table(fa) if "error" not in fa
+                         else [f"fused attention JVP: FAILED ({fa['error']})"])
+        lines.append(f"fused kernel used in the other sections: {fa['used_in_other_sections']}")
     verdict = "PASS" if res.get("pass") else "FAIL"
     lines.append(f"\noverall: {verdict} ({res.get('seconds', 0):.0f} s)")
     return "\n".join(lines)
@@ -352,6 +371,20 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
     start = time.perf_counter()
+    stack = contextlib.ExitStack()
+    try:
+        fused = check_fused_attention(device, (64,) if tiny else (256, 1024, 4096),
+                                      64 if tiny else 1024, 3 if tiny else 10)
+    except Exception as exc:  # recorded, and the other sections run with the chunked rule
+        fused = {"error": f"{type(exc).__name__}: {exc}"}
+    errors = fused.get("numbers", {}).get("rel_err_vs_fp64_math", {}).get("fused", {})
+    fused["used_in_other_sections"] = bool(errors) and max(errors.values()) < FUSED_TOL
+    res["fused_attention"] = fused
+    if "skipped" in fused:
+        print(f"(e) fused attention JVP: skipped ({fused['skipped']})", flush=True)
+    save()
+    if not fused["used_in_other_sections"]:
+        stack.enter_context(attention_jvp_backend("chunked"))
     res["jvp"] = check_jvp(args, device)
     save()
     if device.type == "cuda":

@@ -20,10 +20,16 @@ the new peak (VmHWM) minus the resident set before them: the transient memory a 
 of weights, Adam state and batch (activations, tangents, gradients). glibc's mmap threshold is
 fixed at 64 KiB in that process so freed tensors leave the resident set.
 
-Networks: ``mlp`` = MLP 2-1024x4 at batch 512 (docs/benchmarks.md section 2); ``unet`` = the
+Networks: ``mlp`` = MLP 2-1024x4 at batch 512 (docs/benchmarks.md section 2); ``plain-mlp`` = the
+same size built from ``torch.nn`` only (:class:`PlainMLP`: no project layers, so its lean rules
+come from the routing of ``meanflow.nn.forward_mode.routing``); ``unet`` = the
 ``fashion-mnist-small`` preset's U-Net (1x28x28, 10 classes, labels passed, no guidance) at batch
 64; ``dit`` = DiT T/2 on 4x16x16 latents at batch 32 on CPU, DiT-B/2 on 4x32x32 at batch 64 on
 CUDA (``--dit-size`` / ``--dit-batch`` change them).
+
+``--torch-rules-rows`` adds, for each r != t fraction, a row with the default back-end and
+loss.jvp=subset run under ``meanflow.nn.forward_mode.torch_rules()`` (PyTorch's own forward-mode
+formulas: for ``plain-mlp`` that is the routing off, for ``mlp`` the project's layers off).
 """
 
 from __future__ import annotations
@@ -40,11 +46,13 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import interleaved_times, maybe, md_row, md_table, save_results, status_mib, sync  # noqa: E402
 
 from meanflow import FlowMatching, MeanFlow, TimeSampler
+from meanflow.nn.forward_mode import torch_rules
 
 MODES = ("subset", "full", "detached")
 
@@ -55,6 +63,26 @@ def backends() -> tuple[str, ...]:
         return ()
     from meanflow.flow import jvp
     return tuple(getattr(jvp, "JVP_BACKENDS", ()))
+
+
+class PlainMLP(nn.Module):
+    """A user-style network of ``torch.nn`` layers only: ``[z, r, t, cos/sin(2^k pi (t, t - r))]``
+    (``dim + 2 + 4 * freqs`` inputs; 64 for 2-D data) -> ``depth`` Linear+SiLU layers of width
+    ``hidden`` -> Linear to ``dim``; ``model(z, r, t, y=None)``."""
+
+    def __init__(self, dim: int = 2, hidden: int = 1024, depth: int = 4, freqs: int = 15):
+        super().__init__()
+        self.register_buffer("freqs", torch.pi * 2.0 ** torch.arange(freqs))
+        widths = [dim + 2 + 4 * freqs] + [hidden] * depth
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, dim))
+
+    def forward(self, z, r, t, y=None):
+        times = torch.stack([t, t - r], dim=1)[..., None] * self.freqs  # (B, 2, F)
+        feats = torch.cat([times.cos(), times.sin()], dim=1).flatten(1)
+        return self.net(torch.cat([z, r[:, None], t[:, None], feats], dim=1))
 
 
 def build(network: str, device: torch.device, args) -> tuple[torch.nn.Module, torch.Tensor,
@@ -72,6 +100,12 @@ def build(network: str, device: torch.device, args) -> tuple[torch.nn.Module, to
                                                 ("model.depth", 4)])
         shape, batch, classes = (2,), args.mlp_batch, 0
         desc = f"MLP 2-{args.mlp_hidden}x4, batch {batch}"
+    elif network == "plain-mlp":
+        model = PlainMLP(2, args.mlp_hidden, 4).to(device)
+        x = torch.randn(args.mlp_batch, 2, generator=gen).to(device)
+        n = sum(p.numel() for p in model.parameters())
+        return model, x, None, (f"plain torch.nn MLP 64-{args.mlp_hidden}x4, batch "
+                                f"{args.mlp_batch}, {n / 1e6:.2f}M parameters")
     elif network == "unet":
         cfg = configure(TrainConfig(), "fashion-mnist-small")
         shape, batch, classes = (1, 28, 28), 64, 10
@@ -89,7 +123,7 @@ def build(network: str, device: torch.device, args) -> tuple[torch.nn.Module, to
         shape, batch, classes = (2,), 64, 0
         desc = "MLP 2-32x2 (tiny), batch 64"
     else:
-        raise SystemExit(f"unknown network {network!r}; use mlp, unet, dit, tiny")
+        raise SystemExit(f"unknown network {network!r}; use mlp, plain-mlp, unet, dit, tiny")
     model = build_model(cfg, shape, classes).to(device)
     x = torch.randn(batch, *shape, generator=gen).to(device)
     if classes:
@@ -102,9 +136,11 @@ def default_backend() -> str | None:
     return None if param is None else param.default
 
 
-def rows(ratios: list[float], modes, with_backends: bool) -> list[dict]:
+def rows(ratios: list[float], modes, with_backends: bool,
+         torch_rules_rows: bool = False) -> list[dict]:
     """The objectives to compare: flow matching first, then MeanFlow variants (the loss.jvp
-    modes with the default back-end, then loss.jvp=subset with each other back-end)."""
+    modes with the default back-end, then loss.jvp=subset with each other back-end, then, if
+    asked, loss.jvp=subset with the default back-end under ``torch_rules()``)."""
     out = [{"name": "flow matching", "objective": "flow-matching"}]
     default = default_backend()
     available = [b for b in backends() if b != default] if with_backends else []
@@ -117,6 +153,10 @@ def rows(ratios: list[float], modes, with_backends: bool) -> list[dict]:
             out.append({"name": f"MeanFlow {ratio:.0%}, subset, jvp_backend={backend}",
                         "objective": "meanflow", "r_ne_t": ratio, "jvp": "subset",
                         "jvp_backend": backend})
+        if torch_rules_rows:
+            out.append({"name": f"MeanFlow {ratio:.0%}, subset{suffix}, torch rules",
+                        "objective": "meanflow", "r_ne_t": ratio, "jvp": "subset",
+                        "torch_rules": True})
     return out
 
 
@@ -132,12 +172,16 @@ def objective_of(row: dict):
     return MeanFlow(TimeSampler(ratio=row["r_ne_t"]), **kwargs)
 
 
-def make_step(objective, model, opt, x, y, seed: int):
+def make_step(objective, model, opt, x, y, seed: int, rules_off: bool = False):
     gen = torch.Generator(x.device).manual_seed(seed)
 
     def step():
         draws = objective.draw(x.shape[0], tuple(x.shape[1:]), generator=gen, device=x.device)
-        out = objective(model, x, y, **draws.kwargs())
+        if rules_off:
+            with torch_rules():
+                out = objective(model, x, y, **draws.kwargs())
+        else:
+            out = objective(model, x, y, **draws.kwargs())
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -152,7 +196,8 @@ def memory_worker(network: str, row: dict, args) -> dict:
     device = torch.device("cpu")
     model, x, y, _ = build(network, device, args)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step = make_step(objective_of(row), model, opt, x, y, seed=0)
+    step = make_step(objective_of(row), model, opt, x, y, seed=0,
+                     rules_off=row.get("torch_rules", False))
     for _ in range(max(1, args.warmup)):
         step()
     with open("/proc/self/clear_refs", "w") as f:
@@ -174,8 +219,9 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 def bench_network(network: str, device: torch.device, args) -> dict:
     model, x, y, desc = build(network, device, args)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    table = rows(args.ratios, args.modes, not args.no_backends)
-    steps = [make_step(objective_of(row), model, opt, x, y, seed=i) for i, row in enumerate(table)]
+    table = rows(args.ratios, args.modes, not args.no_backends, args.torch_rules_rows)
+    steps = [make_step(objective_of(row), model, opt, x, y, seed=i,
+                       rules_off=row.get("torch_rules", False)) for i, row in enumerate(table)]
     for step in steps:  # warm-up, not timed
         for _ in range(args.warmup):
             step()
@@ -211,7 +257,7 @@ def bench_network(network: str, device: torch.device, args) -> dict:
         # one fresh process per row, a few at a time (the timing is done; RSS is per process)
         with ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) // 2))) as pool:
             mems = list(pool.map(lambda res: run_memory_worker(network, {
-                k: res[k] for k in ("name", "objective", "r_ne_t", "jvp", "jvp_backend")
+                k: res[k] for k in ("name", "objective", "r_ne_t", "jvp", "jvp_backend", "torch_rules")
                 if k in res}, args), results))
         for res, mem in zip(results, mems):
             res.update(mem)
@@ -300,10 +346,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
-    ap.add_argument("--networks", default="mlp,unet,dit", help="mlp,unet,dit (tiny: tests)")
+    ap.add_argument("--networks", default="mlp,unet,dit", help="mlp,plain-mlp,unet,dit (tiny: tests)")
     ap.add_argument("--ratios", default="0.25,0.5,0.75", help="fractions of r != t")
     ap.add_argument("--modes", default=",".join(MODES), help="loss.jvp modes")
     ap.add_argument("--no-backends", action="store_true", help="skip jvp_backend rows")
+    ap.add_argument("--torch-rules-rows", action="store_true",
+                    help="add subset rows under torch_rules() (PyTorch's forward-mode formulas)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     ap.add_argument("--memory-steps", type=int, default=3)

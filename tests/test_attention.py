@@ -9,8 +9,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from meanflow.errors import MeanFlowError
+from meanflow.nn import attention as attention_module
 from meanflow.nn import dit
-from meanflow.nn.attention import DEFAULT_CHUNK, attention
+from meanflow.nn.attention import (
+    DEFAULT_CHUNK,
+    attention,
+    attention_jvp_backend,
+    attention_jvp_choice,
+)
 
 
 def math_attention(q, k, v):
@@ -175,3 +182,106 @@ def test_cuda_peak_memory_of_jvp_within_budget():
     peak = torch.cuda.max_memory_allocated() - base
     scores = b * h * n * n * 4                       # one full N x N matrix in float32: 2 GiB
     assert peak < scores / 8, (peak, scores)
+
+
+# --- the fused (jvp-flash-attention) back-end: dispatch and fallback, tested on CPU with a
+# stand-in kernel that records its calls and computes the chunked rule ---
+
+class _FakeFused:
+    calls: list = []
+
+    @staticmethod
+    def fwd_dual(q, k, v, sm_scale=None):
+        for a in (q, k, v):  # the kernel reads primal and tangent as contiguous tensors
+            primal, tangent = fwAD.unpack_dual(a)
+            assert primal.is_contiguous() and tangent.is_contiguous()
+        _FakeFused.calls.append(tuple(q.shape))
+        return attention_module._Attention.apply(q, k, v, sm_scale)
+
+
+@pytest.fixture
+def fake_fused(monkeypatch):
+    _FakeFused.calls = []
+    monkeypatch.setattr(attention_module, "_load_fused", lambda: (_FakeFused, None))
+    monkeypatch.setattr(attention_module, "_FUSED_DEVICES", ("cuda", "cpu"))
+    return _FakeFused
+
+
+def _dual_attention(q, k, v, tangents):
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(a, t) for a, t in zip((q, k, v), tangents)]
+        return fwAD.unpack_dual(attention(*duals)).tangent
+
+
+def test_fused_backend_is_chosen_where_it_applies_with_the_same_numbers(fake_fused):
+    q, k, v, dq, dk, dv = _qkv(64, d=16, dtype=torch.float32, count=6)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, as after a head split
+    dk = dk.transpose(1, 2).contiguous().transpose(1, 2)
+    ours = _dual_attention(q, k, v, (dq, dk, dv))
+    assert fake_fused.calls == [(2, 3, 64, 16)]
+    with attention_jvp_backend("chunked"):
+        chunked = _dual_attention(q, k, v, (dq, dk, dv))
+    assert len(fake_fused.calls) == 1  # "chunked" never calls the fused kernel
+    torch.testing.assert_close(ours, chunked)
+
+
+@pytest.mark.parametrize(
+    "n,d,dtype,why",
+    [(30, 16, torch.float32, "length 30"), (64, 24, torch.float32, "head dim 24"),
+     (64, 16, torch.float64, "dtype")],
+)
+def test_unsupported_shapes_fall_back_to_the_chunked_rule(fake_fused, n, d, dtype, why):
+    q, k, v, dq, dk, dv = _qkv(n, d=d, dtype=dtype, count=6)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(a, t) for a, t in zip((q, k, v), (dq, dk, dv))]
+        choice, reason = attention_jvp_choice(*duals)
+    assert choice == "chunked" and why in reason
+    got = _dual_attention(q, k, v, (dq, dk, dv))
+    assert fake_fused.calls == []
+    _, ref = torch.func.jvp(math_attention, (q, k, v), (dq, dk, dv))
+    torch.testing.assert_close(got, ref)
+    with attention_jvp_backend("fused"), pytest.raises(MeanFlowError, match=why):
+        _dual_attention(q, k, v, (dq, dk, dv))
+
+
+def test_torch_func_and_missing_tangents_use_the_chunked_rule(fake_fused):
+    q, k, v, dq, dk, dv = _qkv(64, d=16, dtype=torch.float32, count=6)
+    torch.func.jvp(attention, (q, k, v), (dq, dk, dv))
+    with fwAD.dual_level():  # k and v without tangents
+        attention(fwAD.make_dual(q, dq), k, v)
+    assert fake_fused.calls == []
+
+
+def test_without_the_package_or_off_cuda_the_chunked_rule_runs_silently(monkeypatch, recwarn):
+    monkeypatch.setattr(attention_module, "_load_fused", lambda: (None, "not installed"))
+    q, k, v, dq, dk, dv = _qkv(64, d=16, dtype=torch.float32, count=6)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(a, t) for a, t in zip((q, k, v), (dq, dk, dv))]
+        assert attention_jvp_choice(*duals) == ("chunked", "not installed")
+    _dual_attention(q, k, v, (dq, dk, dv))
+    assert not [w for w in recwarn if "attention JVP" in str(w.message)]  # CPU: nothing to say
+    with attention_jvp_backend("fused"), pytest.raises(MeanFlowError, match="not installed"):
+        _dual_attention(q, k, v, (dq, dk, dv))
+    with pytest.raises(MeanFlowError, match="attention JVP back-end must be one of"):
+        with attention_jvp_backend("flash"):
+            pass
+
+
+def test_real_package_loads_or_says_why():
+    attention_module._load_fused.cache_clear()
+    fused, why = attention_module._load_fused()
+    assert (fused is None) != (why is None)
+    if fused is None:
+        assert "jvp-flash-attention" in why
+
+
+def test_gpu_check_fused_section_is_skipped_without_cuda_with_its_reason():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from fused_attention import check_fused_attention, table
+
+    res = check_fused_attention(torch.device("cpu"))
+    assert "no CUDA device" in res["skipped"]
+    assert table(res) == [f"fused attention JVP: skipped ({res['skipped']})"]

@@ -18,6 +18,11 @@ Back-ends (``backend=``; docs/method.md, "JVP back-ends"):
   forward passes of cost with the layers of :mod:`meanflow.nn.forward_mode`).
 * ``"func"``: ``torch.func.jvp`` (exact; the same numbers; each op pays functorch's wrapping,
   measurably slower on small CPU networks).
+
+Both exact back-ends run the network under
+:func:`meanflow.nn.forward_mode.routing.route_standard_layers` (unless it is built from the
+project's layers only: ``routing_needed``), so standard ``torch.nn`` layers of any network
+(Linear, Conv, norms, SiLU, GELU, SDPA) take the lean rules as well.
 * ``"finite-difference"``: ``u = u(z, r, t)`` from one ordinary forward with graph, and with
   no graph, along ``(v, 0, 1)`` with step ``h``,
 
@@ -39,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import check
 from ..nn.forward_mode import tangents_without_graph
+from ..nn.forward_mode.routing import route_standard_layers, routing_needed
 from .path import broadcast_time
 
 JVP_BACKENDS = ("func", "forward-ad", "finite-difference")
@@ -96,6 +102,8 @@ def total_derivative(
             return at_least_float32(u), at_least_float32(dudt)
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(tangents_without_graph())  # du/dt is detached below
+        if routing_needed(model):  # lean rules for torch.nn layers of any network too
+            stack.enter_context(route_standard_layers())
         if backend == "func":
             # torch.func.jvp's return type does not depend on has_aux (a 3-tuple only with it)
             u, dudt = torch.func.jvp(  # type: ignore[misc]

@@ -1,41 +1,9 @@
-"""Linear, Conv2d, GroupNorm, LayerNorm, SiLU and GELU with lean forward-mode (JVP) rules.
+"""The lean forward-mode rules as ``torch.autograd.Function`` s, and the switches that turn them
+on (inside a forward-mode transform) and off (:func:`torch_rules`).
 
-MeanFlow differentiates the network along ``(v, 0, 1)`` in every step; the weights carry no
-tangent. PyTorch's built-in forward-mode formulas still treat a weight's missing tangent as a
-zero tensor and pay for it: for ``y = x W^T + b`` and ``y = conv(x, W) + b`` they compute
-
-    dy = dx W^T + x dW^T (+ db)        (three matrix products / convolutions per layer, not two)
-
-with ``dW = 0`` materialised; the normalisations' formulas expand into dozens of small ops with
-dtype copies, and under autograd SiLU's expands into sigmoid and products that it records for
-double backward. These layers are drop-in subclasses of the ``torch.nn`` ones (same
-parameters, state-dict keys and forward numbers) whose ops are ``torch.autograd.Function`` s
-with these rules, each term present only when its tangent is:
-
-    Linear / Conv2d:   dy = A(dx; W) + A(x; dW) + db          (A = the layer's linear map)
-    GroupNorm / LayerNorm, with x_hat = (x - mean) * rstd over each group (or the last dims):
-        dy = gamma * rstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) + x_hat * dgamma + dbeta
-    SiLU / GELU (elementwise f):   dy = f'(x) * dx
-
-The norms' bracket is the Jacobian of the unit-affine normalisation applied to dx; it is
-symmetric, so the norm's fused backward kernel computes it with dx as the cotangent (one kernel
-instead of ten elementwise passes). The activations' Jacobian is diagonal, so their backward
-kernel applied to dx is the tangent.
-
-The rules are used only while :func:`lean_rules_active`: inside a forward-mode transform (a
-``forward_ad.dual_level`` or a ``torch.func`` transform) and not under :func:`torch_rules`
-(which turns them off, for comparisons). Elsewhere the layers are exactly torch.nn's, so plain
-forwards and backwards pay no Python ``autograd.Function`` overhead (about 3% of a small CPU
-U-Net's step). Inside a transform their
-backward passes call the same ATen kernels as autograd's (``convolution_backward``,
-``native_group_norm_backward``, ``native_layer_norm_backward``; matrix products for Linear),
-and under autocast the layers cast as autocast does (Linear and Conv2d to the autocast dtype)
-except that the norms run in float32 (as CUDA's autocast does; CPU's keeps bf16), with their
-op under autocast off.
-
-Inside :func:`meanflow.flow.jvp.total_derivative` (which detaches ``du/dt``) the rules run under
-``torch.no_grad()`` (:func:`tangents_without_graph`), so the tangent computation records no
-autograd graph when the primal keeps one for the loss; elsewhere tangents stay differentiable.
+Each rule's ``jvp`` computes only the terms whose tangent is present (package docstring); its
+``backward`` calls the ATen kernels autograd would (``convolution_backward``,
+``native_group_norm_backward``, ``native_layer_norm_backward``, matrix products for linear).
 """
 
 from __future__ import annotations
@@ -44,16 +12,9 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd import forward_ad as fwAD
 
 __all__ = [
-    "Linear",
-    "Conv2d",
-    "GroupNorm",
-    "LayerNorm",
-    "SiLU",
-    "GELU",
     "silu",
     "gelu",
     "in_forward_transform",
@@ -170,21 +131,14 @@ class _Linear(torch.autograd.Function):
             return out.expand(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
-    """``torch.nn.Linear`` with a forward-mode rule that skips the weights' zero tangent."""
+class _Conv(torch.autograd.Function):
+    """N-d convolution (1, 2 or 3 spatial dims, zero padding given as sizes)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not lean_rules_active():
-            return super().forward(x)
-        return _call(_Linear.apply, x, self.weight, self.bias)
-
-
-class _Conv2d(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, weight, bias, stride, padding, dilation, groups):
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -201,50 +155,47 @@ class _Conv2d(torch.autograd.Function):
             return (None,) * 7
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
+        n = weight.dim() - 2
         mask = [
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             ctx.bias_shape is not None and ctx.needs_input_grad[2],
         ]
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups, mask
+            grad,
+            x,
+            weight,
+            ctx.bias_shape,
+            _expand(stride, n),
+            _expand(padding, n),
+            _expand(dilation, n),
+            False,
+            [0] * n,
+            groups,
+            mask,
         )
         return gx, gw, gb, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, *_):
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
+        geometry = ctx.geometry
+        conv = _CONV[weight.dim() - 2]
         with _rule_context():
-            out = (
-                None
-                if dx is None
-                else F.conv2d(dx, weight, None, stride, padding, dilation, groups)
-            )
+            out = None if dx is None else conv(dx, weight, None, *geometry)
             if dweight is not None:
-                out = _add(out, F.conv2d(x, dweight, None, stride, padding, dilation, groups))
+                out = _add(out, conv(x, dweight, None, *geometry))
             if dbias is not None:
-                out = _add(out, dbias.reshape(1, -1, 1, 1))
+                out = _add(out, dbias.reshape((1, -1) + (1,) * (weight.dim() - 2)))
             return x.new_zeros(ctx.out_shape) if out is None else out.expand(ctx.out_shape)
 
 
-class Conv2d(nn.Conv2d):
-    """``torch.nn.Conv2d`` with a forward-mode rule that skips the weights' zero tangent
-    (zero padding with explicit sizes; other settings fall back to ``nn.Conv2d``)."""
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not lean_rules_active() or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return super().forward(x)
-        return _call(
-            _Conv2d.apply,
-            x,
-            self.weight,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+
+def _expand(value, n: int) -> list[int]:
+    """A convolution's stride / padding / dilation as a list of ``n`` ints."""
+    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -323,21 +274,6 @@ class _GroupNorm(torch.autograd.Function):
             return out, None, None
 
 
-class GroupNorm(nn.GroupNorm):
-    """``torch.nn.GroupNorm`` with a lean forward-mode rule (module docstring)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not lean_rules_active():
-            return super().forward(x)
-        return _call(
-            lambda x_, w, b: _GroupNorm.apply(x_, self.num_groups, w, b, self.eps)[0],
-            x,
-            self.weight,
-            self.bias,
-            dtype=torch.float32,
-        )
-
-
 class _LayerNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -387,20 +323,58 @@ class _LayerNorm(torch.autograd.Function):
             return out, None, None
 
 
-class LayerNorm(nn.LayerNorm):
-    """``torch.nn.LayerNorm`` with a lean forward-mode rule (module docstring)."""
+class _RMSNorm(torch.autograd.Function):
+    """``F.rms_norm``: ``y = x_hat * gamma``, ``x_hat = x * rstd``, ``rstd = (mean(x^2) + eps)
+    ** -1/2`` over the last dims; tangent ``gamma * rstd * (dx - x_hat * mean(x_hat * dx)) +
+    x_hat * dgamma`` (the bracket is symmetric: backward uses it too)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not lean_rules_active():
-            return super().forward(x)
-        shape = list(self.normalized_shape)
-        return _call(
-            lambda x_, w, b: _LayerNorm.apply(x_, shape, w, b, self.eps)[0],
-            x,
-            self.weight,
-            self.bias,
-            dtype=torch.float32,
-        )
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, shape, weight, eps):
+        dims = tuple(range(-len(shape), 0))
+        rstd = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return F.rms_norm(x, shape, weight, eps), rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        x, shape, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.dims = tuple(range(-len(shape), 0))
+        ctx.save_for_backward(x, output[1], weight)
+        ctx.save_for_forward(x, output[1], weight)
+
+    @staticmethod
+    def _unit(g, x_hat, rstd, dims):
+        return rstd * (g - x_hat * (x_hat * g).mean(dims, keepdim=True))
+
+    @staticmethod
+    def backward(ctx, grad, _rstd):
+        if grad is None:
+            return (None,) * 4
+        x, rstd, weight = ctx.saved_tensors
+        x_hat = x * rstd
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _RMSNorm._unit(grad if weight is None else grad * weight, x_hat, rstd, ctx.dims)
+        if weight is not None and ctx.needs_input_grad[2]:
+            gw = (grad * x_hat).reshape(-1, *weight.shape).sum(0)
+        return gx, None, gw, None
+
+    @staticmethod
+    def jvp(ctx, dx, _shape, dweight, _eps):
+        x, rstd, weight = ctx.saved_tensors
+        with _rule_context():
+            x_hat = x * rstd
+            out = None
+            if dx is not None:
+                out = _RMSNorm._unit(dx, x_hat, rstd, ctx.dims)
+                if weight is not None:
+                    out = out * weight
+            if dweight is not None:
+                out = _add(out, x_hat * dweight)
+            return (torch.zeros_like(x) if out is None else out.expand(x.shape)), None
 
 
 class _Pointwise(torch.autograd.Function):
@@ -453,17 +427,3 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     if lean_rules_active():
         return _Pointwise.apply(x, "gelu", approximate)
     return F.gelu(x, approximate=approximate)
-
-
-class SiLU(nn.SiLU):
-    """``torch.nn.SiLU`` with the lean forward-mode rule (:func:`silu`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu(x)
-
-
-class GELU(nn.GELU):
-    """``torch.nn.GELU`` with the lean forward-mode rule (:func:`gelu`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu(x, self.approximate)
