@@ -282,3 +282,25 @@ def test_aux_head_is_improved_meanflows_option():
                   [("objective", "imf"), ("model.aux_depth", 2), ("model.aux_head", True)]):
         with pytest.raises(MeanFlowError, match="aux_"):
             configure(TrainConfig(), "tiny", pairs).validate()
+
+
+def test_the_imf_preset_is_the_authors_recipe():
+    """configs/default.py and configs/train_config.yml (imfDiT_B_2): batch 1024, lr 1e-4 with
+    10 warm-up epochs then constant, Adam b2 0.95, constant EMA 0.9999, 640 epochs (ImageNet's
+    1,281,167 images, drop_last), data_proportion 0.5, P (-0.4, 1.0), cfg s_max 7, class
+    dropout 0.1, norm_p 1, norm_eps 0.01, aux head on the last 8 of 12 blocks, fp32."""
+    cfg = configure(TrainConfig(), "imagenet256-imf-b2", [])
+    cfg.validate()
+    epoch = 1_281_167 // 1024
+    assert cfg.objective == "imf" and cfg.model.arch == "dit" and cfg.model.size == "B/2"
+    assert cfg.model.aux_head and cfg.model.aux_depth == AUX_HEAD_DEPTH_B2
+    assert (cfg.batch_size, cfg.optim.lr, cfg.optim.schedule) == (1024, 1e-4, "constant")
+    assert cfg.optim.warmup == 10 * epoch and cfg.steps == 640 * epoch
+    assert (cfg.optim.beta1, cfg.optim.beta2) == (0.9, 0.95)
+    assert cfg.ema_decay == 0.9999 and not cfg.ema_warmup and cfg.precision == "fp32"
+    assert cfg.time.ratio == 1 - DATA_PROPORTION and cfg.time.order == "sorted"
+    assert (cfg.time.mean, cfg.time.std) == (P_MEAN, P_STD)
+    assert cfg.guidance.inputs and cfg.guidance.omega_max == 1 + S_MAX
+    assert cfg.guidance.label_dropout == CLASS_DROPOUT and cfg.guidance.drop_rows == "r=t"
+    assert (cfg.loss.p, cfg.loss.c) == (NORM_P, NORM_EPS)
+    assert not cfg.hflip and cfg.data_shape == "4x32x32" and cfg.num_classes == 1000
