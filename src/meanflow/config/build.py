@@ -50,6 +50,7 @@ def _unet(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int) -> nn.Modu
         input_size=size,
         num_classes=num_classes,
         guidance_inputs=cfg.guidance.inputs,
+        aux_head=cfg.model.aux_head,
         **overrides,
     )
 
@@ -95,6 +96,7 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
             time_dim=m.time_dim,
             num_classes=num_classes,
             guidance_inputs=inputs,
+            aux_head=m.aux_head,
         )
     check(
         len(shape) == 3 and shape[1] == shape[2],
@@ -117,6 +119,8 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
             in_channels=shape[0],
             num_classes=num_classes,
             guidance_inputs=inputs,
+            aux_head=m.aux_head,
+            aux_depth=m.aux_depth,
         )
     raise MeanFlowError(f"unknown model.arch {m.arch!r}; available: mlp, unet, songunet, dit")
 
@@ -151,6 +155,7 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
         jvp_dtype=cfg.loss.jvp_dtype,
         **_jvp_options(cfg),
         **own,
+        **({"aux_head": True} if cfg.model.aux_head else {}),
     )
 
 

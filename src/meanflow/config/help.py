@@ -67,6 +67,11 @@ KEY_HELP = {
     "model.channels": "U-Net base channels (0: the config's)",
     "model.blocks": "U-Net ResBlocks per level (0: the config's)",
     "model.dropout": "U-Net dropout (-1: the config's)",
+    "model.aux_head": "imf: the authors' auxiliary velocity head, a second network output v "
+    "that gives iMF's JVP tangent and guidance terms and has its own loss (mlp, unet, dit; "
+    "unused at sampling); false: the parameter-free tangent u(z, t, t)",
+    "model.aux_depth": "dit with model.aux_head: last blocks branched into each head (the "
+    "authors' B/2: 8 of 12; 0: a second final layer only)",
     "model.time_input": "time quantities the MLP sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
     "(paper Table 1c; image networks embed t, t-r)",
     "model.time_dim": "sinusoidal features per time quantity",

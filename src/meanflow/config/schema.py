@@ -43,6 +43,8 @@ class ModelConfig:
     channels: int = 0  # U-Net base channels (0: the size's default)
     blocks: int = 0  # U-Net ResBlocks per level (0: the size's default)
     dropout: float = -1.0  # U-Net dropout (-1: the size's default)
+    aux_head: bool = False  # imf: the authors' auxiliary velocity head (a second output)
+    aux_depth: int = 0  # dit with aux_head: last blocks branched per head (authors' B/2: 8)
 
 
 @dataclass
@@ -282,6 +284,20 @@ class TrainConfig:
             f"MeanFlow's guidance (--objective imf), not {self.objective}'s",
         )
         check(g.omega_max >= 1, f"guidance.omega_max must be >= 1, got {g.omega_max}")
+        m = self.model
+        check(
+            not m.aux_head or self.objective == "imf",
+            f"model.aux_head=true is improved MeanFlow's velocity head (--objective imf), "
+            f"not {self.objective}'s",
+        )
+        check(
+            not m.aux_head or m.arch in ("mlp", "unet", "dit"),
+            f"model.aux_head=true is built for the mlp, unet and dit networks, not {m.arch}",
+        )
+        check(
+            m.aux_depth == 0 or (m.aux_head and m.arch == "dit"),
+            "model.aux_depth (blocks per head) needs model.aux_head=true and model.arch=dit",
+        )
         a = self.alpha
         check(
             0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,

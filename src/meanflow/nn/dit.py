@@ -14,6 +14,12 @@ Attention is :func:`.attention.attention`: SDPA's fast kernel forward with its o
 forward-mode and backward rules, so it needs no math backend inside the JVP. With
 ``input_size=32, in_channels=4, num_classes=1000`` the sizes in :data:`DIT_CONFIGS` give
 about 131M (B/2), 308M (M/2), 459M (L/2) and 676M (XL/2) parameters.
+
+``aux_head=True`` adds improved MeanFlow's auxiliary velocity head: the last ``aux_depth``
+blocks branch into two heads of ``aux_depth`` blocks each (the first ``depth - aux_depth``
+blocks are shared), each with its own final layer; ``aux_depth = 0`` shares every block and
+adds a final layer only (the authors' B/2: depth 12, ``aux_depth`` 8). ``model(..., aux=True)``
+returns ``(u, v)`` from one pass, ``model(...)`` ``u`` alone (the v-head is not run).
 """
 
 from __future__ import annotations
@@ -120,8 +126,14 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         guidance_inputs: bool = False,
+        aux_head: bool = False,
+        aux_depth: int = 0,
     ) -> None:
         super().__init__()
+        check(
+            0 <= aux_depth <= depth and (aux_head or aux_depth == 0),
+            f"aux_depth must be in [0, depth={depth}] and needs aux_head, got {aux_depth}",
+        )
         check(
             input_size >= 1 and in_channels >= 1 and patch >= 1,
             "input_size, in_channels and patch must be >= 1, "
@@ -142,6 +154,9 @@ class DiT(nn.Module):
         self.cond = Conditioning(hidden, num_classes, guidance_inputs)
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(hidden, patch * patch * in_channels)
+        self.aux_depth = aux_depth
+        self.aux_blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio) for _ in range(aux_depth))
+        self.aux_final = FinalLayer(hidden, patch * patch * in_channels) if aux_head else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,8 +175,10 @@ class DiT(nn.Module):
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         if self.cond.label is not None:
             nn.init.normal_(self.cond.label.weight, std=0.02)
-        blocks = cast("list[Block]", list(self.blocks))  # ModuleList items are typed nn.Module
-        for layer in [blk.ada[1] for blk in blocks] + [self.final.ada[1], self.final.linear]:
+        blocks = cast("list[Block]", [*self.blocks, *self.aux_blocks])  # typed nn.Module
+        finals = [self.final] + ([self.aux_final] if self.aux_final is not None else [])
+        outs = [layer for f in finals for layer in (f.ada[1], f.linear)]
+        for layer in [blk.ada[1] for blk in blocks] + outs:
             assert isinstance(layer, nn.Linear)  # Sequential indexing is typed Sequential | Module
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -173,14 +190,33 @@ class DiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``u`` (``aux=True``: ``(u, v)``, the auxiliary head's output too)."""
+        check(
+            not aux or self.aux_final is not None,
+            "aux=True needs the auxiliary velocity head (--set model.aux_head=true)",
+        )
         check_image_call("DiT", z, r, t, y, self.in_channels, self.input_size)
-        b = z.shape[0]
         c = self.cond(r.to(z.dtype), t.to(z.dtype), y, guidance)
         x = self.patchify(z).flatten(2).transpose(1, 2) + self.pos_embed.to(z.dtype)
-        for block in self.blocks:
+        shared = len(self.blocks) - self.aux_depth
+        for block in self.blocks[:shared]:
             x = block(x, c)
-        x = self.final(x, c)  # (B, g*g, p*p*C)
+        u = x
+        for block in self.blocks[shared:]:
+            u = block(u, c)
+        u = self.unpatchify(self.final(u, c))
+        if not aux:
+            return u
+        assert self.aux_final is not None  # checked above
+        for block in self.aux_blocks:
+            x = block(x, c)
+        return u, self.unpatchify(self.aux_final(x, c))
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, g*g, p*p*C) tokens -> (B, C, g*p, g*p) images."""
+        b = x.shape[0]
         g, p, ch = self.grid, self.patch, self.in_channels
         x = x.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return x.reshape(b, ch, g * p, g * p)

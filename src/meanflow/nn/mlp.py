@@ -6,6 +6,10 @@ network represent how ``u`` changes with ``t`` and ``t - r``) -> Linear to D. Ti
 default to ``(t, t - r)`` (see embeddings.py).
 Labels, when ``num_classes > 0``, use a learned table with one extra row for the null label
 (index ``num_classes``) that classifier-free guidance drops to.
+
+``aux_head=True`` adds a second output layer on the shared trunk (improved MeanFlow's auxiliary
+velocity head): ``model(..., aux=True)`` returns ``(u, v)`` from one pass, ``model(...)`` ``u``
+alone, so sampling and every other caller see the one-output network.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class MLP(nn.Module):
         num_classes: int = 0,
         label_dim: int = 32,
         guidance_inputs: bool = False,
+        aux_head: bool = False,
     ) -> None:
         super().__init__()
         check(dim >= 1, f"data dimension must be >= 1, got {dim}")
@@ -46,6 +51,7 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth - 1))
         self.cond = nn.ModuleList(Linear(cond_dim, hidden, bias=False) for _ in range(depth - 1))
         self.out = Linear(hidden, dim)
+        self.aux_out = Linear(hidden, dim) if aux_head else None
 
     def forward(
         self,
@@ -54,7 +60,13 @@ class MLP(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``u`` (``aux=True``: ``(u, v)``, the auxiliary head's output too)."""
+        check(
+            not aux or self.aux_out is not None,
+            "aux=True needs the auxiliary velocity head (--set model.aux_head=true)",
+        )
         parts = [self.time(r.to(z.dtype), t.to(z.dtype))]
         if self.label is not None:
             if y is None:
@@ -73,4 +85,7 @@ class MLP(nn.Module):
         h = silu(self.inp(torch.cat([z, c], dim=1)))
         for layer, cond in zip(self.layers, self.cond):
             h = silu(layer(h) + cond(c))
+        if aux:
+            assert self.aux_out is not None  # checked above
+            return self.out(h), self.aux_out(h)
         return self.out(h)

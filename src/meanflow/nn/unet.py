@@ -161,6 +161,7 @@ class UNet(nn.Module):
         groups: int = 32,
         heads: int = 1,
         guidance_inputs: bool = False,
+        aux_head: bool = False,
     ) -> None:
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
@@ -235,6 +236,11 @@ class UNet(nn.Module):
                     stage.append(Upsample(ch))
                 self.up.append(stage)
         self.out = nn.Sequential(GroupNorm(groups, ch), SiLU(), conv3x3(ch, in_channels, zero=True))
+        self.aux_out = (  # improved MeanFlow's auxiliary velocity head (forward's aux=True)
+            nn.Sequential(GroupNorm(groups, ch), SiLU(), conv3x3(ch, in_channels, zero=True))
+            if aux_head
+            else None
+        )
 
     def forward(
         self,
@@ -243,7 +249,13 @@ class UNet(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``u`` (``aux=True``: ``(u, v)``, the auxiliary head's output too)."""
+        check(
+            not aux or self.aux_out is not None,
+            "aux=True needs the auxiliary velocity head (--set model.aux_head=true)",
+        )
         check_image_call("UNet", z, r, t, y, self.in_channels, self.input_size)
         emb = silu(self.cond(r.to(z.dtype), t.to(z.dtype), y, guidance))
         h = self.conv_in(z)
@@ -254,6 +266,9 @@ class UNet(nn.Module):
         h = self.mid(h, emb)
         for stage in self.up:
             h = stage(torch.cat([h, hs.pop()], dim=1), emb)
+        if aux:
+            assert self.aux_out is not None  # checked above
+            return self.out(h), self.aux_out(h)
         return self.out(h)
 
 

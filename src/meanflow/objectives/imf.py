@@ -13,21 +13,41 @@ prediction of the velocity at ``z`` (a stop-gradient), not the conditional ``v =
 estimates the right tangent, where ``v`` is one noisy sample of it; the target then depends on
 the data only through ``v~``, the "more standard regression" of the paper.
 
-``v_hat`` here is the parameter-free variant: ``u(z, t, t | y)`` (the average velocity over an
-empty interval is the instantaneous one), evaluated without graph and in eval mode, as the
-guidance terms. The authors' default is an auxiliary velocity head trained with a second loss;
-the r = t rows train ``u(z, t, t)`` on ``v~`` here, which is that loss for this variant.
+Two estimates of ``v_hat``:
+
+* the authors' (``aux_head=True``, the network built with ``model.aux_head=true``): an
+  auxiliary velocity head ``v(z, r, t)``, a second output of the network
+  (``model(z, r, t, y, aux=True) -> (u, v)``). The tangent is the v-head at ``(z, t, t)``
+  (``h = 0``) at the row's guidance scale, without graph, in eval mode; the guidance terms of
+  ``v~`` come from the v-head too; and the v-head output of the same forward as ``u`` gets its
+  own adaptive-weighted loss (weight 1):
+
+      L = ||V - v~||^2 / sg((||V - v~||^2 + c)^p) + ||v - v~||^2 / sg((||v - v~||^2 + c)^p).
+
+  The JVP then runs on the whole batch (the authors' way; the ``jvp`` mode is not used),
+  with the ``forward-ad`` or ``finite-difference`` back-end (``func`` is refused: its
+  auxiliary output would need ``has_aux`` in :mod:`meanflow.flow.jvp`). Sampling calls the
+  network without ``aux``: the v-head is not used.
+* parameter-free (``aux_head=False``, the default): ``u(z, t, t | y)`` (the average velocity
+  over an empty interval is the instantaneous one), evaluated without graph and in eval mode,
+  as the guidance terms; the r = t rows train ``u(z, t, t)`` on ``v~``, which is the v-loss for
+  this variant.
+
 Adaptive weighting as MeanFlow's (the authors: ``p = 1``, ``c = 0.01``). With the guidance
 scale and interval as network inputs (:class:`GuidanceInputs`, ``--set guidance.inputs=true``)
-the scale is chosen at sampling time, still in one evaluation.
+the scale is chosen at sampling time, still in one evaluation. docs/method.md, "iMF: ours vs
+the authors'", lists what matches the official code (Lyy-iiis/imeanflow) and what differs.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
+from torch.autograd import forward_ad as fwAD
 
 from ..errors import check
-from ..flow.jvp import at_least_float32
+from ..flow.jvp import at_least_float32, finite_difference
 from ..flow.path import PathSample, broadcast_time
 from ..flow.times import TimeSampler
 from .guidance import Guidance, guidance_attribute, guidance_from, set_guidance_attribute
@@ -36,15 +56,128 @@ from .rows import Conditioned, Draws, evaluation_mode, rows_first
 
 
 class ImprovedMeanFlow(MeanFlow):
-    """iMF (module docstring); arguments as :class:`MeanFlow` (``guidance`` included). One
-    extra no-grad network evaluation per r != t row (``v_hat``)."""
+    """iMF (module docstring); arguments as :class:`MeanFlow` (``guidance`` included), and
+
+    Args:
+        aux_head: the authors' auxiliary velocity head (the network takes ``aux=True`` and
+            returns ``(u, v)``): ``v_hat`` and the guidance terms from the v-head, plus its
+            loss. False: the parameter-free ``v_hat = u(z, t, t)``.
+
+    One extra no-grad network evaluation per r != t row (``v_hat``; with ``aux_head``, per
+    row)."""
+
+    def __init__(self, time_sampler: TimeSampler | None = None, *, aux_head: bool = False, **kw):
+        super().__init__(time_sampler, **kw)
+        self.aux_head = bool(aux_head)
+        check(
+            not self.aux_head or self.jvp_backend in ("forward-ad", "finite-difference"),
+            "the auxiliary velocity head needs jvp_backend forward-ad or finite-difference "
+            f"(func would need has_aux in the JVP), got {self.jvp_backend}",
+        )
+
+    def velocity(self, model, path: PathSample, r, t, y) -> torch.Tensor:
+        """``v~`` with its guidance terms from the v-head when there is one."""
+        return super().velocity(velocity_head(model) if self.aux_head else model, path, r, t, y)
 
     def tangent(self, model, z, r, t, v, y) -> torch.Tensor:
-        """``v_hat = sg(u(z, t, t | y))``, the network's velocity at ``z``, in eval mode (with
-        guidance inputs, at the row's guidance scale: :meth:`GuidanceInputs.velocity_model`)."""
-        net = model if self.guidance is None else self.guidance.velocity_model(model, t)
+        """``v_hat = sg(u(z, t, t | y))`` (with ``aux_head``, the v-head's ``v(z, t, t | y)``),
+        the network's velocity at ``z``, in eval mode (with guidance inputs, at the row's
+        guidance scale: :meth:`GuidanceInputs.velocity_model`)."""
+        net = velocity_head(model) if self.aux_head else model
+        net = net if self.guidance is None else self.guidance.velocity_model(net, t)
         with torch.no_grad(), evaluation_mode(net):
             return at_least_float32(net(z, t, t, y=y)).to(v.dtype)
+
+    def prediction_and_target(self, model, z, r, t, v, y):
+        """As :meth:`MeanFlow.prediction_and_target`; with ``aux_head`` on the whole batch,
+        keeping the v-head output of the same forward (and ``v~``) for :meth:`_loss`."""
+        if not self.aux_head:
+            return super().prediction_and_target(model, z, r, t, v, y)
+        tangent = self.tangent(model, z, r, t, v, y)
+        if self.jvp_backend == "finite-difference":  # as total_derivative: u, then no graph
+            zf, rf, tf, tan = (at_least_float32(a) for a in (z, r, t, tangent))
+            with ExitStack() as stack:
+                if self.jvp_dtype != "autocast":
+                    stack.enter_context(torch.autocast(device_type=z.device.type, enabled=False))
+                u, v_head = _call_aux(model, zf, rf, tf, y)
+                dudt = finite_difference(
+                    lambda z_, r_, t_: _call_aux(model, z_, r_, t_, y)[0],
+                    zf,
+                    rf,
+                    tf,
+                    tan,
+                    at_least_float32(u.detach()),
+                    self.fd_step,
+                    self.fd_scheme,
+                )
+        else:
+            both = _BothHeads(model)
+            u, dudt = self._derivative(both, z, r, t, tangent, y)
+            v_head = both.v
+        target = (at_least_float32(v) - broadcast_time(t - r, dudt) * dudt).detach()
+        self._aux = (at_least_float32(v_head), at_least_float32(v).detach())
+        return u, target
+
+    def _loss(self, model, x, y, noise, r, t, generator, cond=None):
+        """MeanFlow's loss (on ``V``); with ``aux_head`` plus the v-head's adaptive-weighted
+        ``||v - v~||^2`` (weight 1), in ``loss`` and ``per_sample`` (``err`` stays V's)."""
+        out = super()._loss(model, x, y, noise, r, t, generator, cond)
+        if not self.aux_head:
+            return out
+        v_head, target = self._aux
+        del self._aux
+        err_v = (v_head - target).pow(2).flatten(1).sum(dim=1)
+        out.per_sample = out.per_sample + err_v / (err_v.detach() + self.c).pow(self.p)
+        out.loss = out.per_sample.mean()
+        return out
+
+
+class _VelocityHead(torch.nn.Module):
+    """The v-head of a two-headed network as a one-output model: ``v(z, r, t | y, ...)``."""
+
+    def __init__(self, net) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, r, t, y=None, **inputs):
+        return _call_aux(self.net, z, r, t, y, **inputs)[1]
+
+
+class _BothHeads(torch.nn.Module):
+    """``u`` of a two-headed network as a one-output model for the JVP, keeping the v-head
+    output of the last call in ``self.v`` (with its graph; under forward-mode AD the primal)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.v: torch.Tensor | None = None
+
+    def forward(self, z, r, t, y=None):
+        u, v = _call_aux(self.model, z, r, t, y)
+        self.v = fwAD.unpack_dual(v).primal
+        return u
+
+
+def _call_aux(model, z, r, t, y=None, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, v)`` of a network with the auxiliary velocity head (per-row inputs of a
+    :class:`Conditioned` passed on)."""
+    if isinstance(model, Conditioned):
+        return _call_aux(model.net, z, r, t, y, **{**model.cond, **inputs})
+    out = model(z, r, t, y=y, aux=True, **inputs)
+    check(
+        isinstance(out, tuple) and len(out) == 2,
+        "aux_head=true needs a network with the auxiliary velocity head "
+        "(--set model.aux_head=true), returning (u, v) for aux=True",
+    )
+    return out
+
+
+def velocity_head(model):
+    """``model``'s v-head as a one-output model (per-row inputs of a :class:`Conditioned`
+    kept, so guidance sees its inputs as before)."""
+    if isinstance(model, Conditioned):
+        return Conditioned(_VelocityHead(model.net), model.cond)
+    return _VelocityHead(model)
 
 
 class GuidanceInputs(Guidance):
