@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import md_table, save_results  # noqa: E402
 
 from meanflow.config.presets import configure
-from meanflow.config.schema import parse_overrides
+from meanflow.config.overrides import parse_overrides
 from meanflow.data import load_vectors
 from meanflow.eval import energy_distance, sliced_wasserstein
 from meanflow.train import TrainConfig, load_run, train

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from meanflow.config.presets import configure
-from meanflow.config.schema import parse_overrides
+from meanflow.config.overrides import parse_overrides
 from meanflow.data import TOY_DATASETS, load_vectors
 from meanflow.eval import energy_distance, sliced_wasserstein
 from meanflow.train import TrainConfig, load_run, train

@@ -104,7 +104,8 @@ def command_problem(text: str) -> str | None:
     """Why the command line ``text`` (``meanflow ...``) would be refused, or None if it parses."""
     from meanflow.cli import build_parser
     from meanflow.config.presets import PRESETS
-    from meanflow.config.schema import TrainConfig, config_keys, set_value
+    from meanflow.config.overrides import set_value
+    from meanflow.config.schema import TrainConfig, config_keys
     from meanflow.errors import MeanFlowError
 
     try:

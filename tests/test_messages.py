@@ -173,7 +173,7 @@ def test_a_run_directory_as_data_or_reference_is_named_as_one(tiny_run, capsys, 
 
 
 def test_set_with_a_space_instead_of_equals_shows_the_joined_form(capsys, tmp_path):
-    from meanflow.config.schema import parse_overrides
+    from meanflow.config.overrides import parse_overrides
 
     err = _one_line(*run(capsys, "train", "--data", "rings", "--out", str(tmp_path / "r"),
                          "--set", "time.ratio", "0.5", "--quiet"))

@@ -73,8 +73,9 @@ def add_ablate_parser(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
+    from ..config.overrides import parse_overrides
     from ..config.presets import configure, default_preset
-    from ..config.schema import TrainConfig, parse_overrides
+    from ..config.schema import TrainConfig
     from ..train.ablation import run_study, write_report
     from ..train.batches import open_training_data
 

@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 
+from ..config.overrides import parse_overrides
 from ..config.presets import PRESETS
-from ..config.schema import OBJECTIVES, config_keys, parse_overrides
+from ..config.schema import OBJECTIVES, config_keys
 from ..errors import check
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import from_env

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MeanFlowError
-from .schema import TrainConfig, _suggest, set_value
+from .overrides import _suggest, set_value
+from .schema import TrainConfig
 
 # The authors' ImageNet 256x256 latent recipe (paper Sec. 5.1, appendix Table 4): SD-VAE latents
 # 32x32x4, batch 256, Adam (0.9, 0.95), constant lr 1e-4, EMA 0.9999, 25% r != t,

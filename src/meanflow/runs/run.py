@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..config.build import build_model
-from ..config.schema import TrainConfig, _suggest
+from ..config.overrides import _suggest
+from ..config.schema import TrainConfig
 from ..data.vae import latent_decoder
 from ..errors import MeanFlowError, check
 from ..flow.sampling import sample

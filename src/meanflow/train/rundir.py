@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from ..config.overrides import flatten
 from ..config.presets import PRESETS, configure, default_preset
-from ..config.schema import TrainConfig, flatten
+from ..config.schema import TrainConfig
 from ..data import TrainingSet
 from ..errors import MeanFlowError, check, plural
 from ..runs.checkpoint import list_checkpoints, load_latest_good
