@@ -160,3 +160,22 @@ def test_mix_zero_draws_as_before():
     b = TimeSampler(mean=-0.6, std=1.6, ratio=0.75, mix=0.0)(64, generator=g)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert bool((g.get_state() == torch.Generator().manual_seed(8).get_state()).all()) is False
+
+
+@pytest.mark.parametrize("pair", [(0.0, 1.0), (0.5, 1.0), (0.0, 0.5), (0.75, 1.0), (0.25, 0.5)])
+def test_toy_2d_preset_trains_the_k_step_pairs(pair):
+    """The (r, t) pairs of the 1-, 2- and 4-step samplers (uniform schedules 1 -> 0) each get a
+    share of the toy-2d preset's rows near them: within 0.05 in r and t, at least half of what
+    the uniform triangle law (density 2 on 0 <= r <= t <= 1) gives its 75% r != t rows."""
+    from meanflow.train import TrainConfig
+    from meanflow.train.presets import configure
+
+    sampler = configure(TrainConfig(), "toy-2d").time
+    n, h = 400_000, 0.05
+    r, t = sampler(n, generator=torch.Generator().manual_seed(9))
+    near = ((r - pair[0]).abs() <= h) & ((t - pair[1]).abs() <= h) & (r < t)
+    # the uniform triangle's mass in that window: 2 x its area inside the triangle
+    lo_r, hi_r = max(pair[0] - h, 0.0), pair[0] + h
+    lo_t, hi_t = pair[1] - h, min(pair[1] + h, 1.0)
+    area = (hi_r - lo_r) * (hi_t - lo_t) if hi_r <= lo_t else (hi_r - lo_r) * (hi_t - lo_t) / 2
+    assert near.double().mean().item() >= 0.5 * 0.75 * 2 * area
