@@ -110,12 +110,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # authors' improved CIFAR-10 times, plain squared error (p = 0), cosine lr. time.mix: 3 of 4
     # rows draw (r, t) uniformly on the triangle instead: r ~ LN(-4, 1.6) alone almost never
     # trains the pairs of the 2- and 4-step samplers (r >= 0.5), whose SWD was 2-3x the 1-step
-    # one; chosen on 2-D sets outside the built-ins, checked on others (docs/onestep.md).
+    # one. model.time_input t,r: the MLP sees (t, r), not (t, t - r): 1-step SWD about 0.6x on
+    # the same sets. Both chosen on 2-D sets outside the built-ins, checked on others
+    # (docs/onestep.md).
     "toy-2d": {
         "steps": 8000,
         "batch_size": 1024,
         "model.hidden": 256,
         "model.depth": 4,
+        "model.time_input": "t,r",
         "optim.lr": 1e-3,
         "optim.schedule": "cosine",
         "ema_decay": 0.999,
