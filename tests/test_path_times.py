@@ -70,7 +70,112 @@ def test_time_sampler_is_reproducible_with_a_seed():
 
 
 @pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(std=0.0),
-                                    dict(r_std=-1.0), dict(dist="beta")])
+                                    dict(r_std=-1.0), dict(dist="beta"),
+                                    dict(mix=-0.1), dict(mix=1.5)])
 def test_time_sampler_rejects_bad_settings(kwargs):
     with pytest.raises(MeanFlowError):
         TimeSampler(**kwargs)
+
+
+def test_mix_rows_are_uniform_on_the_triangle():
+    """With mix = 1 every row's two draws are U[0, 1], so (r, t) = (min, max) is uniform on the
+    triangle r <= t: P(t - r >= d) = (1 - d)^2, P(r >= 1/2) = 1/4, E[t] = 2/3, E[r] = 1/3,
+    whatever the logit-normal settings."""
+    n = 200_000
+    s = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0, mix=1.0)
+    r, t = s(n, generator=torch.Generator().manual_seed(6))
+    tol = 4 * math.sqrt(0.25 / n)
+    assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(r.mean().item() - 1 / 3) < 0.005
+    assert abs((r >= 0.5).double().mean().item() - 0.25) < tol
+    for d in (0.25, 0.5, 0.75):
+        assert abs((t - r >= d).double().mean().item() - (1 - d) ** 2) < tol
+
+
+def test_mix_is_a_per_row_mixture_of_the_two_laws():
+    """P(r >= 1/2) under mix m is (1 - m) P_LN(r >= 1/2) + m / 4, with P_LN for the minimum of
+    a ~ LN(-0.6, 1.6), b ~ LN(-4, 1.6): P(a >= 1/2) P(b >= 1/2) (the logit of 1/2 is 0)."""
+    n, m = 400_000, 0.3
+    norm = torch.distributions.Normal(0.0, 1.0)
+    p_a, p_b = (1 - norm.cdf(torch.tensor(x / 1.6)).item() for x in (0.6, 4.0))
+    expected = (1 - m) * p_a * p_b + m / 4
+    s = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0, mix=m)
+    r, t = s(n, generator=torch.Generator().manual_seed(7))
+    assert bool(((0 <= r) & (r <= t) & (t <= 1)).all())
+    p = (r >= 0.5).double().mean().item()
+    assert abs(p - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_mix_zero_draws_as_before():
+    """mix = 0 adds no draws: the stream is a, b, then the r != t coin, as without mixing."""
+    r, t = TimeSampler(mean=-0.6, std=1.6, ratio=0.75, mix=0.0)(
+        64, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    a = torch.sigmoid(-0.6 + 1.6 * torch.randn(64, generator=g))
+    b = torch.sigmoid(-0.6 + 1.6 * torch.randn(64, generator=g))
+    distinct = torch.rand(64, generator=g) < 0.75
+    assert torch.equal(t, torch.maximum(a, b))
+    assert torch.equal(r, torch.where(distinct, torch.minimum(a, b), t))
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(std=0.0),
+                                    dict(r_std=-1.0), dict(dist="beta"),
+                                    dict(mix=-0.1), dict(mix=1.5)])
+def test_time_sampler_rejects_bad_settings(kwargs):
+    with pytest.raises(MeanFlowError):
+        TimeSampler(**kwargs)
+
+
+def test_mix_rows_are_uniform_on_the_triangle():
+    """With mix = 1 every row's two draws are U[0, 1], so (r, t) = (min, max) is uniform on the
+    triangle r <= t: P(t - r >= d) = (1 - d)^2, P(r >= 1/2) = 1/4, E[t] = 2/3, E[r] = 1/3,
+    whatever the logit-normal settings."""
+    n = 200_000
+    s = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0, mix=1.0)
+    r, t = s(n, generator=torch.Generator().manual_seed(6))
+    tol = 4 * math.sqrt(0.25 / n)
+    assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(r.mean().item() - 1 / 3) < 0.005
+    assert abs((r >= 0.5).double().mean().item() - 0.25) < tol
+    for d in (0.25, 0.5, 0.75):
+        assert abs((t - r >= d).double().mean().item() - (1 - d) ** 2) < tol
+
+
+def test_mix_is_a_per_row_mixture_of_the_two_laws():
+    """P(r >= 1/2) under mix m is (1 - m) P_LN(r >= 1/2) + m / 4, with P_LN for the minimum of
+    a ~ LN(-0.6, 1.6), b ~ LN(-4, 1.6): P(a >= 1/2) P(b >= 1/2) (the logit of 1/2 is 0)."""
+    n, m = 400_000, 0.3
+    norm = torch.distributions.Normal(0.0, 1.0)
+    p_a, p_b = (1 - norm.cdf(torch.tensor(x / 1.6)).item() for x in (0.6, 4.0))
+    expected = (1 - m) * p_a * p_b + m / 4
+    s = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0, mix=m)
+    r, t = s(n, generator=torch.Generator().manual_seed(7))
+    assert bool(((0 <= r) & (r <= t) & (t <= 1)).all())
+    p = (r >= 0.5).double().mean().item()
+    assert abs(p - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_mix_zero_draws_as_before():
+    """mix = 0 adds no draws: the same stream as a sampler without the field."""
+    a = TimeSampler(mean=-0.6, std=1.6, ratio=0.75)(64, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    b = TimeSampler(mean=-0.6, std=1.6, ratio=0.75, mix=0.0)(64, generator=g)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert bool((g.get_state() == torch.Generator().manual_seed(8).get_state()).all()) is False
+
+
+@pytest.mark.parametrize("pair", [(0.0, 1.0), (0.5, 1.0), (0.0, 0.5), (0.75, 1.0), (0.25, 0.5)])
+def test_toy_2d_preset_trains_the_k_step_pairs(pair):
+    """The (r, t) pairs of the 1-, 2- and 4-step samplers (uniform schedules 1 -> 0) each get a
+    share of the toy-2d preset's rows near them: within 0.05 in r and t, at least half of what
+    the uniform triangle law (density 2 on 0 <= r <= t <= 1) gives its 75% r != t rows."""
+    from meanflow.train import TrainConfig
+    from meanflow.train.presets import configure
+
+    sampler = configure(TrainConfig(), "toy-2d").time
+    n, h = 400_000, 0.05
+    r, t = sampler(n, generator=torch.Generator().manual_seed(9))
+    near = ((r - pair[0]).abs() <= h) & ((t - pair[1]).abs() <= h) & (r < t)
+    # the uniform triangle's mass in that window: 2 x its area inside the triangle
+    lo_r, hi_r = max(pair[0] - h, 0.0), pair[0] + h
+    lo_t, hi_t = pair[1] - h, min(pair[1] + h, 1.0)
+    area = (hi_r - lo_r) * (hi_t - lo_t) if hi_r <= lo_t else (hi_r - lo_r) * (hi_t - lo_t) / 2
+    assert near.double().mean().item() >= 0.5 * 0.75 * 2 * area

@@ -84,6 +84,8 @@ KEY_HELP = {
     "time.order": "`sorted` (t = max, r = min of the two draws; the paper's) or `official-v1` "
     "(t unsorted, mask, then r = min(t, r): the authors' improved CIFAR-10 "
     "sampler; docs/method.md)",
+    "time.mix": "fraction of rows whose two time draws are uniform on [0, 1] instead (trains "
+    "every (r, t) pair a k-step sampler uses; docs/onestep.md)",
     "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",
     "loss.c": "adaptive weight constant c",
     "loss.jvp": "`subset` (JVP only on r != t samples, its output reused for the loss), "

@@ -15,6 +15,13 @@ t and r are drawn independently and t is *not* sorted; with probability ``1 - ra
 r != t ends with r = t whenever its draw of r exceeded t: P(r < t) = ratio * P(b < a), about
 0.70 at ratio 0.75 with their times (t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6)).
 
+``mix`` (0 by default) is the fraction of rows whose two draws ``a``, ``b`` are uniform on [0, 1]
+instead of ``D_t``, ``D_r``: under ``order="sorted"`` those rows' ``(r, t)`` (when r != t) are
+uniform on the triangle ``0 <= r <= t <= 1`` (density 2), so every interval a k-step sampler
+uses, e.g. ``[0.5, 1]``, ``[0, 0.5]``, ``[0.75, 1]``, is trained whatever ``D_r`` is (an r law
+such as LN(-4, 1.6) alone almost never gives r > 0.25). A mixture
+``(1 - mix) D + mix U`` of each draw, chosen per row.
+
 Flow matching (``FlowMatching``) uses :meth:`TimeSampler.single`, one draw ``t ~ D_t``, the
 standard flow-matching sampler, rather than the max of two draws.
 
@@ -46,6 +53,7 @@ class TimeSampler:
     r_std: float | None = None
     ratio: float = 0.25
     order: str = "sorted"
+    mix: float = 0.0
 
     def __post_init__(self) -> None:
         check(
@@ -59,6 +67,10 @@ class TimeSampler:
         check(
             0.0 <= self.ratio <= 1.0,
             f"the fraction of samples with r != t must be in [0, 1], got {self.ratio}",
+        )
+        check(
+            0.0 <= self.mix <= 1.0,
+            f"the fraction of uniform time draws (mix) must be in [0, 1], got {self.mix}",
         )
         for name in ("std", "r_std"):
             value = getattr(self, name)
@@ -91,6 +103,10 @@ class TimeSampler:
         r_mean = self.mean if self.r_mean is None else self.r_mean
         r_std = self.std if self.r_std is None else self.r_std
         b = self._draw(batch_size, r_mean, r_std, generator, device)
+        if self.mix > 0:  # these rows draw a and b uniformly (module docstring)
+            uniform = torch.rand(2, batch_size, generator=generator, device=device)
+            pick = torch.rand(batch_size, generator=generator, device=device) < self.mix
+            a, b = torch.where(pick, uniform[0], a), torch.where(pick, uniform[1], b)
         if self.order == "official-v1":  # mask first, then r = min(t, r); t unsorted
             distinct = torch.rand(batch_size, generator=generator, device=device) < self.ratio
             return torch.minimum(a, torch.where(distinct, b, a)), a
