@@ -30,8 +30,8 @@ from toy_sets import HELD_OUT, TUNING, write  # noqa: E402
 
 from meanflow.eval import sliced_wasserstein  # noqa: E402
 from meanflow.train import TrainConfig, load_run, train  # noqa: E402
-from meanflow.train.config import parse_overrides  # noqa: E402
-from meanflow.train.presets import configure  # noqa: E402
+from meanflow.config.overrides import parse_overrides  # noqa: E402
+from meanflow.config.presets import configure  # noqa: E402
 
 FIELDS = [
     "when", "label", "commit", "set", "group", "seed", "objective", "steps", "settings",

@@ -168,7 +168,7 @@ def test_toy_2d_preset_trains_the_k_step_pairs(pair):
     share of the toy-2d preset's rows near them: within 0.05 in r and t, at least half of what
     the uniform triangle law (density 2 on 0 <= r <= t <= 1) gives its 75% r != t rows."""
     from meanflow.train import TrainConfig
-    from meanflow.train.presets import configure
+    from meanflow.config.presets import configure
 
     sampler = configure(TrainConfig(), "toy-2d").time
     n, h = 400_000, 0.05
