@@ -12,7 +12,7 @@ import os
 import shutil
 
 from ..errors import MeanFlowError
-from .lock import LOCK_NAME
+from .lock import LOCK_NAME, refuse_file
 
 RUN_FILES = (
     "config.json",
@@ -30,8 +30,7 @@ _BOOKKEEPING = (LOCK_NAME, ORIGIN_NAME)
 
 def check_run_dir(out: str, overwrite: bool) -> None:
     """Refuse ``out`` when it is a file, or a non-empty directory and not ``overwrite``."""
-    if os.path.isfile(out):
-        raise MeanFlowError(f"--out {out!r} is an existing file; give a directory path")
+    refuse_file(out)
     if not overwrite and os.path.isdir(out) and set(os.listdir(out)) - set(_BOOKKEEPING):
         raise MeanFlowError(
             f"run directory {out!r} already exists and is not empty; pass "

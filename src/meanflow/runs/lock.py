@@ -28,6 +28,11 @@ from ..runtime import distributed
 LOCK_NAME = ".lock"
 
 
+def refuse_file(out: str) -> None:
+    """A run directory path that names an existing file: one clear error."""
+    check(not os.path.isfile(out), f"--out {out!r} is an existing file; give a directory path")
+
+
 class RunLock:
     """The lock of one run directory, taken with :meth:`acquire` and given back with
     :meth:`release` (or by the process ending)."""
@@ -45,10 +50,7 @@ class RunLock:
         """Take the lock or raise :class:`MeanFlowError` naming the job that holds it."""
         if self._file is not None:
             return
-        check(
-            not os.path.isfile(self.run_dir),
-            f"--out {self.run_dir!r} is an existing file; give a directory path",
-        )
+        refuse_file(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         f = open(self.path, "a+")
         try:

@@ -35,7 +35,7 @@ from ..errors import MeanFlowError, check, plural
 from ..runs.checkpoint import list_checkpoints, load_latest_good
 from ..runs.directory import ORIGIN_NAME, check_run_dir
 from ..runs.load import load_run
-from ..runs.lock import LOCK_NAME, hold_lock
+from ..runs.lock import LOCK_NAME, hold_lock, refuse_file
 from ..runtime import distributed
 from ..runtime.devices import resolve_device
 from .batches import open_training_data, record_data
@@ -183,10 +183,7 @@ def plan_run(req: RunRequest) -> RunPlan:
         "--resume and --overwrite contradict each other; pick one",
     )
     if req.out is not None:
-        check(
-            not os.path.isfile(req.out),
-            f"--out {req.out!r} is an existing file; give a directory path",
-        )
+        refuse_file(req.out)
     existing = (
         req.out is not None
         and not req.overwrite
