@@ -37,10 +37,12 @@ def main() -> None:
 
     # 2. The network u(z, r, t) and the objective. TimeSampler draws (r, t): logit-normal times,
     #    ordered so that r <= t; `ratio` of the rows get r != t, the others r = t (plain flow
-    #    matching). These are the toy-2d preset's choices (docs/benchmarks.md): the authors'
-    #    improved CIFAR-10 times, 75% r != t, and the plain squared error (p = 0).
-    model = MLP(dim=2, hidden=hidden, depth=4)
-    times = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=0.75)
+    #    matching); `mix` of the rows draw both times uniformly instead, so the intervals a
+    #    2- or 4-step sampler uses are trained too. These are the toy-2d preset's choices
+    #    (docs/onestep.md): the authors' improved CIFAR-10 times, 75% r != t, 75% uniform draws,
+    #    the network seeing (t, r), and the plain squared error (p = 0).
+    model = MLP(dim=2, hidden=hidden, depth=4, time_input="t,r")
+    times = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=0.75, mix=0.75)
     objective = MeanFlow(times, p=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
