@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from toy_sets import HELD_OUT, TUNING, write  # noqa: E402
 
-from meanflow.eval import sliced_wasserstein  # noqa: E402
-from meanflow.train import TrainConfig, load_run, train  # noqa: E402
 from meanflow.config.overrides import parse_overrides  # noqa: E402
 from meanflow.config.presets import configure  # noqa: E402
+from meanflow.eval import sliced_wasserstein  # noqa: E402
+from meanflow.train import TrainConfig, load_run, train  # noqa: E402
 
 FIELDS = [
     "when", "label", "commit", "set", "group", "seed", "objective", "steps", "settings",
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--log", default=DEFAULT_LOG)
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep", default="", help="keep each run's directory under this folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.log), exist_ok=True)
@@ -84,8 +85,13 @@ def main() -> None:
             if args.steps:
                 settings.append(("steps", args.steps))
             cfg = configure(TrainConfig(), args.preset, settings + parse_overrides(args.set))
-            with tempfile.TemporaryDirectory() as run_dir:
+            with tempfile.TemporaryDirectory() as tmp:
+                run_dir = tmp
+                if args.keep:
+                    run_dir = os.path.join(args.keep, f"{args.label}-{name}-{seed}")
                 result = train(cfg, run_dir, overwrite=True, progress=False)
+                if result.stopped_by:  # a stopped run is not the run named: log nothing
+                    sys.exit(f"{name} seed {seed}: stopped by {result.stopped_by}, not logged")
                 run = load_run(run_dir)
                 ks = (100,) if args.objective == "flow-matching" else (1, 2, 4)
                 swd = {
