@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from toy_sets import HELD_OUT, TUNING  # noqa: E402
 
+from meanflow.errors import MeanFlowError  # noqa: E402
 from meanflow.eval import sliced_wasserstein  # noqa: E402
 from meanflow.eval.precision_recall import precision_recall  # noqa: E402
 from meanflow.train import load_run  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> None:
         reference = np.load(os.path.join(args.data_dir, f"{name}-test.npy"))
         try:
             measured = measure(run_dir, reference, seed, args.num)
-        except (OSError, RuntimeError, ValueError) as err:  # unfinished: skip it, say so
+        except (OSError, RuntimeError, ValueError, MeanFlowError) as err:  # unfinished: skip
             print(f"skipped {folder}: {err}", file=sys.stderr)
             continue
         rows += [{"label": label, "set": name, "seed": seed, **r} for r in measured]
