@@ -32,6 +32,7 @@ from toy_sets import HELD_OUT, TUNING  # noqa: E402
 from meanflow.errors import MeanFlowError  # noqa: E402
 from meanflow.eval import sliced_wasserstein  # noqa: E402
 from meanflow.eval.precision_recall import precision_recall  # noqa: E402
+from meanflow.plotting import scatter_png  # noqa: E402
 from meanflow.train import load_run  # noqa: E402
 
 FIELDS = ["label", "set", "seed", "objective", "steps", "sampling_steps", "swd", "precision",
@@ -48,17 +49,20 @@ def parse_name(folder: str) -> tuple[str, str, int] | None:
     return None
 
 
-def measure(run_dir: str, reference: np.ndarray, seed: int, num: int) -> list[dict]:
+def measure(
+    run_dir: str, reference: np.ndarray, seed: int, num: int, picture: str = ""
+) -> list[dict]:
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     run = load_run(run_dir)
     if run.step < int(cfg["steps"]):  # still training (or stopped): not the run named
         raise RuntimeError(f"at step {run.step} of {cfg['steps']}")
     ks = (100,) if cfg["objective"] == "flow-matching" else (1, 2, 4)
-    rows = []
+    rows, panels = [], [("held-out points", reference)]
     for k in ks:
         fake = run.sample(num, steps=k, seed=seed)
         pr = precision_recall(reference, fake, k=3)
+        panels.append((f"{k} step{'s' * (k > 1)}, precision {pr['precision']:.2f}", np.asarray(fake)))
         rows.append(
             {
                 "objective": cfg["objective"],
@@ -69,6 +73,8 @@ def measure(run_dir: str, reference: np.ndarray, seed: int, num: int) -> list[di
                 "recall": round(pr["recall"], 4),
             }
         )
+    if picture:
+        scatter_png(picture, panels, lim=float(np.quantile(np.abs(reference), 0.999)) * 1.15)
     return rows
 
 
@@ -85,6 +91,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="CSV to write")
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pictures", default="", help="write LABEL-SET-SEED.png here (seed 0 only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -96,7 +103,11 @@ def main() -> None:
         label, name, seed = parsed
         reference = np.load(os.path.join(args.data_dir, f"{name}-test.npy"))
         try:
-            measured = measure(run_dir, reference, seed, args.num)
+            picture = ""
+            if args.pictures and seed == 0:
+                os.makedirs(args.pictures, exist_ok=True)
+                picture = os.path.join(args.pictures, folder + ".png")
+            measured = measure(run_dir, reference, seed, args.num, picture)
         except (OSError, RuntimeError, ValueError, MeanFlowError) as err:  # unfinished: skip
             print(f"skipped {folder}: {err}", file=sys.stderr)
             continue
