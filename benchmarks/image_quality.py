@@ -61,7 +61,8 @@ def parse_runs(items: list[str]) -> dict[str, str]:
 
 def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> dict[str, float]:
     """Median seconds of one training step per objective: the preset's network, batch and
-    objective, one thread, interleaved rounds (AlphaFlow: over its schedule's fractions)."""
+    objective, one thread, interleaved rounds (AlphaFlow: over its schedule's fractions). An
+    entry may carry settings after the objective's name, ``meanflow+loss.self_velocity=1``."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from results_io import interleaved_times
     from train_step import make_step
@@ -74,8 +75,10 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
     ds = open_data(data)
     gen = torch.Generator().manual_seed(0)
     calls, fractions = {}, [k / 10 + 0.05 for k in range(10)]
-    for objective in objectives:
-        cfg = configure(TrainConfig(), preset, [("objective", objective)])
+    for name in objectives:
+        objective, *settings = name.split("+")
+        sets = [tuple(kv.split("=", 1)) for kv in settings]
+        cfg = configure(TrainConfig(), preset, [("objective", objective), *sets])
         torch.manual_seed(0)
         model = build_model(cfg, ds.shape, ds.num_classes)
         obj = build_objective(cfg, ds.num_classes)
@@ -91,7 +94,7 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
                 obj.at_step(int(fractions[next(turn) % 10] * 1000), 1000)
                 inner()
         step()  # warm-up
-        calls[objective] = step
+        calls[name] = step
     times = interleaved_times(calls, torch.device("cpu"), rounds, repeats=10, rotate=True,
                               block=True)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -8,6 +8,9 @@ median milliseconds per step and each objective's ratio to the first one.
 
     python benchmarks/step_cost.py --preset toy-2d --data checkerboard \\
         --objectives flow-matching,meanflow,imf,alphaflow --rounds 5
+    python benchmarks/step_cost.py --objectives flow-matching,meanflow,meanflow+loss.self_velocity=1
+
+(an entry's ``+key=value`` parts are ``--set`` settings of that entry).
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def test_time_sampler_is_reproducible_with_a_seed():
 
 @pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(std=0.0),
                                     dict(r_std=-1.0), dict(dist="beta"),
-                                    dict(mix=-0.1), dict(mix=1.5)])
+                                    dict(mix=-0.1), dict(mix=1.5),
+                                    dict(flat="min")])
 def test_time_sampler_rejects_bad_settings(kwargs):
     with pytest.raises(MeanFlowError):
         TimeSampler(**kwargs)
@@ -116,50 +117,23 @@ def test_mix_zero_draws_as_before():
     assert torch.equal(t, torch.maximum(a, b))
     assert torch.equal(r, torch.where(distinct, torch.minimum(a, b), t))
 
-
-@pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(std=0.0),
-                                    dict(r_std=-1.0), dict(dist="beta"),
-                                    dict(mix=-0.1), dict(mix=1.5)])
-def test_time_sampler_rejects_bad_settings(kwargs):
-    with pytest.raises(MeanFlowError):
-        TimeSampler(**kwargs)
-
-
-def test_mix_rows_are_uniform_on_the_triangle():
-    """With mix = 1 every row's two draws are U[0, 1], so (r, t) = (min, max) is uniform on the
-    triangle r <= t: P(t - r >= d) = (1 - d)^2, P(r >= 1/2) = 1/4, E[t] = 2/3, E[r] = 1/3,
-    whatever the logit-normal settings."""
+@pytest.mark.parametrize("order", ["sorted", "official-v1"])
+def test_flat_single_gives_the_r_equal_t_rows_the_t_law(order):
+    """time.flat=single: the r = t rows' t is the first draw a ~ D_t (unmixed), so its logit
+    is N(mean, std), while the max of two uniform draws (mix = 1) has mean 2/3; the r != t rows
+    are the same as under flat=max (the same draws)."""
     n = 200_000
-    s = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0, mix=1.0)
-    r, t = s(n, generator=torch.Generator().manual_seed(6))
-    tol = 4 * math.sqrt(0.25 / n)
-    assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(r.mean().item() - 1 / 3) < 0.005
-    assert abs((r >= 0.5).double().mean().item() - 0.25) < tol
-    for d in (0.25, 0.5, 0.75):
-        assert abs((t - r >= d).double().mean().item() - (1 - d) ** 2) < tol
-
-
-def test_mix_is_a_per_row_mixture_of_the_two_laws():
-    """P(r >= 1/2) under mix m is (1 - m) P_LN(r >= 1/2) + m / 4, with P_LN for the minimum of
-    a ~ LN(-0.6, 1.6), b ~ LN(-4, 1.6): P(a >= 1/2) P(b >= 1/2) (the logit of 1/2 is 0)."""
-    n, m = 400_000, 0.3
-    norm = torch.distributions.Normal(0.0, 1.0)
-    p_a, p_b = (1 - norm.cdf(torch.tensor(x / 1.6)).item() for x in (0.6, 4.0))
-    expected = (1 - m) * p_a * p_b + m / 4
-    s = TimeSampler(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=1.0, mix=m)
-    r, t = s(n, generator=torch.Generator().manual_seed(7))
-    assert bool(((0 <= r) & (r <= t) & (t <= 1)).all())
-    p = (r >= 0.5).double().mean().item()
-    assert abs(p - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
-
-
-def test_mix_zero_draws_as_before():
-    """mix = 0 adds no draws: the same stream as a sampler without the field."""
-    a = TimeSampler(mean=-0.6, std=1.6, ratio=0.75)(64, generator=torch.Generator().manual_seed(8))
-    g = torch.Generator().manual_seed(8)
-    b = TimeSampler(mean=-0.6, std=1.6, ratio=0.75, mix=0.0)(64, generator=g)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert bool((g.get_state() == torch.Generator().manual_seed(8).get_state()).all()) is False
+    kw = dict(mean=-0.6, std=1.6, r_mean=-4.0, r_std=1.6, ratio=0.5, mix=1.0, order=order)
+    r1, t1 = TimeSampler(**kw)(n, generator=torch.Generator().manual_seed(3))
+    r2, t2 = TimeSampler(**kw, flat="single")(n, generator=torch.Generator().manual_seed(3))
+    d1, d2 = r1 < t1, r2 < t2
+    assert torch.equal(d1, d2) and torch.equal(t1[d1], t2[d2]) and torch.equal(r1[d1], r2[d2])
+    flat = torch.logit(t2[~d2].double())
+    m = flat.numel()
+    assert abs(flat.mean().item() + 0.6) < 4 * 1.6 / math.sqrt(m)
+    assert abs(flat.std().item() - 1.6) < 0.02
+    if order == "sorted":  # flat=max there: t = max of two uniforms
+        assert abs(t1[~d1].double().mean().item() - 2 / 3) < 0.01
 
 
 @pytest.mark.parametrize("pair", [(0.0, 1.0), (0.5, 1.0), (0.0, 0.5), (0.75, 1.0), (0.25, 0.5)])

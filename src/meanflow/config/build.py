@@ -97,6 +97,7 @@ def build_model(cfg: TrainConfig, shape: tuple[int, ...], num_classes: int = 0) 
             num_classes=num_classes,
             guidance_inputs=inputs,
             aux_head=m.aux_head,
+            z_features=m.z_features,
         )
     check(
         len(shape) == 3 and shape[1] == shape[2],
@@ -153,6 +154,7 @@ def build_objective(cfg: TrainConfig, num_classes: int = 0) -> MeanFlow:
         c=cfg.loss.c,
         jvp=cfg.loss.jvp,
         jvp_dtype=cfg.loss.jvp_dtype,
+        self_velocity=cfg.loss.self_velocity,
         **_jvp_options(cfg),
         **own,
         **({"aux_head": True} if cfg.model.aux_head else {}),

@@ -70,6 +70,8 @@ KEY_HELP = {
     "model.aux_head": "imf: the authors' auxiliary velocity head, a second network output v "
     "that gives iMF's JVP tangent and guidance terms and has its own loss (mlp, unet, dit; "
     "unused at sampling); false: the parameter-free tangent u(z, t, t)",
+    "model.z_features": "mlp: K Fourier features sin/cos(2^k z), k = 0..K-1, beside z "
+    "(steeper one-step maps between separated modes; docs/onestep.md)",
     "model.aux_depth": "dit with model.aux_head: last blocks branched into each head (the "
     "authors' B/2: 8 of 12; 0: a second final layer only)",
     "model.time_input": "time quantities the MLP sees: `t,t-r`, `t,r`, `t,r,t-r`, `t-r` "
@@ -86,8 +88,12 @@ KEY_HELP = {
     "sampler; docs/method.md)",
     "time.mix": "fraction of rows whose two time draws are uniform on [0, 1] instead (trains "
     "every (r, t) pair a k-step sampler uses; docs/onestep.md)",
+    "time.flat": "time of the r = t rows: `max` (t = max of the two draws, the authors') or "
+    "`single` (one draw of the t law, flow matching's; docs/onestep.md)",
     "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",
     "loss.c": "adaptive weight constant c",
+    "loss.self_velocity": "share beta of the network's own velocity u(z, t, t) in the r != t "
+    "rows' tangent and target, (1 - beta) v + beta u; 1 is self-distillation (docs/onestep.md)",
     "loss.jvp": "`subset` (JVP only on r != t samples, its output reused for the loss), "
     "`full` (whole batch, as the authors' code) or `detached` (JVP without graph, "
     "then one plain forward; fastest, see docs/method.md); same loss and gradients",

@@ -44,6 +44,7 @@ class ModelConfig:
     dropout: float = -1.0  # U-Net dropout (-1: the size's default)
     aux_head: bool = False  # imf: the authors' auxiliary velocity head (a second output)
     aux_depth: int = 0  # dit with aux_head: last blocks branched per head (authors' B/2: 8)
+    z_features: int = 0  # mlp: Fourier features sin/cos(2^k z), k < z_features, beside z
 
 
 @dataclass
@@ -86,6 +87,7 @@ class LossConfig:
     fd_step: float = 0.0  # finite-difference step h (0: the scheme's measured default)
     fd_scheme: str = "forward"  # or "central"
     tangent: str = "v,0,1"  # JVP tangent on (z, r, t); others only for ablations (Table 1b)
+    self_velocity: float = 0.0  # share of the network's own u(z, t, t) in the r != t rows' v
 
     @property
     def time_tangent(self) -> tuple[float, float]:
@@ -209,6 +211,15 @@ class TrainConfig:
         check(
             self.loss.p >= 0 and self.loss.c > 0,
             f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}",
+        )
+        check(
+            self.model.z_features == 0 or (self.model.arch == "mlp" and self.model.z_features > 0),
+            f"model.z_features is the mlp's input encoding (>= 0), got {self.model.z_features} "
+            f"with model.arch={self.model.arch}",
+        )
+        check(
+            0.0 <= self.loss.self_velocity <= 1.0,
+            f"loss.self_velocity must be in [0, 1], got {self.loss.self_velocity}",
         )
         check(
             self.model.arch in ARCHS,

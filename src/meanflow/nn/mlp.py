@@ -23,6 +23,8 @@ from .forward_mode import Linear, silu
 
 
 class MLP(nn.Module):
+    z_freqs: torch.Tensor  # a buffer, with z_features > 0
+
     def __init__(
         self,
         dim: int,
@@ -34,8 +36,10 @@ class MLP(nn.Module):
         label_dim: int = 32,
         guidance_inputs: bool = False,
         aux_head: bool = False,
+        z_features: int = 0,
     ) -> None:
         super().__init__()
+        check(z_features >= 0, f"z_features must be >= 0, got {z_features}")
         check(dim >= 1, f"data dimension must be >= 1, got {dim}")
         check(hidden >= 1 and depth >= 1, f"hidden and depth must be >= 1, got {hidden}, {depth}")
         self.dim, self.num_classes = dim, num_classes
@@ -47,11 +51,24 @@ class MLP(nn.Module):
             + (label_dim if num_classes > 0 else 0)
             + (3 * self.guidance.out_dim if self.guidance is not None else 0)
         )
-        self.inp = Linear(dim + cond_dim, hidden)
+        self.z_features = int(z_features)
+        if z_features:  # angular frequencies 1, 2, 4, ..., 2^(K-1) per coordinate
+            freqs = 2.0 ** torch.arange(z_features, dtype=torch.float32)
+            self.register_buffer("z_freqs", freqs, persistent=False)
+        self.inp = Linear(dim * (1 + 2 * self.z_features) + cond_dim, hidden)
         self.layers = nn.ModuleList(Linear(hidden, hidden) for _ in range(depth - 1))
         self.cond = nn.ModuleList(Linear(cond_dim, hidden, bias=False) for _ in range(depth - 1))
         self.out = Linear(hidden, dim)
         self.aux_out = Linear(hidden, dim) if aux_head else None
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` itself, or with ``z_features = K``: ``[z, sin(2^k z), cos(2^k z)]``,
+        k = 0..K-1 per coordinate (Fourier features, Tancik et al. 2020), which let an MLP
+        form the steep changes of a one-step map between separated modes."""
+        if not self.z_features:
+            return z
+        angles = (z[:, :, None] * self.z_freqs.to(z.dtype)).flatten(1)
+        return torch.cat([z, angles.sin(), angles.cos()], dim=1)
 
     def forward(
         self,
@@ -82,7 +99,7 @@ class MLP(nn.Module):
                 "guidance_inputs=True: --set guidance.inputs=true)",
             )
         c = torch.cat(parts, dim=1)
-        h = silu(self.inp(torch.cat([z, c], dim=1)))
+        h = silu(self.inp(torch.cat([self.encode(z), c], dim=1)))
         for layer, cond in zip(self.layers, self.cond):
             h = silu(layer(h) + cond(c))
         if aux:

@@ -83,10 +83,11 @@ class ImprovedMeanFlow(MeanFlow):
         """``v_hat = sg(u(z, t, t | y))`` (with ``aux_head``, the v-head's ``v(z, t, t | y)``),
         the network's velocity at ``z``, in eval mode (with guidance inputs, at the row's
         guidance scale: :meth:`GuidanceInputs.velocity_model`)."""
-        net = velocity_head(model) if self.aux_head else model
-        net = net if self.guidance is None else self.guidance.velocity_model(net, t)
-        with torch.no_grad(), evaluation_mode(net):
-            return at_least_float32(net(z, t, t, y=y)).to(v.dtype)
+        return self.own_velocity(model, z, t, y).to(v.dtype)
+
+    def own_velocity(self, model, z, t, y) -> torch.Tensor:
+        """As :meth:`MeanFlow.own_velocity`, from the v-head when there is one."""
+        return super().own_velocity(velocity_head(model) if self.aux_head else model, z, t, y)
 
     def prediction_and_target(self, model, z, r, t, v, y):
         """As :meth:`MeanFlow.prediction_and_target`; with ``aux_head`` on the whole batch,

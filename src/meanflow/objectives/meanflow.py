@@ -37,7 +37,7 @@ from ..flow.jvp import (
 )
 from ..flow.path import PathSample, broadcast_time, linear_path
 from ..flow.times import TimeSampler
-from .rows import Conditioned, Draws, ObjectiveOutput, _rows, _sub, rows_first
+from .rows import Conditioned, Draws, ObjectiveOutput, _rows, _sub, evaluation_mode, rows_first
 
 if TYPE_CHECKING:  # only held and called here; guidance.py builds on this module
     from .guidance import Guidance
@@ -79,6 +79,12 @@ class MeanFlow:
             (:class:`meanflow.objectives.guidance.Guidance`; class labels ``y`` are then
             required): label dropout before the loss and the guided velocity ``v~`` in place
             of ``v``. None: the conditional velocity ``v``.
+        self_velocity: ``beta``, the share of the network's own velocity ``sg(u(z, t, t))``
+            in the velocity of the r != t rows, ``(1 - beta) v + beta u(z, t, t)``, used as
+            tangent and in the target (r = t rows keep ``v``). 0: MeanFlow; 1: the target
+            depends on the data only through the r = t rows (Eulerian self-distillation,
+            Boffi et al., arXiv 2505.18825); the fixed point is the same. One extra no-grad
+            network evaluation per r != t row (docs/onestep.md, section (f)).
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class MeanFlow:
         time_tangent: tuple[float, float] = (0.0, 1.0),
         fd_scheme: str = "forward",
         guidance: Guidance | None = None,
+        self_velocity: float = 0.0,
     ) -> None:
         check(p >= 0, f"adaptive weight power p must be >= 0, got {p}")
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
@@ -122,6 +129,8 @@ class MeanFlow:
         )
         self.time_tangent = (float(time_tangent[0]), float(time_tangent[1]))
         self.guidance = guidance
+        check(0.0 <= self_velocity <= 1.0, f"self_velocity must be in [0, 1], got {self_velocity}")
+        self.self_velocity = float(self_velocity)
 
     # -- hooks for subclasses ----------------------------------------------------------------
     def velocity(
@@ -196,6 +205,8 @@ class MeanFlow:
         r, t, noise = self._inputs(x, noise, r, t, generator)
         path = linear_path(x, noise, t)
         v = self.velocity(model, path, r, t, y).detach()
+        if self.self_velocity:
+            v = self._own_velocity_mix(model, path.z, r, t, v, y)
         u, target = self.prediction_and_target(model, path.z, r, t, v, y)
         err = (at_least_float32(u) - target).pow(2).flatten(1).sum(dim=1)
         weight = (err.detach() + self.c).pow(self.p)
@@ -212,6 +223,25 @@ class MeanFlow:
             r=r,
             t=t,
         )
+
+    def own_velocity(self, model, z, t, y) -> torch.Tensor:
+        """``sg(u(z, t, t | y))``: the network's velocity at ``z`` (the average over an empty
+        interval), in eval mode; with guidance inputs at the row's scale."""
+        net = model if self.guidance is None else self.guidance.velocity_model(model, t)
+        with torch.no_grad(), evaluation_mode(net):
+            return at_least_float32(net(z, t, t, y=y))
+
+    def _own_velocity_mix(self, model, z, r, t, v, y) -> torch.Tensor:
+        """``v`` with its r != t rows replaced by ``(1 - beta) v + beta sg(u(z, t, t))``."""
+        count, order = rows_first(r < t)
+        if count == 0:
+            return v
+        idx = order[:count]
+        own = self.own_velocity(_sub(model, idx), z[idx], t[idx], _rows(y, idx))
+        out = at_least_float32(v).clone()
+        beta = self.self_velocity
+        out[idx] = (1 - beta) * out[idx] + beta * own
+        return out.to(v.dtype)
 
     def at_step(self, step: int, total: int) -> None:
         """Called by the trainer before training step ``step`` of ``total``; objectives with a
