@@ -8,6 +8,8 @@ Kynkaanniemi et al. 2019, ``meanflow.eval.precision_recall``, k = 3) separate th
 run folder ``LABEL-SET-SEED`` under ``--runs``: 5,000 samples with the run's seed at 1, 2 and 4
 steps (MeanFlow objectives) or 100 Euler steps (flow matching), against the set's test points;
 one CSV row per run and step count, and a summary per label and set (mean and range over seeds).
+``--mf-steps 1,100`` adds 100-step sampling of MeanFlow runs: how good the network's own
+velocity is, the ceiling of its one-step map.
 
     python benchmarks/onestep_pr.py --runs /tmp/kept --data-dir /tmp/toy_sets \\
         --out benchmarks/results/onestep_2d/precision_recall.csv
@@ -50,14 +52,19 @@ def parse_name(folder: str) -> tuple[str, str, int] | None:
 
 
 def measure(
-    run_dir: str, reference: np.ndarray, seed: int, num: int, picture: str = ""
+    run_dir: str,
+    reference: np.ndarray,
+    seed: int,
+    num: int,
+    picture: str = "",
+    mf_steps: tuple[int, ...] = (1, 2, 4),
 ) -> list[dict]:
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     run = load_run(run_dir)
     if run.step < int(cfg["steps"]):  # still training (or stopped): not the run named
         raise RuntimeError(f"at step {run.step} of {cfg['steps']}")
-    ks = (100,) if cfg["objective"] == "flow-matching" else (1, 2, 4)
+    ks = (100,) if cfg["objective"] == "flow-matching" else mf_steps
     rows, panels = [], [("held-out points", reference)]
     for k in ks:
         fake = run.sample(num, steps=k, seed=seed)
@@ -92,7 +99,11 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pictures", default="", help="write LABEL-SET-SEED.png here (seed 0 only)")
+    ap.add_argument("--mf-steps", default="1,2,4",
+                    help="sampling steps of MeanFlow-type runs (100: how good the network's own "
+                         "velocity is, docs/onestep.md section (f))")  # fmt: skip
     args = ap.parse_args()
+    mf_steps = tuple(int(k) for k in args.mf_steps.split(","))
     torch.set_num_threads(args.threads)
     rows = []
     for folder in sorted(os.listdir(args.runs)):
@@ -107,7 +118,7 @@ def main() -> None:
             if args.pictures and seed == 0:
                 os.makedirs(args.pictures, exist_ok=True)
                 picture = os.path.join(args.pictures, folder + ".png")
-            measured = measure(run_dir, reference, seed, args.num, picture)
+            measured = measure(run_dir, reference, seed, args.num, picture, mf_steps)
         except (OSError, RuntimeError, ValueError, MeanFlowError) as err:  # unfinished: skip
             print(f"skipped {folder}: {err}", file=sys.stderr)
             continue

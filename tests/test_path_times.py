@@ -72,7 +72,7 @@ def test_time_sampler_is_reproducible_with_a_seed():
 @pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(std=0.0),
                                     dict(r_std=-1.0), dict(dist="beta"),
                                     dict(mix=-0.1), dict(mix=1.5),
-                                    dict(flat="min")])
+                                    dict(flat="min"), dict(ratio_start=1.5)])
 def test_time_sampler_rejects_bad_settings(kwargs):
     with pytest.raises(MeanFlowError):
         TimeSampler(**kwargs)
@@ -136,15 +136,36 @@ def test_flat_single_gives_the_r_equal_t_rows_the_t_law(order):
         assert abs(t1[~d1].double().mean().item() - 2 / 3) < 0.01
 
 
+def test_ratio_schedule_moves_the_r_neq_t_share_linearly():
+    """time.ratio_start: the share of r != t rows goes from ratio_start at the first step to
+    ratio at the last; an objective draws from the sampler of the step the trainer names."""
+    from meanflow import MeanFlow
+
+    s = TimeSampler(ratio=0.75, ratio_start=0.25)
+    assert [s.at(k, 101).ratio for k in (0, 50, 100)] == [0.25, 0.5, 0.75]
+    plain = TimeSampler(ratio=0.75)
+    assert plain.at(50, 101) is plain
+    assert TimeSampler(ratio=0.0, ratio_start=0.25).at(0, 101).ratio == 0.0  # never above
+    obj, n = MeanFlow(s), 100_000
+    for step, share in ((0, 0.25), (100, 0.75)):
+        obj.at_step(step, 101)
+        d = obj.draw(n, (2,), generator=torch.Generator().manual_seed(step))
+        r, t = d.r, d.t
+        assert abs((r < t).double().mean().item() - share) < 4 * math.sqrt(0.25 / n)
+    assert obj.time_schedule is s and s.ratio == 0.75  # the configured sampler is not changed
+
+
 @pytest.mark.parametrize("pair", [(0.0, 1.0), (0.5, 1.0), (0.0, 0.5), (0.75, 1.0), (0.25, 0.5)])
 def test_toy_2d_preset_trains_the_k_step_pairs(pair):
     """The (r, t) pairs of the 1-, 2- and 4-step samplers (uniform schedules 1 -> 0) each get a
-    share of the toy-2d preset's rows near them: within 0.05 in r and t, at least half of what
-    the uniform triangle law (density 2 on 0 <= r <= t <= 1) gives its 75% r != t rows."""
+    share of the toy-2d preset's rows near them at every step: within 0.05 in r and t, at least
+    half of what the uniform triangle law (density 2 on 0 <= r <= t <= 1) gives the rows that
+    are r != t and mixed (``ratio * mix`` of them, at the first step's smallest ratio)."""
     from meanflow.train import TrainConfig
     from meanflow.config.presets import configure
 
-    sampler = configure(TrainConfig(), "toy-2d").time
+    cfg = configure(TrainConfig(), "toy-2d")
+    sampler = cfg.time.at(0, cfg.steps)  # the first step: the smallest r != t share
     n, h = 400_000, 0.05
     r, t = sampler(n, generator=torch.Generator().manual_seed(9))
     near = ((r - pair[0]).abs() <= h) & ((t - pair[1]).abs() <= h) & (r < t)
@@ -152,4 +173,4 @@ def test_toy_2d_preset_trains_the_k_step_pairs(pair):
     lo_r, hi_r = max(pair[0] - h, 0.0), pair[0] + h
     lo_t, hi_t = pair[1] - h, min(pair[1] + h, 1.0)
     area = (hi_r - lo_r) * (hi_t - lo_t) if hi_r <= lo_t else (hi_r - lo_r) * (hi_t - lo_t) / 2
-    assert near.double().mean().item() >= 0.5 * 0.75 * 2 * area
+    assert near.double().mean().item() >= 0.5 * sampler.ratio * sampler.mix * 2 * area

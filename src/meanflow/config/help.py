@@ -88,6 +88,8 @@ KEY_HELP = {
     "sampler; docs/method.md)",
     "time.mix": "fraction of rows whose two time draws are uniform on [0, 1] instead (trains "
     "every (r, t) pair a k-step sampler uses; docs/onestep.md)",
+    "time.ratio_start": "r != t share at the first step (at most time.ratio), moving linearly "
+    "to time.ratio at the last (negative: time.ratio throughout; docs/onestep.md)",
     "time.flat": "time of the r = t rows: `max` (t = max of the two draws, the authors') or "
     "`single` (one draw of the t law, flow matching's; docs/onestep.md)",
     "loss.p": "adaptive weight power, loss = err / sg((err + c)^p); 0 is the plain squared error",

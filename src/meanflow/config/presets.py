@@ -147,7 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the same sets. Both chosen on 2-D sets outside the built-ins, checked on others
     # (docs/onestep.md).
     "toy-2d": {
-        "steps": 8000,
+        "steps": 9700,
         "batch_size": 1024,
         "model.hidden": 256,
         "model.depth": 4,
@@ -160,6 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "time.r_mean": -4.0,
         "time.r_std": 1.6,
         "time.ratio": 0.75,
+        "time.ratio_start": 0.25,  # r != t share 25% -> 75%: the velocity first (onestep.md f)
         "time.mix": 0.75,
         "loss.p": 0.0,
     },

@@ -30,6 +30,12 @@ uniform draws has density ``2t``, so under ``"max"`` few r = t rows land near th
 restores flow matching's coverage there (docs/onestep.md, section (f)). Same random draws
 either way.
 
+``ratio_start`` (off when negative, the default) makes the r != t share a schedule: it moves
+linearly from ``min(ratio_start, ratio)`` at the first training step to ``ratio`` at the last
+(:meth:`TimeSampler.at`, which the objective calls each step), so that a run can learn the
+velocity (r = t rows) before the average velocity that is built from it (docs/onestep.md,
+section (f)).
+
 Flow matching (``FlowMatching``) uses :meth:`TimeSampler.single`, one draw ``t ~ D_t``, the
 standard flow-matching sampler, rather than the max of two draws.
 
@@ -40,7 +46,7 @@ each sample's time independent of its position in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,6 +70,7 @@ class TimeSampler:
     order: str = "sorted"
     mix: float = 0.0
     flat: str = "max"
+    ratio_start: float = -1.0
 
     def __post_init__(self) -> None:
         check(
@@ -87,6 +94,10 @@ class TimeSampler:
             f"time flat (the r = t rows' time) must be one of {', '.join(FLAT_LAWS)}, "
             f"got {self.flat!r}",
         )
+        check(
+            self.ratio_start < 0 or self.ratio_start <= 1.0,
+            f"time ratio_start must be in [0, 1] (negative: no schedule), got {self.ratio_start}",
+        )
         for name in ("std", "r_std"):
             value = getattr(self, name)
             check(value is None or value > 0, f"time {name} must be > 0, got {value}")
@@ -95,6 +106,16 @@ class TimeSampler:
         if self.dist == "uniform":
             return torch.rand(n, generator=generator, device=device)
         return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+    def at(self, step: int, total: int) -> TimeSampler:
+        """The sampler of training step ``step`` (0-based) of ``total``: with ``ratio_start``
+        set, the r != t share ``s + (ratio - s) * step / (total - 1)`` with ``s =
+        min(ratio_start, ratio)`` (so ``ratio = 0`` stays flow matching); without, ``self``."""
+        if self.ratio_start < 0:
+            return self
+        start = min(self.ratio_start, self.ratio)  # never above the share asked for
+        frac = step / max(total - 1, 1)
+        return replace(self, ratio=start + (self.ratio - start) * frac)
 
     def single(
         self,

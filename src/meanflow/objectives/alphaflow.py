@@ -110,7 +110,9 @@ class AlphaFlow(MeanFlow):
         self.alpha = alpha_schedule(0, 1, **self.schedule)
 
     def at_step(self, step: int, total: int) -> None:
-        """Set ``alpha`` for training step ``step`` (0-based) of ``total``."""
+        """Set ``alpha`` (and the time sampler) for training step ``step`` (0-based) of
+        ``total``."""
+        super().at_step(step, total)
         self.alpha = alpha_schedule(step, total, **self.schedule)
 
     def row_scale(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:

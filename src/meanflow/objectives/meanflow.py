@@ -106,6 +106,7 @@ class MeanFlow:
         check(c > 0, f"adaptive weight constant c must be > 0, got {c}")
         check(jvp in JVP_MODES, f"jvp mode must be one of {', '.join(JVP_MODES)}, got {jvp!r}")
         self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
+        self.time_schedule = self.time_sampler  # at_step draws from its sampler of each step
         check(
             jvp_dtype in JVP_DTYPES,
             f"jvp_dtype must be one of {', '.join(JVP_DTYPES)}, got {jvp_dtype!r}",
@@ -244,8 +245,12 @@ class MeanFlow:
         return out.to(v.dtype)
 
     def at_step(self, step: int, total: int) -> None:
-        """Called by the trainer before training step ``step`` of ``total``; objectives with a
-        schedule (:class:`meanflow.objectives.alphaflow.AlphaFlow`) use it. Nothing here."""
+        """Called by the trainer before training step ``step`` of ``total``: the time
+        sampler of that step (a schedule of the r != t share, ``time.ratio_start``);
+        objectives with a schedule of their own (:class:`meanflow.objectives.alphaflow.AlphaFlow`)
+        extend it."""
+        if self.time_schedule.ratio_start >= 0:
+            self.time_sampler = self.time_schedule.at(step, total)
 
     def row_scale(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
         """A per-row factor on the weighted loss (None: 1 everywhere)."""

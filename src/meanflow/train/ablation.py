@@ -40,7 +40,10 @@ def _one(key: str, values, labels=None) -> dict[str, list[tuple[str, object]]]:
 STUDIES = {
     "ratio": Study(
         "fraction of samples with r != t (Table 1a)",
-        _one("time.ratio", [0.0, 0.25, 0.5, 1.0], ["0%", "25%", "50%", "100%"]),
+        {  # a fixed share over the run, also under a preset with a schedule (toy-2d)
+            label: [("time.ratio", v), ("time.ratio_start", -1.0)]
+            for label, v in zip(["0%", "25%", "50%", "100%"], [0.0, 0.25, 0.5, 1.0])
+        },
         {"0%": 328.91, "25%": 61.06, "50%": 63.14, "100%": 67.32},
         "25%",
     ),
