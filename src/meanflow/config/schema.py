@@ -213,11 +213,6 @@ class TrainConfig:
             f"loss.p must be >= 0 and loss.c > 0, got p={self.loss.p}, c={self.loss.c}",
         )
         check(
-            self.model.z_features == 0 or (self.model.arch == "mlp" and self.model.z_features > 0),
-            f"model.z_features is the mlp's input encoding (>= 0), got {self.model.z_features} "
-            f"with model.arch={self.model.arch}",
-        )
-        check(
             0.0 <= self.loss.self_velocity <= 1.0,
             f"loss.self_velocity must be in [0, 1], got {self.loss.self_velocity}",
         )
@@ -294,6 +289,22 @@ class TrainConfig:
             f"MeanFlow's guidance (--objective imf), not {self.objective}'s",
         )
         check(g.omega_max >= 1, f"guidance.omega_max must be >= 1, got {g.omega_max}")
+        self._check_network_options()
+        a = self.alpha
+        check(
+            0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,
+            f"alpha needs start and end in [0, 1], gamma > 0 and snap in [0, 0.5), got "
+            f"start={a.start}, end={a.end}, gamma={a.gamma}, snap={a.snap}",
+        )
+        check(
+            0 <= a.begin < a.finish <= 1,
+            f"alpha needs 0 <= begin < finish <= 1 (fractions "
+            f"of the run), got [{a.begin}, {a.finish}]",
+        )
+        parse_shape(self.data_shape)
+
+    def _check_network_options(self) -> None:
+        """The network options that only some architectures or objectives take."""
         m = self.model
         check(
             not m.aux_head or self.objective == "imf",
@@ -308,18 +319,11 @@ class TrainConfig:
             m.aux_depth == 0 or (m.aux_head and m.arch == "dit"),
             "model.aux_depth (blocks per head) needs model.aux_head=true and model.arch=dit",
         )
-        a = self.alpha
         check(
-            0 <= a.start <= 1 and 0 <= a.end <= 1 and a.gamma > 0 and 0 <= a.snap < 0.5,
-            f"alpha needs start and end in [0, 1], gamma > 0 and snap in [0, 0.5), got "
-            f"start={a.start}, end={a.end}, gamma={a.gamma}, snap={a.snap}",
+            m.z_features == 0 or (m.arch == "mlp" and m.z_features > 0),
+            f"model.z_features is the mlp's input encoding (>= 0), got {m.z_features} "
+            f"with model.arch={m.arch}",
         )
-        check(
-            0 <= a.begin < a.finish <= 1,
-            f"alpha needs 0 <= begin < finish <= 1 (fractions "
-            f"of the run), got [{a.begin}, {a.finish}]",
-        )
-        parse_shape(self.data_shape)
 
     @property
     def ema_extras(self) -> tuple[float, ...]:
