@@ -61,6 +61,7 @@ class CrashAt:
                 out.loss = out.loss * float("nan")
             return out
         wrapped.draw = objective.draw  # the loop draws each batch's randomness first
+        wrapped.at_step = objective.at_step  # and sets the step's schedules (time.ratio_start)
         return wrapped
 
 
@@ -105,6 +106,23 @@ def test_crash_mid_accumulation_then_rerun_same_command(uninterrupted, tmp_path,
     assert_identical(out, uninterrupted)
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == list(range(1, 11))  # the records of steps 7 after the crash are not doubled
+
+
+def test_crash_then_rerun_with_a_ratio_schedule_is_bitwise_identical(tmp_path, capsys,
+                                                                      monkeypatch):
+    """With the r != t share on a schedule (time.ratio_start), each step's share is a function of
+    the step, so a crashed run rerun with the same command ends as the uninterrupted one."""
+    schedule = [*TINY, "--set", "time.ratio_start=0", "--set", "time.ratio=0.75"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert main(["train", "--out", ref, "--steps", "10", *schedule]) == 0
+    argv = ["train", "--out", out, "--steps", "10", *schedule]
+    with monkeypatch.context() as m:
+        CrashAt(m, call=2 * 7 + 1)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            main(argv)
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "resuming" in err, err
+    assert_identical(out, ref)
 
 
 def test_rerun_with_other_settings_is_refused(uninterrupted, capsys):
