@@ -68,6 +68,7 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
     from train_step import make_step
 
     from meanflow.config.build import build_model, build_objective
+    from meanflow.config.overrides import parse_overrides
     from meanflow.config.presets import configure
     from meanflow.train import TrainConfig
 
@@ -77,8 +78,8 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
     calls, fractions = {}, [k / 10 + 0.05 for k in range(10)]
     for name in objectives:
         objective, *settings = name.split("+")
-        sets = [tuple(kv.split("=", 1)) for kv in settings]
-        cfg = configure(TrainConfig(), preset, [("objective", objective), *sets])
+        overrides = [("objective", objective), *parse_overrides(settings)]
+        cfg = configure(TrainConfig(), preset, overrides)
         torch.manual_seed(0)
         model = build_model(cfg, ds.shape, ds.num_classes)
         obj = build_objective(cfg, ds.num_classes)
