@@ -4,12 +4,14 @@ MeanFlow, improved MeanFlow, AlphaFlow) with the same network, data and seed.
     python benchmarks/image_quality.py --run meanflow=runs/fmnist \
         --run flow-matching=runs/fmnist-fm --out benchmarks/results/image_quality
 
-Each ``--run OBJECTIVE=DIR`` is a run directory of ``meanflow train`` with the preset and
-``--objective OBJECTIVE``; a missing one is trained first. ``--equal-compute N``: missing runs
+Each ``--run ENTRY=DIR`` is a run directory of ``meanflow train`` with the preset, ``--objective``
+and, for an entry ``OBJECTIVE+key=value...``, those ``--set`` settings; a missing one is trained
+first (``--train-seed S`` its seed). ``--equal-compute N``: missing runs
 are trained at equal training compute instead of equal steps: the MeanFlow run gets N steps and
 every other objective ``N * cost(meanflow) / cost(objective)``, where cost is the median time of
 one training step of the preset's network and batch, measured here, interleaved, on one thread,
-before any training (AlphaFlow's averaged over its alpha schedule). Flow matching is sampled at
+before any training (averaged over the run: AlphaFlow's alpha and a `time.ratio_start` schedule
+change a step's cost). Flow matching is sampled at
 1, 2, 4, 10 and 100 steps, the others at 1, 2 and 4 (uniform schedules; the same noise and
 labels, cycling through the classes, for every entry). Each sample set is compared with the
 test split in the feature space of the shipped feature network: FD, precision and recall
@@ -45,23 +47,35 @@ NAMES = {"meanflow": "MeanFlow", "flow-matching": "flow matching", "imf": "impro
 
 
 def parse_runs(items: list[str]) -> dict[str, str]:
+    """``{entry: run directory}`` from ``ENTRY=DIR`` items; an entry is an objective, optionally
+    followed by ``+key=value`` training settings (``meanflow+time.ratio_start=0``)."""
     runs = {}
     for item in items:
-        objective, sep, run_dir = item.partition("=")
-        if not sep or objective not in OBJECTIVES or not run_dir:
-            raise SystemExit(f"--run {item!r}: expected OBJECTIVE=DIR with OBJECTIVE one of "
-                             f"{', '.join(OBJECTIVES)}")
-        if objective in runs:
-            raise SystemExit(f"--run {objective}=... given twice")
-        runs[objective] = run_dir
+        entry, sep, run_dir = item.rpartition("=")
+        if not sep or objective_of(entry) not in OBJECTIVES or not run_dir:
+            raise SystemExit(f"--run {item!r}: expected OBJECTIVE[+key=value...]=DIR with "
+                             f"OBJECTIVE one of {', '.join(OBJECTIVES)}")
+        if entry in runs:
+            raise SystemExit(f"--run {entry}=... given twice")
+        runs[entry] = run_dir
     if "flow-matching" not in runs:
         raise SystemExit("--run flow-matching=DIR is needed: it is the reference at 100 steps")
     return runs
 
 
+def objective_of(entry: str) -> str:
+    return entry.split("+")[0]
+
+
+def entry_name(entry: str) -> str:
+    objective, *settings = entry.split("+")
+    return " ".join([NAMES[objective], *settings])
+
+
 def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> dict[str, float]:
     """Median seconds of one training step per objective: the preset's network, batch and
-    objective, one thread, interleaved rounds (AlphaFlow: over its schedule's fractions). An
+    objective, one thread, interleaved rounds, each step at the next of ten fractions of the
+    run (AlphaFlow's alpha and a ``time.ratio_start`` schedule change the step's cost). An
     entry may carry settings after the objective's name, ``meanflow+loss.self_velocity=1``."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from results_io import interleaved_times
@@ -88,7 +102,7 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
         y = None if ds.labels is None else ds.labels[idx]
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         step = make_step(obj, model, opt, x, y, seed=0)
-        if objective == "alphaflow":  # one step per fraction of the schedule, in turn
+        if hasattr(obj, "at_step"):  # one step per fraction of the run's schedules, in turn
             turn = itertools.count()
 
             def step(obj=obj, inner=step, turn=turn):
@@ -101,18 +115,23 @@ def step_costs(data: str, preset: str, objectives: list[str], rounds: int) -> di
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def ensure_run(run_dir: str, data: str, preset: str, objective: str, steps: int | None,
-               threads: str) -> None:
+def ensure_run(run_dir: str, data: str, preset: str, entry: str, steps: int | None,
+               threads: str, seed: int | None = None) -> None:
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return
+    objective, *settings = entry.split("+")
     cmd = [sys.executable, "-m", "meanflow.cli", "train", "--data", data, "--preset", preset,
            "--objective", objective, "--out", run_dir, "--threads", threads]
+    for setting in settings:
+        cmd += ["--set", setting]
     if steps:
         cmd += ["--steps", str(steps)]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
     print(" ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
-    print(f"{objective}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{entry}: trained in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -126,7 +145,9 @@ def main() -> None:
     ap.add_argument("--cost-rounds", type=int, default=7, help="rounds of the step-cost timing")
     ap.add_argument("--threads", default="auto", help="--threads of the training runs")
     ap.add_argument("--num", type=int, default=2000, help="samples per entry")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="--seed of the runs trained here (default: the preset's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     runs = parse_runs(args.run)
@@ -137,9 +158,9 @@ def main() -> None:
                            args.cost_rounds)
         budget = {o: round(args.equal_compute * costs["meanflow"] / costs[o]) for o in runs}
         print(json.dumps({"step_seconds": costs, "train_steps": budget}), flush=True)
-    for objective, run_dir in runs.items():
-        ensure_run(run_dir, args.data, args.preset, objective, budget.get(objective),
-                   args.threads)
+    for entry, run_dir in runs.items():
+        ensure_run(run_dir, args.data, args.preset, entry, budget.get(entry), args.threads,
+                   args.train_seed)
     extractor, meta = load_feature_net(args.data)
     split = "test" if args.data == "fashion-mnist" else "train"
     reference = open_data(args.data, split=split).x
@@ -147,7 +168,8 @@ def main() -> None:
     rows, grids = [], {}
     for objective, run_dir in runs.items():
         run = load_run(run_dir)
-        assert run.config.objective == objective, f"{run_dir} trained {run.config.objective}"
+        assert run.config.objective == objective_of(objective), \
+            f"{run_dir} trained {run.config.objective}"
         labels = grid_labels(args.num, run.num_classes)
         for steps in FM_STEPS if objective == "flow-matching" else FEW_STEPS:
             start = time.perf_counter()
@@ -161,14 +183,14 @@ def main() -> None:
                          "sample_seconds": round(seconds, 1), **m})
             print(json.dumps(rows[-1]), flush=True)
             if steps in (1, 2) or steps == 100:
-                grids[f"{NAMES[objective]}, {steps} step{'s' if steps > 1 else ''}"] = \
+                grids[f"{entry_name(objective)}, {steps} step{'s' if steps > 1 else ''}"] = \
                     torch.from_numpy(samples[:100])
     floor = {k[:-6]: v for k, v in rows[0].items() if k.endswith("_floor")}
     fd = {(r["objective"], r["steps"]): r["fd"] for r in rows}
     table = [f"| model | training steps | sampling steps | FD-{args.data} | precision | recall |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {NAMES[r['objective']]} | {r['train_steps']:,} | {r['steps']} | "
+        table.append(f"| {entry_name(r['objective'])} | {r['train_steps']:,} | {r['steps']} | "
                      f"{r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |")
     table.append(f"| training images (floor) | - | - | {floor['fd']:.2f} | "
                  f"{floor['precision']:.3f} | {floor['recall']:.3f} |")
@@ -201,7 +223,7 @@ def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str,
         for objective, marker in zip(objectives, "osD^"):
             mine = [r for r in rows if r["objective"] == objective]
             ax.plot([r["steps"] for r in mine], [r[key] for r in mine], marker=marker,
-                    label=NAMES[objective])
+                    label=entry_name(objective))
         ax.axhline(floor[key], color="gray", linestyle="--", label="training images")
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps (network evaluations)")

@@ -10,8 +10,9 @@ from .errors import MeanFlowError
 from .flow.path import linear_path
 from .flow.sampling import sample, uniform_schedule
 from .flow.times import TimeSampler
+from .objectives.flow_matching import FlowMatching
 from .objectives.guidance import Guidance, GuidedFlowMatching, GuidedMeanFlow, sampling_guidance
-from .objectives.meanflow import FlowMatching, MeanFlow, ObjectiveOutput
+from .objectives.meanflow import MeanFlow, ObjectiveOutput
 from .runtime.threads import set_threads
 
 __all__ = [

@@ -19,6 +19,11 @@ Back-ends (``backend=``; docs/method.md, "JVP back-ends"):
 * ``"func"``: ``torch.func.jvp`` (exact; the same numbers; each op pays functorch's wrapping,
   measurably slower on small CPU networks).
 
+Without graph (under ``torch.no_grad()``, as ``loss.jvp=detached`` computes its targets), a
+network that offers ``tangent_forward(z, r, t, y=y, dz=, dr=, dt=) -> (u, du)`` (the DiT:
+:mod:`meanflow.nn.dit_tangent`) computes the JVP itself in one pass of (value, tangent) pairs,
+without forward-mode machinery; ``"forward-ad"`` uses it.
+
 Both exact back-ends run the network under
 :func:`meanflow.nn.forward_mode.routing.route_standard_layers` (unless it is built from the
 project's layers only: ``routing_needed``), so standard ``torch.nn`` layers of any network
@@ -100,6 +105,12 @@ def total_derivative(
             u = fn(z, r, t)
             dudt = finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
             return at_least_float32(u), at_least_float32(dudt)
+        tangent_forward = getattr(model, "tangent_forward", None)
+        if backend == "forward-ad" and tangent_forward is not None and not torch.is_grad_enabled():
+            u, dudt = tangent_forward(
+                z, r, t, y=y, dz=v, dr=torch.full_like(r, dr), dt=torch.full_like(t, dt)
+            )
+            return at_least_float32(u), at_least_float32(dudt)
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(tangents_without_graph())  # du/dt is detached below
         if routing_needed(model):  # lean rules for torch.nn layers of any network too
@@ -122,6 +133,52 @@ def total_derivative(
                 "trainer compiles with --set compile=true) or use jvp_backend=func",
             )
     return at_least_float32(u), at_least_float32(dudt.detach())
+
+
+def rows_pass_available(model, z: torch.Tensor, backend: str = "forward-ad") -> bool:
+    """Whether :func:`rows_derivative` applies: the exact ``"forward-ad"`` back-end, a network
+    (not a compiled wrapper) with ``tangent_forward``, no autocast (the JVP runs in the input's
+    float32 or float64, as :func:`total_derivative` runs it) and no forward hooks (the pass
+    calls layers' functions, not their modules, so hooks would not see it)."""
+    return (
+        backend == "forward-ad"
+        and callable(getattr(model, "tangent_forward", None))
+        and not hasattr(model, "_orig_mod")  # torch.compile's wrapper: keep its compiled forward
+        and not torch.is_autocast_enabled(z.device.type)
+        and z.dtype in (torch.float32, torch.float64)
+        and not _has_forward_hooks(model)
+    )
+
+
+def _has_forward_hooks(model) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def rows_derivative(
+    model,
+    z: torch.Tensor,
+    r: torch.Tensor,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor | None,
+    rows: torch.Tensor,
+    time_tangent: tuple[float, float] = (0.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, du/dt)``: ``u = model(z, r, t, y)`` on every row (differentiable; the graph of an
+    ordinary forward) and, for rows ``rows`` only, ``du/dt`` along ``(v, dr, dt)`` (``v`` holds
+    those rows' tangents; detached), in one pass of the network's ``tangent_forward`` (where
+    :func:`rows_pass_available`): no batch split, no dual tensors. The same numbers as
+    :func:`total_derivative` on those rows and a plain forward on the others."""
+    dr, dt = (float(a) for a in time_tangent)
+    n = len(rows)
+    u, dudt = model.tangent_forward(
+        z, r, t, y, dz=v, dr=r.new_full((n,), dr), dt=t.new_full((n,), dt), rows=rows
+    )
+    return u, dudt.detach()
 
 
 @torch.no_grad()

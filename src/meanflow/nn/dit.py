@@ -33,6 +33,7 @@ from ..errors import check
 from .attention import attention
 from .embeddings import Conditioning, check_image_call
 from .forward_mode import GELU, Conv2d, LayerNorm, Linear, SiLU
+from .forward_mode.fused import gated_add, modulate
 
 #: depth, hidden width and attention heads; "T" is a tiny size for tests and toy runs.
 DIT_CONFIGS = {
@@ -61,10 +62,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
     return torch.cat([embed(cols), embed(rows)], dim=1).float()
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class Attention(nn.Module):
@@ -98,8 +95,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = gated_add(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1)))
+        return gated_add(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -213,6 +210,29 @@ class DiT(nn.Module):
         for block in self.aux_blocks:
             x = block(x, c)
         return u, self.unpatchify(self.aux_final(x, c))
+
+    def tangent_forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        dz: torch.Tensor,
+        dr: torch.Tensor,
+        dt: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, du)``: ``u`` on every row (with graph where grad is enabled) and its derivative
+        along ``(dz, dr, dt)`` on rows ``rows`` (None: all), without graph, in one pass of
+        (value, tangent) pairs (:mod:`.tangent_pass`)."""
+        from .tangent_pass import dit_tangent_forward
+
+        check_image_call("DiT", z, r, t, y, self.in_channels, self.input_size)
+        return dit_tangent_forward(
+            self, z, r, t, y, dz=dz, dr=dr, dt=dt, rows=rows, guidance=guidance
+        )
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, g*g, p*p*C) tokens -> (B, C, g*p, g*p) images."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import check
 from .forward_mode import Linear, SiLU
+from .forward_mode.fused import sinusoid
 
 TIME_INPUTS = {
     "t,t-r": ("t", "t-r"),
@@ -79,8 +80,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(Linear(2 * half, hidden), SiLU(), Linear(hidden, hidden))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        angles = s[:, None] * self.freqs.to(s.dtype)
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
+        return self.mlp(sinusoid(s, self.freqs.to(s.dtype)))
 
 
 def guidance_features(guidance: torch.Tensor) -> list[torch.Tensor]:

@@ -271,6 +271,29 @@ class UNet(nn.Module):
             return self.out(h), self.aux_out(h)
         return self.out(h)
 
+    def tangent_forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        dz: torch.Tensor,
+        dr: torch.Tensor,
+        dt: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, du)``: ``u`` on every row (with graph where grad is enabled) and its derivative
+        along ``(dz, dr, dt)`` on rows ``rows`` (None: all), without graph, in one pass of
+        (value, tangent) pairs (:mod:`.tangent_pass`)."""
+        from .tangent_pass import unet_tangent_forward
+
+        check_image_call("UNet", z, r, t, y, self.in_channels, self.input_size)
+        return unet_tangent_forward(
+            self, z, r, t, y, dz=dz, dr=dr, dt=dt, rows=rows, guidance=guidance
+        )
+
 
 def unet(
     name: str, in_channels: int = 3, input_size: int = 32, num_classes: int = 0, **overrides

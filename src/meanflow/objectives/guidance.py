@@ -42,7 +42,8 @@ from ..errors import check
 from ..flow.jvp import at_least_float32
 from ..flow.path import PathSample
 from ..flow.times import TimeSampler
-from .meanflow import FlowMatching, MeanFlow
+from .flow_matching import FlowMatching
+from .meanflow import MeanFlow
 from .rows import Draws, _sub, evaluation_mode, rows_first
 
 GUIDANCE_ARGUMENTS = ("omega", "kappa", "t_min", "t_max", "label_dropout", "drop_rows")

@@ -1,4 +1,4 @@
-"""MeanFlow and flow-matching training objectives (paper Sec. 4.1, Algorithm 1, Eq. 9-10).
+"""The MeanFlow training objective (paper Sec. 4.1, Algorithm 1, Eq. 9-10).
 
 The network ``u(z, r, t)`` models the average velocity over ``[r, t]``. The MeanFlow identity
 
@@ -11,7 +11,8 @@ the network with tangent ``(v, 0, 1)`` on ``(z, r, t)``. Per sample,
     loss = err / sg((err + c)^p)          (adaptive weighting, Sec. 4.3; p = 1, c = 1e-3)
 
 and the batch loss is the mean of the per-sample losses. Flow matching is the special case
-r = t, where the target is ``v`` and no JVP is needed (the paper's 0% ablation, Table 1a).
+r = t, where the target is ``v`` and no JVP is needed (the paper's 0% ablation, Table 1a;
+:class:`.flow_matching.FlowMatching`).
 
 Objectives know nothing about networks: a model is any callable ``model(z, r, t, y=None)``.
 
@@ -33,6 +34,8 @@ from ..flow.jvp import (
     JVP_BACKENDS,
     at_least_float32,
     finite_difference,
+    rows_derivative,
+    rows_pass_available,
     total_derivative,
 )
 from ..flow.path import PathSample, broadcast_time, linear_path
@@ -42,7 +45,7 @@ from .rows import Conditioned, Draws, ObjectiveOutput, _rows, _sub, evaluation_m
 if TYPE_CHECKING:  # only held and called here; guidance.py builds on this module
     from .guidance import Guidance
 
-__all__ = ["MeanFlow", "FlowMatching", "ObjectiveOutput", "Draws", "Conditioned", "rows_first"]
+__all__ = ["MeanFlow", "ObjectiveOutput", "Draws", "Conditioned", "rows_first"]
 
 JVP_MODES = ("subset", "full", "detached")
 JVP_DTYPES = ("float32", "autocast")
@@ -272,6 +275,13 @@ class MeanFlow:
         ):
             return self._target_apart(model, z, r, t, v, y, distinct)
         count, order = rows_first(distinct)
+        if count and rows_pass_available(model, z, self.jvp_backend):  # one pass, no split
+            idx = order[:count]
+            tangent = self.tangent(_sub(model, idx), z[idx], r[idx], t[idx], v[idx], _rows(y, idx))
+            u, dudt = rows_derivative(model, z, r, t, tangent, y, idx, self.time_tangent)
+            target = at_least_float32(v).clone()
+            target[idx] -= broadcast_time(t[idx] - r[idx], dudt) * dudt
+            return at_least_float32(u), target
         if count == len(r):
             return self._with_jvp(model, z, r, t, v, y, self.tangent(model, z, r, t, v, y))
         if count == 0:
@@ -361,39 +371,4 @@ class MeanFlow:
             check(
                 bool(((0 <= r) & (r <= t) & (t <= 1)).all()), "times must satisfy 0 <= r <= t <= 1"
             )
-        return r, t, noise
-
-
-class FlowMatching(MeanFlow):
-    """Flow matching with the same interface: r = t everywhere, target ``v`` (or, with
-    ``guidance``, the guided ``v~``), no JVP.
-
-    Times are one draw ``t ~ D_t`` of the sampler's distribution (:meth:`TimeSampler.single`),
-    the standard flow-matching choice; the MeanFlow sampler's own r = t samples use the max of
-    two draws, as in the authors' code. Given times are refused unless r == t. The adaptive
-    weighting is kept (set ``p = 0`` for the plain squared error). ``options``: the other
-    keywords of :class:`MeanFlow` (its JVP settings are checked, and unused).
-    """
-
-    def __init__(
-        self,
-        time_sampler: TimeSampler | None = None,
-        *,
-        p: float = 1.0,
-        c: float = 1e-3,
-        guidance: Guidance | None = None,
-        **options,
-    ) -> None:
-        super().__init__(time_sampler, p=p, c=c, jvp="subset", guidance=guidance, **options)
-
-    def draw_times(self, n: int, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.time_sampler.single(n, generator=generator, device=device)
-        return t, t
-
-    def _inputs(self, x, noise, r, t, generator):
-        r, t, noise = super()._inputs(x, noise, r, t, generator)
-        check(
-            not self.check_inputs or bool((r == t).all()),
-            "flow matching needs r == t for every sample",
-        )
         return r, t, noise

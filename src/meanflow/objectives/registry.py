@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from ..errors import MeanFlowError
 from ..flow.times import TimeSampler
 from .alphaflow import AlphaFlow, GuidedAlphaFlow
+from .flow_matching import FlowMatching
 from .guidance import Guidance, GuidedFlowMatching, GuidedMeanFlow
 from .imf import GuidanceInputs, GuidanceInputsIMF, GuidedImprovedMeanFlow, ImprovedMeanFlow
-from .meanflow import FlowMatching, MeanFlow
+from .meanflow import MeanFlow
 
 JVP_OPTIONS = ("jvp", "jvp_dtype", "jvp_backend", "fd_step", "fd_scheme", "time_tangent")
 
