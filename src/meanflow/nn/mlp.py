@@ -106,3 +106,30 @@ class MLP(nn.Module):
             assert self.aux_out is not None  # checked above
             return self.out(h), self.aux_out(h)
         return self.out(h)
+
+    def tangent_forward(
+        self,
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        dz: torch.Tensor,
+        dr: torch.Tensor,
+        dt: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, du)``: ``u`` on every row (with graph where grad is enabled) and its derivative
+        along ``(dz, dr, dt)`` on rows ``rows`` (None: all), without graph, in one pass of
+        (value, tangent) pairs (:mod:`.tangent_pass`)."""
+        from .tangent_pass import mlp_tangent_forward
+
+        check(
+            guidance is None or self.guidance is not None,
+            "this network takes no guidance inputs (build it with "
+            "guidance_inputs=True: --set guidance.inputs=true)",
+        )
+        return mlp_tangent_forward(
+            self, z, r, t, y, dz=dz, dr=dr, dt=dt, rows=rows, guidance=guidance
+        )

@@ -25,173 +25,35 @@ network offers it (``DiT.tangent_forward``, ``UNet.tangent_forward``);
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention_jvp
 from .embeddings import guidance_features, no_guidance
+from .tangent_ops import (
+    Pair,
+    Rows,
+    _condition,
+    _conv,
+    _dropout,
+    _gated_add,
+    _gelu,
+    _group_norm,
+    _layer_norm,
+    _linear,
+    _modulate,
+    _rows,
+    _sdpa,
+    _silu,
+    _sinusoidal,
+)
 
 if TYPE_CHECKING:
     from .dit import Block, DiT, FinalLayer
-    from .embeddings import Conditioning, TimestepEmbedder
+    from .mlp import MLP
     from .unet import AttentionBlock, ResBlock, UNet
-
-Pair = tuple[torch.Tensor, torch.Tensor]
-Rows = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _rows(idx: torch.Tensor | None) -> Rows:
-    """The tangent's rows of a primal tensor, without graph."""
-    if idx is None:
-        return lambda a: a.detach()
-    return lambda a: a.detach()[idx]
-
-
-def _linear(layer, pair: Pair, rows: Rows) -> Pair:
-    x, dx = pair
-    y = F.linear(x, layer.weight, layer.bias)
-    with torch.no_grad():
-        return y, F.linear(dx, layer.weight)
-
-
-def _silu(pair: Pair, rows: Rows) -> Pair:
-    x, dx = pair
-    y = F.silu(x)
-    with torch.no_grad():
-        return y, torch.ops.aten.silu_backward(dx, rows(x))
-
-
-def _gelu(pair: Pair, rows: Rows, approximate: str) -> Pair:
-    x, dx = pair
-    y = F.gelu(x, approximate=approximate)
-    with torch.no_grad():
-        return y, torch.ops.aten.gelu_backward(dx, rows(x), approximate=approximate)
-
-
-def _conv(conv: nn.Conv2d, pair: Pair, rows: Rows) -> Pair:
-    x, dx = pair
-    y = conv(x)
-    with torch.no_grad():
-        dy = F.conv2d(dx, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return y, dy
-
-
-def _group_norm(norm: nn.GroupNorm, pair: Pair, rows: Rows) -> Pair:
-    """GroupNorm: the tangent is ``gamma * J_n dx``, ``J_n`` the unit-affine normalisation's
-    Jacobian, which is symmetric: the backward kernel without weight, ``dx`` as cotangent."""
-    x, dx = pair
-    x = x.contiguous()
-    n, c, hw = x.shape[0], x.shape[1], x[0, 0].numel()
-    y, mean, rstd = torch.ops.aten.native_group_norm(
-        x, norm.weight, norm.bias, n, c, hw, norm.num_groups, norm.eps
-    )
-    with torch.no_grad():
-        dy = torch.ops.aten.native_group_norm_backward(
-            dx.contiguous(),
-            rows(x),
-            rows(mean),
-            rows(rstd),
-            None,
-            dx.shape[0],
-            c,
-            hw,
-            norm.num_groups,
-            [True, False, False],
-        )[0]
-        if norm.weight is not None:
-            dy = dy * norm.weight.reshape(1, c, *([1] * (x.dim() - 2)))
-    return y, dy
-
-
-def _dropout(dropout: nn.Dropout, pair: Pair, rows: Rows) -> Pair:
-    """The same mask on the value and the tangent (the mask of ``native_dropout``)."""
-    x, dx = pair
-    if not dropout.training or dropout.p == 0:
-        return pair
-    y, mask = torch.ops.aten.native_dropout(x, dropout.p, True)
-    with torch.no_grad():
-        return y, dx * rows(mask) * (1.0 / (1.0 - dropout.p))
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: tuple, rows: Rows) -> Pair:
-    """Attention ``(O, dO)`` of (B, H, N, D) ``q, k, v`` and the rows' tangents ``d``."""
-    out = F.scaled_dot_product_attention(q, k, v)
-    with torch.no_grad():
-        dout = attention_jvp(rows(q), rows(k), rows(v), rows(out), *d).to(out.dtype)
-    return out, dout
-
-
-def _layer_norm(norm, pair: Pair, rows: Rows) -> Pair:
-    """LayerNorm without affine: its unit-affine Jacobian is symmetric, so the backward kernel
-    with ``dx`` as the cotangent is the tangent."""
-    x, dx = pair
-    shape = list(norm.normalized_shape)
-    y, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, None, None, norm.eps)
-    with torch.no_grad():
-        dy = torch.ops.aten.native_layer_norm_backward(
-            dx.contiguous(),
-            rows(x),
-            shape,
-            rows(mean),
-            rows(rstd),
-            None,
-            None,
-            [True, False, False],
-        )[0]
-    return y, dy
-
-
-def _modulate(pair: Pair, shift: Pair, scale: Pair, rows: Rows) -> Pair:
-    (x, dx), (m, dm), (s, ds) = pair, shift, scale
-    y = x * (1 + s[:, None]) + m[:, None]
-    with torch.no_grad():
-        return y, (dx * (1 + rows(s)[:, None])).addcmul_(rows(x), ds[:, None]).add_(dm[:, None])
-
-
-def _gated_add(pair: Pair, gate: Pair, branch: Pair, rows: Rows) -> Pair:
-    (x, dx), (g, dg), (f, df) = pair, gate, branch
-    y = x + g[:, None] * f
-    with torch.no_grad():
-        return y, (dx + rows(g)[:, None] * df).addcmul_(rows(f), dg[:, None])
-
-
-def _time_embedding(embedder: TimestepEmbedder, pair: Pair, rows: Rows) -> Pair:
-    s, ds = pair
-    freqs = embedder.freqs.to(s.dtype)
-    angles = s[:, None] * freqs
-    cos, sin = angles.cos(), angles.sin()
-    feats = torch.cat([cos, sin], dim=1)
-    with torch.no_grad():
-        dfeats = ds[:, None] * torch.cat([-rows(sin), rows(cos)], dim=1) * torch.cat([freqs, freqs])
-    lin1, _, lin2 = embedder.mlp
-    return _linear(lin2, _silu(_linear(lin1, (feats, dfeats), rows), rows), rows)
-
-
-def _condition(
-    cond: Conditioning,
-    r_pair: Pair,
-    t_pair: Pair,
-    y: torch.Tensor | None,
-    guidance: torch.Tensor | None,
-    rows: Rows,
-) -> Pair:
-    (r, dr), (t, dt) = r_pair, t_pair
-    c, dc = _time_embedding(cond.t_embedder, (t, dt), rows)
-    h, dh = _time_embedding(cond.h_embedder, (t - r, dt - dr), rows)
-    c, dc = c + h, dc + dh
-    if cond.label is not None:
-        if y is None:
-            y = torch.full((t.shape[0],), cond.num_classes, device=t.device, dtype=torch.long)
-        c = c + cond.label(y)
-    if cond.guidance is not None:  # guidance inputs carry no tangent
-        g = no_guidance(t.shape[0], t) if guidance is None else guidance.to(t.dtype)
-        for embed, s in zip(cond.guidance, guidance_features(g)):
-            c = c + embed(s)
-    return c, dc
 
 
 def _attention(attn, pair: Pair, rows: Rows) -> Pair:
@@ -340,3 +202,54 @@ def unet_tangent_forward(
     return _conv(
         cast(nn.Conv2d, conv), _silu(_group_norm(cast(nn.GroupNorm, norm), h, sel), sel), sel
     )
+
+
+def mlp_tangent_forward(
+    model: MLP,
+    z: torch.Tensor,
+    r: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    dz: torch.Tensor,
+    dr: torch.Tensor,
+    dt: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
+) -> Pair:
+    """:func:`dit_tangent_forward` for the vector MLP (:class:`meanflow.nn.mlp.MLP`)."""
+    from .embeddings import time_quantities
+
+    sel = _rows(rows)
+    dtype = z.dtype
+    with torch.no_grad():
+        dz, dr, dt = (a.to(dtype) for a in (dz, dr, dt))
+    r, t = r.to(dtype), t.to(dtype)
+    times = zip(time_quantities(model.time.kind, r, t), time_quantities(model.time.kind, dr, dt))
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]]  # labels, guidance: no tangent
+    parts = [_sinusoidal(model.time.embed, pair, sel) for pair in times]
+    if model.label is not None:
+        if y is None:
+            y = torch.full((z.shape[0],), model.num_classes, device=z.device, dtype=torch.long)
+        parts.append((model.label(y), None))
+    if model.guidance is not None:  # guidance inputs carry no tangent
+        g = no_guidance(z.shape[0], z) if guidance is None else guidance.to(dtype)
+        parts += [(model.guidance(s), None) for s in guidance_features(g)]
+    c = torch.cat([p[0] for p in parts], dim=1)
+    enc = model.encode(z)
+    with torch.no_grad():
+        n = dz.shape[0]
+        dc = torch.cat(
+            [p[1] if p[1] is not None else p[0].new_zeros(n, p[0].shape[1]) for p in parts], dim=1
+        )
+        denc = dz
+        if model.z_features:  # [z, sin(w z), cos(w z)]: tangent [dz, w cos dz, -w sin dz]
+            angles = (sel(z)[:, :, None] * model.z_freqs.to(dtype)).flatten(1)
+            w_dz = (dz[:, :, None] * model.z_freqs.to(dtype)).flatten(1)
+            denc = torch.cat([dz, angles.cos() * w_dz, -angles.sin() * w_dz], dim=1)
+    h = _silu(_linear(model.inp, (torch.cat([enc, c], dim=1), torch.cat([denc, dc], 1)), sel), sel)
+    for layer, cond in zip(model.layers, model.cond):
+        a, da = _linear(layer, h, sel)
+        b, db = _linear(cond, (c, dc), sel)
+        h = _silu((a + b, da + db), sel)
+    return _linear(model.out, h, sel)

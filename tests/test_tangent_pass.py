@@ -1,5 +1,5 @@
-"""The DiT's and the U-Net's one-pass forward with tangents (nn/tangent_pass.py), the fused adaLN
-ops with lean forward-mode rules (nn/forward_mode/fused.py) and the objective's use of the
+"""The networks' one-pass forward with tangents (nn/tangent_pass.py: DiT, U-Net, MLP), the fused
+adaLN ops with lean forward-mode rules (nn/forward_mode/fused.py) and the objective's use of the
 pass."""
 
 import pytest
@@ -8,7 +8,7 @@ from torch.autograd import forward_ad as fwAD
 
 from meanflow import MeanFlow, TimeSampler
 from meanflow.flow.jvp import rows_derivative, rows_pass_available, total_derivative
-from meanflow.nn import dit, unet
+from meanflow.nn import MLP, dit, unet
 from meanflow.nn.forward_mode import torch_rules
 from meanflow.nn.forward_mode.fused import gated_add, modulate, sinusoid
 
@@ -20,6 +20,9 @@ VARIANTS = {
     "unet-labels": dict(num_classes=5),
     "unet-two-heads": dict(num_classes=0, heads=2),
     "unet-guidance-inputs": dict(num_classes=5, guidance_inputs=True, aux_head=True),
+    "mlp-labels": dict(num_classes=5),
+    "mlp-t-r-fourier": dict(time_input="t,r", z_features=3),
+    "mlp-guidance-inputs": dict(num_classes=5, guidance_inputs=True, aux_head=True),
 }
 
 
@@ -28,6 +31,8 @@ def _model(variant: str) -> torch.nn.Module:
     kwargs = VARIANTS[variant]
     if variant.startswith("dit"):
         model = dit("T/2", input_size=8, in_channels=3, **kwargs)
+    elif variant.startswith("mlp"):
+        model = MLP(3 * 8 * 8, hidden=32, depth=3, **kwargs)
     else:
         model = unet("tiny", 3, 8, **kwargs).eval()  # dropout: its own test below
     for p in model.parameters():  # zero-initialised layers: make every term count
@@ -49,6 +54,8 @@ def _inputs(n=6):
 def test_rows_pass_equals_func_jvp_and_the_plain_forward(variant, time_tangent):
     model = _model(variant)
     z, r, t, v, y = _inputs()
+    if isinstance(model, MLP):
+        z, v = z.flatten(1), v.flatten(1)
     y = y if model.num_classes else None
     dr, dt = time_tangent
     u_ref, d_ref = torch.func.jvp(
@@ -58,7 +65,7 @@ def test_rows_pass_equals_func_jvp_and_the_plain_forward(variant, time_tangent):
     )
     rows = torch.tensor([4, 1, 2])
     u, du = rows_derivative(model, z, r, t, v[rows], y, rows, time_tangent)
-    assert du.shape == (3, 3, 8, 8) and not du.requires_grad and u.requires_grad
+    assert du.shape == (3, *z.shape[1:]) and not du.requires_grad and u.requires_grad
     assert torch.allclose(du, d_ref[rows], rtol=1e-10, atol=1e-10 * d_ref.abs().max().item())
     assert torch.equal(u, model(z, r, t, y=y))  # the plain forward, bit for bit
     # the graph is the plain forward's: the same gradients
@@ -111,10 +118,12 @@ def test_the_pass_applies_only_where_its_numbers_are_the_forward_ad_ones():
     assert rows_pass_available(model, z)
 
 
-@pytest.mark.parametrize("variant", ["dit-labels", "unet-labels"])
+@pytest.mark.parametrize("variant", ["dit-labels", "unet-labels", "mlp-labels"])
 def test_objective_subset_step_takes_one_pass_and_equals_the_func_reference(variant, monkeypatch):
     model = _model(variant)
     z, r, t, v, y = _inputs(8)
+    if isinstance(model, MLP):
+        z, v = z.flatten(1), v.flatten(1)
     r[::2] = t[::2]  # half the rows r = t
 
     def step(backend):
