@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embeddings import guidance_features, no_guidance
+from .embeddings import guidance_features, no_guidance, time_quantities
 from .tangent_ops import (
     Pair,
     Rows,
@@ -218,8 +218,6 @@ def mlp_tangent_forward(
     guidance: torch.Tensor | None = None,
 ) -> Pair:
     """:func:`dit_tangent_forward` for the vector MLP (:class:`meanflow.nn.mlp.MLP`)."""
-    from .embeddings import time_quantities
-
     sel = _rows(rows)
     dtype = z.dtype
     with torch.no_grad():
