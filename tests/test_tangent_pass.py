@@ -116,6 +116,8 @@ def test_the_pass_applies_only_where_its_numbers_are_the_forward_ad_ones():
     assert not rows_pass_available(model, z)
     handle.remove()
     assert rows_pass_available(model, z)
+    with torch_rules():
+        assert not rows_pass_available(model, z)  # the comparisons' switch turns it off
 
 
 @pytest.mark.parametrize("variant", ["dit-labels", "unet-labels", "mlp-labels"])

@@ -48,7 +48,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import check
-from ..nn.forward_mode import tangents_without_graph
+from ..nn.forward_mode import tangents_without_graph, torch_rules_enabled
 from ..nn.forward_mode.routing import route_standard_layers, routing_needed
 from .path import broadcast_time
 
@@ -106,7 +106,12 @@ def total_derivative(
             dudt = finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
             return at_least_float32(u), at_least_float32(dudt)
         tangent_forward = getattr(model, "tangent_forward", None)
-        if backend == "forward-ad" and tangent_forward is not None and not torch.is_grad_enabled():
+        if (
+            backend == "forward-ad"
+            and tangent_forward is not None
+            and not torch.is_grad_enabled()
+            and not torch_rules_enabled()
+        ):
             u, dudt = tangent_forward(
                 z, r, t, y=y, dz=v, dr=torch.full_like(r, dr), dt=torch.full_like(t, dt)
             )
@@ -138,10 +143,12 @@ def total_derivative(
 def rows_pass_available(model, z: torch.Tensor, backend: str = "forward-ad") -> bool:
     """Whether :func:`rows_derivative` applies: the exact ``"forward-ad"`` back-end, a network
     (not a compiled wrapper) with ``tangent_forward``, no autocast (the JVP runs in the input's
-    float32 or float64, as :func:`total_derivative` runs it) and no forward hooks (the pass
-    calls layers' functions, not their modules, so hooks would not see it)."""
+    float32 or float64, as :func:`total_derivative` runs it), no forward hooks (the pass
+    calls layers' functions, not their modules, so hooks would not see it) and not under
+    :func:`meanflow.nn.forward_mode.torch_rules` (which turns it off, for comparisons)."""
     return (
         backend == "forward-ad"
+        and not torch_rules_enabled()
         and callable(getattr(model, "tangent_forward", None))
         and not hasattr(model, "_orig_mod")  # torch.compile's wrapper: keep its compiled forward
         and not torch.is_autocast_enabled(z.device.type)

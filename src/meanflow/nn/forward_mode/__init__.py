@@ -57,6 +57,7 @@ from .rules import (
     silu,
     tangents_without_graph,
     torch_rules,
+    torch_rules_enabled,
 )
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "lean_rules_active",
     "tangents_without_graph",
     "torch_rules",
+    "torch_rules_enabled",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "lean_rules_active",
     "tangents_without_graph",
     "torch_rules",
+    "torch_rules_enabled",
 ]
 
 _WITHOUT_GRAPH = [0]
@@ -37,6 +38,11 @@ def torch_rules():
         yield
     finally:
         _TORCH_RULES[0] -= 1
+
+
+def torch_rules_enabled() -> bool:
+    """Whether :func:`torch_rules` is on (the lean rules and the networks' one pass off)."""
+    return bool(_TORCH_RULES[0])
 
 
 @contextlib.contextmanager
