@@ -20,9 +20,10 @@ Back-ends (``backend=``; docs/method.md, "JVP back-ends"):
   measurably slower on small CPU networks).
 
 Without graph (under ``torch.no_grad()``, as ``loss.jvp=detached`` computes its targets), a
-network that offers ``tangent_forward(z, r, t, y=y, dz=, dr=, dt=) -> (u, du)`` (the DiT:
-:mod:`meanflow.nn.dit_tangent`) computes the JVP itself in one pass of (value, tangent) pairs,
-without forward-mode machinery; ``"forward-ad"`` uses it.
+network that offers ``tangent_forward(z, r, t, y=y, dz=, dr=, dt=) -> (u, du)`` (the DiT, the
+U-Net and the MLP: :mod:`meanflow.nn.tangent_pass`) computes the JVP itself in one pass of
+(value, tangent) pairs, without forward-mode machinery, where :func:`rows_pass_available`;
+``"forward-ad"`` uses it.
 
 Both exact back-ends run the network under
 :func:`meanflow.nn.forward_mode.routing.route_standard_layers` (unless it is built from the
@@ -105,14 +106,8 @@ def total_derivative(
             u = fn(z, r, t)
             dudt = finite_difference(fn, z, r, t, v, u.detach(), fd_step, fd_scheme)
             return at_least_float32(u), at_least_float32(dudt)
-        tangent_forward = getattr(model, "tangent_forward", None)
-        if (
-            backend == "forward-ad"
-            and tangent_forward is not None
-            and not torch.is_grad_enabled()
-            and not torch_rules_enabled()
-        ):
-            u, dudt = tangent_forward(
+        if not torch.is_grad_enabled() and rows_pass_available(model, z, backend):
+            u, dudt = model.tangent_forward(
                 z, r, t, y=y, dz=v, dr=torch.full_like(r, dr), dt=torch.full_like(t, dt)
             )
             return at_least_float32(u), at_least_float32(dudt)
