@@ -15,7 +15,9 @@ change a step's cost). Flow matching is sampled at
 1, 2, 4, 10 and 100 steps, the others at 1, 2 and 4 (uniform schedules; the same noise and
 labels, cycling through the classes, for every entry). Each sample set is compared with the
 test split in the feature space of the shipped feature network: FD, precision and recall
-(k = 3); the floor is the same metrics for as many training images.
+(k = 3); the floor is the same metrics for as many training images. ``--keep``: rows already
+in ``OUT/results.json`` for the same entry and training step are reused, not sampled again
+(adding an entry to a seed's folder costs that entry only; its grid is redrawn from 100 samples).
 Writes results.json, table.md, quality.png (FD and recall against steps) and grids.png.
 """
 
@@ -148,6 +150,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--train-seed", type=int, default=None,
                     help="--seed of the runs trained here (default: the preset's)")
+    ap.add_argument("--keep", action="store_true",
+                    help="reuse OUT/results.json's rows of the same entry and training step")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     runs = parse_runs(args.run)
@@ -165,6 +169,9 @@ def main() -> None:
     split = "test" if args.data == "fashion-mnist" else "train"
     reference = open_data(args.data, split=split).x
     train_images = open_data(args.data).x
+    kept = _kept_rows(args.out) if args.keep else {}
+    if kept.get("step_seconds") and not costs:
+        costs = kept["step_seconds"]
     rows, grids = [], {}
     for objective, run_dir in runs.items():
         run = load_run(run_dir)
@@ -172,6 +179,15 @@ def main() -> None:
             f"{run_dir} trained {run.config.objective}"
         labels = grid_labels(args.num, run.num_classes)
         for steps in FM_STEPS if objective == "flow-matching" else FEW_STEPS:
+            old = kept.get((objective, steps, run.step))
+            if old is not None:
+                rows.append(old)
+                if steps in (1, 2) or steps == 100:
+                    images = sample_features(run, {}, 100, keep_images=True, progress=False,
+                                             steps=steps, seed=args.seed,
+                                             labels=grid_labels(100, run.num_classes))[1]
+                    grids[_grid_title(objective, steps)] = torch.from_numpy(images)
+                continue
             start = time.perf_counter()
             fake, samples = sample_features(run, {"fd": extractor}, args.num, keep_images=True,
                                             progress=False, steps=steps, seed=args.seed,
@@ -183,8 +199,7 @@ def main() -> None:
                          "sample_seconds": round(seconds, 1), **m})
             print(json.dumps(rows[-1]), flush=True)
             if steps in (1, 2) or steps == 100:
-                grids[f"{entry_name(objective)}, {steps} step{'s' if steps > 1 else ''}"] = \
-                    torch.from_numpy(samples[:100])
+                grids[_grid_title(objective, steps)] = torch.from_numpy(samples[:100])
     floor = {k[:-6]: v for k, v in rows[0].items() if k.endswith("_floor")}
     fd = {(r["objective"], r["steps"]): r["fd"] for r in rows}
     table = [f"| model | training steps | sampling steps | FD-{args.data} | precision | recall |",
@@ -195,7 +210,7 @@ def main() -> None:
     table.append(f"| training images (floor) | - | - | {floor['fd']:.2f} | "
                  f"{floor['precision']:.3f} | {floor['recall']:.3f} |")
     fm100 = fd["flow-matching", 100]
-    targets = {f"{o}{k}_over_fm100": fd[o, k] / fm100 for o in runs if o != "flow-matching"
+    targets = {f"{o}:{k}_over_fm100": fd[o, k] / fm100 for o in runs if o != "flow-matching"
                for k in (1, 2)}
     if "meanflow" in runs:
         targets["mf1_better_than_fm4"] = fd["meanflow", 1] < fd["flow-matching", 4]
@@ -212,6 +227,23 @@ def main() -> None:
     print(json.dumps(targets))
 
 
+def _kept_rows(out: str) -> dict:
+    """``{(entry, sampling steps, training step): row}`` and ``"step_seconds"`` of an earlier
+    ``results.json`` in ``out`` (empty without one)."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        result = json.load(f)
+    kept: dict = {(r["objective"], r["steps"], r["train_steps"]): r for r in result["rows"]}
+    kept["step_seconds"] = result.get("step_seconds", {})
+    return kept
+
+
+def _grid_title(entry: str, steps: int) -> str:
+    return f"{entry_name(entry)}, {steps} step{'s' if steps > 1 else ''}"
+
+
 def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str,
            objectives: list[str]) -> None:
     import matplotlib
@@ -220,7 +252,7 @@ def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str,
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key in zip(axes, ("fd", "recall")):
-        for objective, marker in zip(objectives, "osD^"):
+        for objective, marker in zip(objectives, "osD^v<>p"):
             mine = [r for r in rows if r["objective"] == objective]
             ax.plot([r["steps"] for r in mine], [r[key] for r in mine], marker=marker,
                     label=entry_name(objective))
