@@ -182,7 +182,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_classes": 10,
         "steps": 3000,
         # r != t share 0% -> 50%, the velocity first: 1-/2-step FD 5.90/3.95 against 6.37/4.92
-        # (2 seeds) at equal compute (docs/benchmarks.md section 5, "Seeds at equal compute")
+        # (seeds 0, 1) at equal compute (docs/benchmarks.md section 5, "Seeds at equal compute")
         "time.ratio_start": 0.0,
     },
     "digits-small": {
