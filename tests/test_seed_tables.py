@@ -1,0 +1,74 @@
+"""The quality tables over seeds (benchmarks/image_seeds_table.py) and the reuse of a seed
+folder's rows (benchmarks/image_quality.py ``--keep``): hand-made results, hand-computed means
+and within-seed ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _row(objective: str, steps: int, fd: float, train_steps: int = 100) -> dict:
+    return {"objective": objective, "steps": steps, "train_steps": train_steps, "fd": fd}
+
+
+def _write_seed(folder: str, fm100: float, mf1: float, mf2: float | None = None) -> None:
+    rows = [_row("flow-matching", 100, fm100), _row("meanflow", 1, mf1)]
+    if mf2 is not None:
+        rows.append(_row("meanflow", 2, mf2))
+    os.makedirs(folder)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"rows": rows, "step_seconds": {}}, f)
+
+
+def _table(folder: str) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "image_seeds_table.py"),
+                           folder], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(folder, "table.md")) as f:
+        return f.read()
+
+
+def test_seed_table_means_and_within_seed_ratios(tmp_path):
+    _write_seed(str(tmp_path / "seed0"), fm100=2.0, mf1=4.0, mf2=3.0)
+    _write_seed(str(tmp_path / "seed1"), fm100=4.0, mf1=4.0)
+    table = _table(str(tmp_path))
+    assert "100-step flow matching: 3.00" in table
+    lines = {line.split("|")[3].strip(): line for line in table.splitlines()
+             if line.startswith("| MeanFlow")}
+    # 1 step: FDs 4 and 4, mean 4.00; over the mean reference 4/3 = 1.33; within each seed
+    # 4/2 = 2.00 and 4/4 = 1.00, mean 1.50 (1.00-2.00)
+    assert "| 4.00 (4.00-4.00, 2) | 1.33 | 1.50 (1.00-2.00) |" in lines["1"]
+    # 2 steps: one seed only, 3.00; 3/3 = 1.00 over the mean reference, 3/2 = 1.50 within seed 0
+    assert "| 3.00 (3.00-3.00, 1) | 1.00 | 1.50 (1.50-1.50) |" in lines["2"]
+
+
+def test_seed_table_refuses_folders_without_the_reference(tmp_path):
+    os.makedirs(tmp_path / "seed0")
+    with open(tmp_path / "seed0" / "results.json", "w") as f:
+        json.dump({"rows": [_row("meanflow", 1, 4.0)]}, f)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "image_seeds_table.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "100-step flow-matching" in proc.stderr
+
+
+def test_keep_reuses_rows_by_entry_sampling_steps_and_training_step(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from image_quality import _kept_rows
+    finally:
+        sys.path.pop(0)
+    assert _kept_rows(str(tmp_path)) == {}
+    rows = [_row("flow-matching", 100, 3.0, train_steps=1294),
+            _row("meanflow+time.ratio_start=0", 2, 4.0, train_steps=1233)]
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump({"rows": rows, "step_seconds": {"meanflow": 0.8}}, f)
+    kept = _kept_rows(str(tmp_path))
+    assert kept["meanflow+time.ratio_start=0", 2, 1233]["fd"] == 4.0
+    assert ("meanflow+time.ratio_start=0", 2, 1200) not in kept  # another training step: sampled
+    assert ("meanflow", 2, 1233) not in kept  # another entry: sampled
+    assert kept["step_seconds"] == {"meanflow": 0.8}
