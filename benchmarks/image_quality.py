@@ -17,7 +17,8 @@ labels, cycling through the classes, for every entry). Each sample set is compar
 test split in the feature space of the shipped feature network: FD, precision and recall
 (k = 3); the floor is the same metrics for as many training images. ``--keep``: rows already
 in ``OUT/results.json`` for the same entry and training step are reused, not sampled again
-(adding an entry to a seed's folder costs that entry only; its grid is redrawn from 100 samples).
+(adding an entry to a seed's folder costs that entry only; a kept entry's grid is redrawn
+from 100 samples of the same seed and labels).
 Writes results.json, table.md, quality.png (FD and recall against steps) and grids.png.
 """
 
