@@ -72,3 +72,25 @@ def test_keep_reuses_rows_by_entry_sampling_steps_and_training_step(tmp_path):
     assert ("meanflow+time.ratio_start=0", 2, 1200) not in kept  # another training step: sampled
     assert ("meanflow", 2, 1233) not in kept  # another entry: sampled
     assert kept["step_seconds"] == {"meanflow": 0.8}
+
+
+def test_eval_lines_table_averages_sampling_seeds_then_training_seeds(tmp_path):
+    def line(run: str, steps: int, fd: float) -> str:
+        return json.dumps({"run": run, "steps": steps, "fd": fd, "precision": 0.5,
+                           "recall": 0.25})
+
+    path = tmp_path / "eval.jsonl"
+    # run a-s0: sampling seeds 0.1 and 0.3 -> 0.2; run a-s1: 0.4; mean 0.3 (0.2-0.4)
+    path.write_text("\n".join([line("runs/a-s0", 1, 0.1), line("runs/a-s0", 1, 0.3),
+                               line("runs/a-s1/", 1, 0.4), line("runs/b-s0", 2, 1.0)]) + "\n")
+    script = os.path.join(ROOT, "benchmarks", "eval_lines_table.py")
+    proc = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.splitlines()
+    assert "| a | 1 | 0, 1 | 0.300 (0.200-0.400) | 0.500 | 0.250 |" in rows
+    assert "| b | 2 | 0 | 1.000 (1.000-1.000) | 0.500 | 0.250 |" in rows
+    path.write_text(line("runs/unnamed", 1, 0.1) + "\n")
+    proc = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "SETTING-sSEED" in proc.stderr

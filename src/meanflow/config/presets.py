@@ -191,6 +191,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data_shape": "1x16x16",
         "num_classes": 10,
         "steps": 2000,
+        # guidance w' = 0.5 / (1 - 0.5) = 1 (kappa's self-mixing kept): FD-digits 1 / 2-step
+        # 0.11 / 0.12 against 0.72 / 0.80 at w' = 2 (docs/benchmarks.md, "Digits: the guidance
+        # scale")
+        "guidance.omega": 0.5,
     },
     # Any other images: the small U-Net sized to the data.
     "unet-small": {**_CPU_IMAGES, "steps": 3000},
@@ -230,7 +234,8 @@ PRESET_HELP = {
     "tiny": "a few-second smoke run (tests)",
     "fashion-mnist-small": "Fashion-MNIST on 2 CPU cores (default for --data fashion-mnist); "
     "0.34M-parameter U-Net, class-conditional with guidance w' = 2, r != t share 0% -> 50%",
-    "digits-small": "scikit-learn digits at 16x16 on 2 CPU cores (default for --data digits)",
+    "digits-small": "scikit-learn digits at 16x16 on 2 CPU cores (default for --data digits); "
+    "guidance w' = 1 (omega 0.5, kappa 0.5)",
     "unet-small": "any other images: the small U-Net sized to the data (default for images)",
     "cifar10-paper": "the authors' CIFAR-10 recipe (unconditional DDPM++ U-Net, 55.9M "
     "parameters, batch 1024, lr 6e-4, p 0.75, 75% r != t, "

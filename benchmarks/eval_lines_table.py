@@ -1,0 +1,72 @@
+"""Mean and spread over training seeds of ``meanflow eval`` JSON lines.
+
+Each line is one ``meanflow eval --run DIR --steps K --seed S`` result with a ``run`` field
+naming its run directory ``SETTING-sSEED`` (``runs/w1-s0``: setting ``w1``, training seed 0).
+Lines of the same run and step count (several sampling seeds) are averaged first; the table
+then gives, per setting and step count, the mean over training seeds and its (min-max), and the
+mean precision and recall. FD, or SWD for vector runs.
+
+    python benchmarks/eval_lines_table.py benchmarks/results/digits_guidance/eval.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections import defaultdict
+
+
+def metric_of(line: dict) -> str:
+    return "fd" if "fd" in line else "swd"
+
+
+def setting_and_seed(run: str) -> tuple[str, str]:
+    name = os.path.basename(run.rstrip("/"))
+    setting, sep, seed = name.rpartition("-s")
+    if not sep or not seed.isdigit():
+        raise SystemExit(f"run {run!r}: expected a directory named SETTING-sSEED (runs/w1-s0)")
+    return setting, seed
+
+
+def table(lines: list[dict]) -> str:
+    runs: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
+    for line in lines:
+        setting, seed = setting_and_seed(line["run"])
+        runs[(setting, int(line["steps"]), seed)].append(line)
+    cells: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = defaultdict(dict)
+    for (setting, steps, seed), group in runs.items():
+        metric = metric_of(group[0])
+        mean = [statistics.mean(g.get(k, float("nan")) for g in group)
+                for k in (metric, "precision", "recall")]
+        cells[(setting, steps)][seed] = (mean[0], mean[1], mean[2])
+    metric = metric_of(lines[0]).upper()
+    out = [f"| setting | sampling steps | training seeds | {metric} mean (min-max) | precision "
+           "| recall |", "|---|---|---|---|---|---|"]
+    for (setting, steps), seeds in sorted(cells.items()):
+        values = [v[0] for v in seeds.values()]
+        out.append(
+            f"| {setting} | {steps} | {', '.join(sorted(seeds))} | {statistics.mean(values):.3f} "
+            f"({min(values):.3f}-{max(values):.3f}) "
+            f"| {statistics.mean(v[1] for v in seeds.values()):.3f} "
+            f"| {statistics.mean(v[2] for v in seeds.values()):.3f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", help="files of meanflow eval JSON lines")
+    args = ap.parse_args()
+    lines = []
+    for path in args.files:
+        with open(path) as f:
+            lines += [json.loads(text) for text in f if text.strip()]
+    if not lines:
+        raise SystemExit(f"no eval lines in {', '.join(args.files)}")
+    print(table(lines), end="")
+
+
+if __name__ == "__main__":
+    main()
