@@ -95,7 +95,7 @@ def test_open_data_fashion_mnist_and_cifar_folders(tmp_path):
 
 def test_default_preset_follows_the_data():
     assert default_preset("vectors", (2,)) == "toy-2d"
-    assert default_preset("vectors", (7,)) == "mlp"
+    assert default_preset("vectors", (7,)) == "vectors"
     assert default_preset("images", (1, 28, 28), "fashion-mnist") == "fashion-mnist-small"
     assert default_preset("images", (1, 16, 16), "digits") == "digits-small"
     assert default_preset("images", (3, 30, 30), "my/folder") == "unet-small"
@@ -224,7 +224,8 @@ PAPER_MILLIONS = {"imagenet256-b2": 131, "imagenet256-m2": 308, "imagenet256-l2"
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_dry_run_prints_preset_and_parameter_count(preset, capsys):
     data = [] if "data" in PRESETS[preset] or "data_shape" in PRESETS[preset] else \
-        ["--data", "rings"] if preset in ("mlp", "toy-2d", "tiny") else ["--data", "digits"]
+        ["--data", "rings"] if preset in ("mlp", "toy-2d", "vectors", "tiny") else \
+        ["--data", "digits"]
     code, stdout, err = run(capsys, "train", "--preset", preset, "--dry-run", *data)
     assert code == 0, err
     result = json.loads(stdout)
