@@ -77,7 +77,7 @@ def test_flow_matching_objective_and_user_array(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "x.npy"), "--out", out,
                        "--objective", "flow-matching", "--steps", "20", "--batch-size", "64",
                        "--set", "model.hidden=16", "--quiet")
-    assert code == 0 and "using 'mlp'" in err
+    assert code == 0 and "using 'vectors'" in err
     assert json.load(open(os.path.join(out, "config.json")))["objective"] == "flow-matching"
     code, out_json, _ = run(capsys, "eval", "--run", out, "--reference", str(tmp_path / "x.npy"),
                             "--num", "100", "--steps", "4")
