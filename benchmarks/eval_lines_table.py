@@ -35,15 +35,18 @@ def table(lines: list[dict]) -> str:
     for line in lines:
         setting, seed = setting_and_seed(line["run"])
         runs[(setting, int(line["steps"]), seed)].append(line)
-    cells: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = defaultdict(dict)
+    metric = metric_of(lines[0])
+    cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(dict)
     for (setting, steps, seed), group in runs.items():
-        metric = metric_of(group[0])
-        mean = [statistics.mean(g.get(k, float("nan")) for g in group)
-                for k in (metric, "precision", "recall")]
-        cells[(setting, steps)][seed] = (mean[0], mean[1], mean[2])
-    metric = metric_of(lines[0]).upper()
-    out = [f"| setting | sampling steps | training seeds | {metric} mean (min-max) | precision "
-           "| recall |", "|---|---|---|---|---|---|"]
+        cells[(setting, steps)][seed] = [
+            statistics.mean(g.get(k, float("nan")) for g in group)
+            for k in (metric, "precision", "recall")
+        ]
+    out = [
+        f"| setting | sampling steps | training seeds | {metric.upper()} mean (min-max) "
+        "| precision | recall |",
+        "|---|---|---|---|---|---|",
+    ]
     for (setting, steps), seeds in sorted(cells.items()):
         values = [v[0] for v in seeds.values()]
         out.append(

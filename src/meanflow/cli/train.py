@@ -75,7 +75,7 @@ def add_train_parser(sub) -> None:
     p.add_argument(
         "--preset",
         help="named settings (default from the data: toy-2d for 2-D "
-        "vectors, vectors for other vectors, fashion-mnist-small, "
+        "vectors, vectors for other dimensions, fashion-mnist-small, "
         "digits-small, unet-small for other images)",
     )
     p.add_argument(
