@@ -7,16 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .rules import (
-    _call,
-    _Conv,
-    _GroupNorm,
-    _LayerNorm,
-    _Linear,
-    gelu,
-    lean_rules_active,
-    silu,
-)
+from .norm_rules import _GroupNorm, _LayerNorm
+from .rules import _call, _Conv, _Linear, gelu, lean_rules_active, silu
 
 __all__ = ["Linear", "Conv2d", "GroupNorm", "LayerNorm", "SiLU", "GELU"]
 

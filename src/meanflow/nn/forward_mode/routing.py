@@ -39,17 +39,8 @@ from torch.autograd import forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 
 from ..attention import attention
-from .rules import (
-    _call,
-    _Conv,
-    _expand,
-    _GroupNorm,
-    _LayerNorm,
-    _Linear,
-    _Pointwise,
-    _RMSNorm,
-    lean_rules_active,
-)
+from .norm_rules import _GroupNorm, _LayerNorm, _RMSNorm
+from .rules import _call, _Conv, _expand, _Linear, _Pointwise, lean_rules_active
 
 __all__ = ["route_standard_layers", "routing_needed", "ROUTED"]
 
