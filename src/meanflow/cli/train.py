@@ -24,6 +24,7 @@ examples:
   meanflow train --data checkerboard --out runs/checker
   meanflow train --data my_points.npy --out runs/mine --steps 20000 --set time.ratio=0.5
   meanflow train --out runs/checker --resume --steps 8000
+  meanflow train --data checkerboard --init runs/checker-fm --out runs/checker-ft
   meanflow train --data fashion-mnist --out runs/fmnist          # preset fashion-mnist-small
   meanflow train --data my_images/ --image-size 32 --out runs/mine --hflip
   meanflow train --preset imagenet256-xl2 --dry-run               # build, count, exit
@@ -95,6 +96,12 @@ def add_train_parser(sub) -> None:
         help="override one config key (repeatable), e.g. --set time.ratio=0.5",
     )
     p.add_argument(
+        "--init",
+        metavar="RUN_DIR",
+        help="start the network from RUN_DIR's EMA weights (same model settings): step 0, a "
+        "fresh optimizer; e.g. fine-tune a flow-matching run into MeanFlow",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the newest checkpoint in RUN_DIR (only --steps may change)",
@@ -138,6 +145,7 @@ def train_request(args) -> RunRequest:
             ("objective", args.objective),
             ("batch_size", args.batch_size),
             ("seed", args.seed),
+            ("init", args.init),
         )
         if v is not None
     ]

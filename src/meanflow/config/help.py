@@ -53,6 +53,9 @@ KEY_HELP = {
     "tensorboard`)",
     "precision": "`fp32`, or `bf16`: the network runs under bf16 autocast with fp32 master "
     "weights (the JVP stays fp32 unless loss.jvp_dtype=autocast)",
+    "init": "start the network from the EMA weights of this run directory (or exported "
+    "model) instead of random: step 0, a fresh optimizer, e.g. a flow-matching run fine-tuned "
+    "into MeanFlow (`--init`; docs/onestep.md)",
     "compile": "torch.compile the network (eager JVP around it; docs/distributed.md)",
     "tf32": "allow TF32 matrix products on CUDA (no effect on CPU)",
     "stream": "read batches from disk through DataLoader workers instead of holding the data "

@@ -151,6 +151,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network
     tf32: bool = True  # TF32 matrix products on CUDA
     stream: bool = False  # read batches through DataLoader workers (latents: always)
+    init: str = ""  # start the network from this run's EMA weights (train/warm_start.py)
     workers: int = 2  # DataLoader worker processes of a streamed run
     model: ModelConfig = field(default_factory=ModelConfig)
     time: TimeSampler = field(default_factory=TimeSampler)

@@ -47,6 +47,7 @@ from .pictures import write_loss_curve, write_preview
 from .reliability import StopSignals, trim_metrics
 from .state import CheckpointManager, TrainState
 from .step import CompiledForward, LossModule, Rows, StepParts, StepStats, train_step
+from .warm_start import load_initial_weights
 
 
 @dataclass
@@ -92,12 +93,15 @@ def train(
     rows = Rows(cfg.batch_size, ranks.rank, ranks.world_size)
     normalizer, batches = _open_batches(cfg, data, rows, device)
     model = _build_network(cfg, data, ranks, device)
+    init_note = load_initial_weights(model, cfg.init) if cfg.init and not resume else ""
     objective = build_objective(cfg, cfg.num_classes) if objective is None else objective
     objective.check_inputs = False  # its draws are valid by construction: no host syncs
     augment = build_augment(cfg, model, data.kind)
     optimizer = build_optimizer(cfg, model)
     if progress and main:
         tqdm.write(_startup_line(cfg, model, objective, device, ranks), file=sys.stderr)
+    if init_note and main:
+        tqdm.write(f"meanflow: {init_note}", file=sys.stderr)
     ema = EMA(model, cfg.ema_decay, cfg.ema_extras, cfg.ema_every, cfg.ema_warmup)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     state = TrainState(model, ema, optimizer, batches, gen, rank=ranks.rank)
