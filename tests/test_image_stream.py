@@ -19,7 +19,7 @@ from test_train_images import make_class_folder  # noqa: E402
 from meanflow import MeanFlowError  # noqa: E402
 from meanflow.config.schema import TrainConfig  # noqa: E402
 from meanflow.data.image_stream import ImageFolderReader, is_image_folder  # noqa: E402
-from meanflow.data.images import load_image_folder  # noqa: E402
+from meanflow.data.image_folder import load_image_folder  # noqa: E402
 from meanflow.runs.checkpoint import load_latest_good  # noqa: E402
 from meanflow.train.batches import open_training_data  # noqa: E402
 

@@ -13,13 +13,13 @@ import numpy as np
 
 from ..errors import MeanFlowError
 from .arrays import load_array, validate_array
+from .image_folder import load_image_folder
 from .images import (
     ImageDataset,
     load_cifar10_binary,
     load_digits,
     load_fashion_mnist,
     load_idx,
-    load_image_folder,
 )
 from .sources import IMAGE_DATASETS, TrainingSet, check_same_classes, open_data
 from .toy import TOY_DATASETS

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MeanFlowError, check
 from ..runtime.devices import resolve_device
-from .images import list_image_folder, read_image
+from .image_folder import list_image_folder, read_image
 from .latents import FORMAT, META_NAME, VERSION, read_meta
 from .vae import adm_center_crop, encode, find_vae_dir, load_vae, vae_downsampling, vae_factors
 

@@ -1,9 +1,10 @@
 """A folder of PNG/JPEG images read batch by batch from disk (``--set stream=true``).
 
 :class:`ImageFolderReader` is the streamed twin of
-:func:`~meanflow.data.images.load_image_folder`: the same files and labels in the same order
-(:func:`~meanflow.data.images.list_image_folder`), the same grey-or-RGB rule, the same decoding,
-bicubic resize and scale to [-1, 1], so a streamed run sees bitwise the same pixels. Opening it
+:func:`~meanflow.data.image_folder.load_image_folder`: the same files and labels in the same
+order (:func:`~meanflow.data.image_folder.list_image_folder`), the same grey-or-RGB rule, the
+same decoding, bicubic resize and scale to [-1, 1], so a streamed run sees bitwise the same
+pixels. Opening it
 reads only the file list and image headers (mode and size, no pixels): every header while all
 are greyscale, up to the first colour image otherwise. A file whose header cannot be read is
 reported, like a corrupt file, when a batch first reads it. Without a target size, every image
@@ -18,14 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import MeanFlowError, check
-from .images import (
-    _pillow,
-    image_pixels,
-    list_image_folder,
-    read_image,
-    scale_pixels,
-    size_mismatch,
-)
+from .image_folder import _pillow, image_pixels, list_image_folder, read_image, size_mismatch
+from .images import scale_pixels
 from .latents import is_latents_dir
 from .sources import IMAGE_DATASETS, TrainingSet, _idx_pair
 from .toy import TOY_DATASETS

@@ -32,13 +32,8 @@ import torch
 
 from ..errors import MeanFlowError, check
 from .arrays import load_array
-from .images import (
-    load_cifar10_binary,
-    load_digits,
-    load_fashion_mnist,
-    load_idx,
-    load_image_folder,
-)
+from .image_folder import load_image_folder
+from .images import load_cifar10_binary, load_digits, load_fashion_mnist, load_idx
 from .toy import TOY_DATASETS
 
 if TYPE_CHECKING:
