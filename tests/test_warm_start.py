@@ -4,6 +4,7 @@ refused in one line and nothing is written."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -49,26 +50,30 @@ def test_the_network_starts_from_the_source_ema_weights_and_nothing_else(fm_run)
 
 def test_a_meanflow_run_from_a_flow_matching_run_trains_from_its_weights(fm_run, tmp_path,
                                                                            capsys):
-    out = str(tmp_path / "mf")
+    out, copy = str(tmp_path / "mf"), str(tmp_path / "fm-copy")
+    shutil.copytree(fm_run, copy)
     # a learning rate of 1e-30 moves no float32 weight: after one step the raw weights are
     # still exactly the source's EMA
-    code, _, err = run(capsys, "train", *TINY, "--init", fm_run, "--out", out, "--steps", "1",
+    code, _, err = run(capsys, "train", *TINY, "--init", copy, "--out", out, "--steps", "1",
                        "--set", "optim.lr=1e-30")
     assert code == 0, err
-    assert f"network initialised from {fm_run!r} (flow-matching, step 30, ema weights)" in err
+    assert f"network initialised from {copy!r} (flow-matching, step 30, ema weights)" in err
     with open(os.path.join(out, "config.json")) as f:
         saved = json.load(f)
-    assert saved["init"] == fm_run and saved["objective"] == "meanflow" and saved["steps"] == 1
-    source, now = _weights(fm_run), _weights(out, "raw")
+    assert saved["init"] == copy and saved["objective"] == "meanflow" and saved["steps"] == 1
+    source, now = _weights(copy), _weights(out, "raw")
     for key in source:
         assert torch.equal(source[key], now[key]), key
-    # rerunning the same command with more steps resumes its own checkpoint, not the source
-    code, _, err = run(capsys, "train", *TINY, "--init", fm_run, "--out", out, "--steps", "3")
-    assert code == 2 and "optim.lr" in err  # the rerun differs (lr): refused, not re-initialised
+    # resuming continues the run's own checkpoint: the source is never read again
+    shutil.rmtree(copy)
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", "2", "--quiet",
                        "--threads", "1")
     assert code == 0, err
     assert "initialised" not in err
+    code, _, err = run(capsys, "train", *TINY, "--init", copy, "--out", out, "--steps", "3",
+                       "--set", "optim.lr=1e-30")  # the same command again, with more steps
+    assert code == 0, err
+    assert "initialised" not in err and json.load(open(os.path.join(out, "config.json")))["steps"] == 3
 
 
 def test_a_different_network_is_refused_in_one_line_and_nothing_is_written(fm_run, tmp_path,
