@@ -202,6 +202,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 0.11 / 0.12 against 0.72 / 0.80 at w' = 2 (docs/benchmarks.md, "Digits: the guidance
         # scale")
         "guidance.omega": 0.5,
+        # the fixed r != t share: Fashion-MNIST's schedule (time.ratio_start=0) was 37% worse
+        # at one step here, three seeds (docs/benchmarks.md, "Digits at w' = 1")
     },
     # Any other images: the small U-Net sized to the data.
     "unet-small": {**_CPU_IMAGES, "steps": 3000},
