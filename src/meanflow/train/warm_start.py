@@ -55,9 +55,7 @@ def load_initial_weights(model: torch.nn.Module, source: str) -> str:
         f"run's ({problem}); train with the same model settings, data shape and classes as "
         f"{source!r}",
     )
-    with torch.no_grad():
-        for key, value in ours.items():
-            value.copy_(theirs[key].to(dtype=value.dtype, device=value.device))
+    model.load_state_dict(theirs)  # the same keys and shapes: checked above
     return (
         f"network initialised from {source!r} ({run.config.objective}, step {run.step}, "
         f"{run.weights} weights)"
