@@ -18,7 +18,9 @@ test split in the feature space of the shipped feature network: FD, precision an
 (k = 3); the floor is the same metrics for as many training images. ``--keep``: rows already
 in ``OUT/results.json`` for the same entry and training step are reused, not sampled again
 (adding an entry to a seed's folder costs that entry only; a kept entry's grid is redrawn
-from 100 samples of the same seed and labels).
+from 100 samples of the same seed and labels). ``--carry ENTRY``: that entry's rows in
+``OUT/results.json`` stay in the results without its run directory (a run deleted since; its
+grid is not redrawn), so a later entry joins a folder whose runs are gone.
 Writes results.json, table.md, quality.png (FD and recall against steps) and grids.png.
 """
 
@@ -153,9 +155,15 @@ def main() -> None:
                     help="--seed of the runs trained here (default: the preset's)")
     ap.add_argument("--keep", action="store_true",
                     help="reuse OUT/results.json's rows of the same entry and training step")
+    ap.add_argument("--carry", action="append", default=[], metavar="ENTRY",
+                    help="keep OUT/results.json's rows of ENTRY without its run directory")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     runs = parse_runs(args.run)
+    if args.carry and not args.keep:
+        sys.exit("--carry needs --keep (it reuses rows of OUT/results.json)")
+    if set(args.carry) & set(runs):
+        sys.exit(f"--carry and --run both name {sorted(set(args.carry) & set(runs))}: pick one")
     os.makedirs(args.out, exist_ok=True)
     costs, budget = {}, {}
     if args.equal_compute:
@@ -173,7 +181,7 @@ def main() -> None:
     kept = _kept_rows(args.out) if args.keep else {}
     if kept.get("step_seconds") and not costs:
         costs = kept["step_seconds"]
-    rows, grids = [], {}
+    rows, grids = carried_rows(kept, args.carry), {}
     for objective, run_dir in runs.items():
         run = load_run(run_dir)
         assert run.config.objective == objective_of(objective), \
@@ -210,10 +218,11 @@ def main() -> None:
                      f"{r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} |")
     table.append(f"| training images (floor) | - | - | {floor['fd']:.2f} | "
                  f"{floor['precision']:.3f} | {floor['recall']:.3f} |")
+    entries = [*args.carry, *runs]
     fm100 = fd["flow-matching", 100]
-    targets = {f"{o}:{k}_over_fm100": fd[o, k] / fm100 for o in runs if o != "flow-matching"
+    targets = {f"{o}:{k}_over_fm100": fd[o, k] / fm100 for o in entries if o != "flow-matching"
                for k in (1, 2)}
-    if "meanflow" in runs:
+    if "meanflow" in entries:
         targets["mf1_better_than_fm4"] = fd["meanflow", 1] < fd["flow-matching", 4]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"data": args.data, "preset": args.preset, "num": args.num,
@@ -223,7 +232,7 @@ def main() -> None:
                    "rows": rows, "floor": floor, "targets": targets}, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    _plots(args.out, rows, floor, grids, args.data, list(runs))
+    _plots(args.out, rows, floor, grids, args.data, entries)
     print("\n".join(table))
     print(json.dumps(targets))
 
@@ -239,6 +248,18 @@ def _kept_rows(out: str) -> dict:
     kept: dict = {(r["objective"], r["steps"], r["train_steps"]): r for r in result["rows"]}
     kept["step_seconds"] = result.get("step_seconds", {})
     return kept
+
+
+def carried_rows(kept: dict, entries: list[str]) -> list[dict]:
+    """The kept rows of ``entries`` (``--carry``), in their order; an entry without rows is an
+    error (a misspelt name would silently drop it)."""
+    rows = []
+    for entry in entries:
+        mine = [r for key, r in kept.items() if isinstance(key, tuple) and key[0] == entry]
+        if not mine:
+            sys.exit(f"--carry {entry}: no rows of that entry in the kept results.json")
+        rows += sorted(mine, key=lambda r: r["steps"])
+    return rows
 
 
 def _grid_title(entry: str, steps: int) -> str:

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,6 +74,24 @@ def test_keep_reuses_rows_by_entry_sampling_steps_and_training_step(tmp_path):
     assert ("meanflow+time.ratio_start=0", 2, 1200) not in kept  # another training step: sampled
     assert ("meanflow", 2, 1233) not in kept  # another entry: sampled
     assert kept["step_seconds"] == {"meanflow": 0.8}
+
+
+def test_carry_keeps_the_rows_of_entries_whose_runs_are_gone(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from image_quality import _kept_rows, carried_rows
+    finally:
+        sys.path.pop(0)
+    rows = [_row("meanflow", 2, 4.0, train_steps=1233), _row("flow-matching", 100, 3.0),
+            _row("meanflow", 1, 5.0, train_steps=1233), _row("imf", 1, 6.0)]
+    with open(tmp_path / "results.json", "w") as f:
+        json.dump({"rows": rows}, f)
+    kept = _kept_rows(str(tmp_path))
+    carried = carried_rows(kept, ["flow-matching", "meanflow"])
+    assert [(r["objective"], r["steps"], r["fd"]) for r in carried] == [
+        ("flow-matching", 100, 3.0), ("meanflow", 1, 5.0), ("meanflow", 2, 4.0)]
+    with pytest.raises(SystemExit, match="--carry alphaflow: no rows"):
+        carried_rows(kept, ["alphaflow"])
 
 
 def test_eval_lines_table_averages_sampling_seeds_then_training_seeds(tmp_path):
