@@ -114,3 +114,42 @@ def test_eval_lines_table_averages_sampling_seeds_then_training_seeds(tmp_path):
     proc = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "SETTING-sSEED" in proc.stderr
+
+
+def test_objectives_report_pairs_each_seed_with_its_own_flow_matching(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from objectives_report import csv_records, eval_line_records, image_records, summarise
+    finally:
+        sys.path.pop(0)
+    records: dict = {}
+    steps: dict = {}
+    for seed, fm, mf in ((0, 2.0, 3.0), (1, 4.0, 5.0)):
+        os.makedirs(tmp_path / f"seed{seed}")
+        with open(tmp_path / f"seed{seed}" / "results.json", "w") as f:
+            json.dump({"rows": [_row("flow-matching", 100, fm, 1294), _row("mf+x=1", 1, mf, 1233),
+                                _row("other", 1, 9.0)]}, f)
+    image_records(str(tmp_path), "img", {"flow-matching": "flow matching", "mf+x=1": "MeanFlow"},
+                  records, steps)
+    lines = tmp_path / "eval.jsonl"
+    lines.write_text("\n".join(json.dumps({"run": f"runs/{r}", "steps": k, "fd": fd,
+                                           "checkpoint_step": 2000})
+                               for r, k, fd in (("fm-s0", 100, 0.1), ("mf-s0", 1, 0.2),
+                                                ("mf-s0", 1, 0.4), ("mf-s1", 1, 0.5))) + "\n")
+    eval_line_records(str(lines), "dg", {"fm": "flow matching", "mf": "MeanFlow"}, records, steps)
+    runs = tmp_path / "runs.csv"
+    runs.write_text("label,set,seed,steps,swd1,swd2,swd4,swd100\n"
+                    "fm,a,0,12000,,,,0.05\nmf,a,0,9700,0.1,0.09,0.08,\nmf,b,0,9700,9,9,9,\n")
+    csv_records(str(runs), "2d", {"fm": "flow matching", "mf": "MeanFlow"}, "a", records, steps)
+    cells = {(c["data"], c["objective"], c["steps"]): c for c in summarise(records)}
+    img = cells["img", "MeanFlow", 1]
+    assert (img["mean"], img["min"], img["max"], img["seeds"]) == (4.0, 3.0, 5.0, 2)
+    assert abs(img["ratio"] - (3.0 / 2.0 + 5.0 / 4.0) / 2) < 1e-12  # within seed, then mean
+    assert (img["ratio_min"], img["ratio_max"]) == (1.25, 1.5)
+    assert ("img", "other", 1) not in cells
+    dg = cells["dg", "MeanFlow", 1]
+    # seed 0's two sampling seeds averaged (0.3) before the seeds; seed 1 has no flow matching
+    assert abs(dg["mean"] - 0.4) < 1e-12 and abs(dg["ratio"] - 3.0) < 1e-12
+    two_d = cells["2d", "MeanFlow", 2]
+    assert abs(two_d["ratio"] - 0.09 / 0.05) < 1e-12 and steps["2d", "MeanFlow"] == 9700
+    assert cells["2d", "MeanFlow", 1]["mean"] == 0.1  # set b's row is another set
