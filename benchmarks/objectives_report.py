@@ -143,12 +143,13 @@ def plot(cells: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     datasets = list(dict.fromkeys(c["data"] for c in cells))
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.3 * len(datasets), 3.3),
                              squeeze=False)
     for ax, data in zip(axes[0], datasets):
-        for name, marker in zip(ORDER, "osD^"):
+        for name, marker, color in zip(ORDER, "osD^", ("C0", "C1", "C2", "C3")):
             mine = [c for c in cells if c["data"] == data and c["objective"] == name
                     and c["steps"] <= 4 and c["ratio"] == c["ratio"]]
             if not mine:
@@ -157,11 +158,13 @@ def plot(cells: list[dict], path: str) -> None:
             y = [c["ratio"] for c in mine]
             err = [[c["ratio"] - c["ratio_min"] for c in mine],
                    [c["ratio_max"] - c["ratio"] for c in mine]]
-            ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=name)
+            ax.errorbar(x, y, yerr=err, marker=marker, color=color, capsize=3, label=name)
         ax.axhline(1.0, color="gray", linestyle="--", label="FM, 100 steps")
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 2, 4], ["1", "2", "4"])
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(minor_thresholds=(2, 0.5)))
         ax.set_title(data, fontsize=9)
         ax.set_xlabel("network evaluations per sample")
     axes[0][0].set_ylabel("metric / 100-step flow matching")
