@@ -84,7 +84,7 @@ def stream_worker(run_dir: str, num: int, path: str) -> dict:
     import numpy as np
 
     from meanflow.plotting import to_uint8
-    from meanflow.runs.run import NOISE_CHUNK
+    from meanflow.runs.noise import NOISE_CHUNK
     from meanflow.runs.sample_files import write_npz
     from meanflow.train import load_run
 

@@ -52,14 +52,14 @@ def test_load_run_is_public_and_import_stays_light():
 
 
 def test_one_step_sample_is_the_formula_of_the_ema_model(vector_run):
-    from meanflow.runs.run import sample_noise
+    from meanflow.runs.noise import sample_noise
 
     run = meanflow.load_run(vector_run)
     assert run.weights == "ema" and run.device == torch.device("cpu")
     assert run.shape == (2,) and run.class_names is None and "step=50" in repr(run)
     points = run.sample(100, steps=1, seed=0)
     assert points.shape == (100, 2) and points.dtype == np.float32
-    e = sample_noise((2,), seed=0, start=0, stop=100)  # per-chunk generators (runs/run.py)
+    e = sample_noise((2,), seed=0, start=0, stop=100)  # per-chunk generators (runs/noise.py)
     with torch.no_grad():
         x = e - run.model(e, torch.zeros(100), torch.ones(100))
     assert np.allclose(points, run.normalizer.decode(x).numpy(), atol=1e-5)

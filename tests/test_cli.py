@@ -29,7 +29,7 @@ def test_train_writes_a_self_describing_run(tiny_run):
 
 
 def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
-    from meanflow.runs.run import sample_noise
+    from meanflow.runs.noise import sample_noise
     from meanflow.train import load_run
 
     npy = str(tmp_path / "s.npy")
@@ -39,7 +39,7 @@ def test_sample_npy_png_and_one_step_formula(tiny_run, tmp_path, capsys):
     assert points.shape == (300, 2) and points.dtype == np.float32
     # the written samples are e - u(e, 0, 1) of the EMA network, in data units
     loaded = load_run(tiny_run)
-    e = sample_noise((2,), seed=0, start=0, stop=300)  # per-chunk generators (runs/run.py)
+    e = sample_noise((2,), seed=0, start=0, stop=300)  # per-chunk generators (runs/noise.py)
     with torch.no_grad():
         x = e - loaded.model(e, torch.zeros(300), torch.ones(300))
     assert np.allclose(points, loaded.normalizer.decode(x).numpy(), atol=1e-5)

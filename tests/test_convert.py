@@ -16,7 +16,7 @@ from cli_helpers import run
 from meanflow import MeanFlowError
 from meanflow.nn.convert import dit_state_dict, flatten_tree
 from meanflow.runs.authors import read_flax_msgpack
-from meanflow.runs.run import sample_noise
+from meanflow.runs.noise import sample_noise
 
 DEPTH, HIDDEN, PATCH, CH, SIZE, CLASSES = 2, 64, 2, 4, 8, 5
 

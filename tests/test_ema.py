@@ -19,7 +19,7 @@ from torch import nn
 from meanflow.cli import main
 from meanflow.errors import MeanFlowError
 from meanflow.runs.checkpoint import latest_checkpoint
-from meanflow.runs.run import sample_noise
+from meanflow.runs.noise import sample_noise
 from meanflow.train import TrainConfig, load_run
 from meanflow.train.ema import EMA
 

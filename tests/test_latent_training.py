@@ -167,7 +167,7 @@ def test_pipeline_and_export_decode_a_latent_run(latent_run, tmp_path):
 
     import meanflow
     from meanflow.runs.pipeline import MeanFlowPipeline
-    from meanflow.runs.run import sample_noise
+    from meanflow.runs.noise import sample_noise
     from meanflow.train import load_run
 
     run = load_run(latent_run)

@@ -17,7 +17,7 @@ if not hasattr(diffusers, "FlowMapEulerDiscreteScheduler"):
 from meanflow.cli import main  # noqa: E402
 from meanflow.flow.sampling import sample  # noqa: E402
 from meanflow.runs.pipeline import MeanFlowPipeline  # noqa: E402
-from meanflow.runs.run import sample_noise  # noqa: E402
+from meanflow.runs.noise import sample_noise  # noqa: E402
 from meanflow.train import load_run  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from cli_helpers import run
 from meanflow import MeanFlowError
 from meanflow.cli import main
 from meanflow.plotting import to_uint8
-from meanflow.runs.run import NOISE_CHUNK, iter_noise, sample_noise
+from meanflow.runs.noise import NOISE_CHUNK, iter_noise, sample_noise
 from meanflow.runs.sample_files import rank_rows, write_npy, write_npz
 from meanflow.train import load_run
 

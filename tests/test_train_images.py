@@ -14,7 +14,7 @@ from meanflow.config.build import build_model, build_objective
 from meanflow.config.presets import PRESETS, default_preset
 from meanflow.data import open_data
 from meanflow.runs.checkpoint import latest_checkpoint, load_checkpoint
-from meanflow.runs.run import sample_noise
+from meanflow.runs.noise import sample_noise
 from meanflow.train import TrainConfig, configure, load_run
 from meanflow.train.optimizer import build_optimizer
 
@@ -138,7 +138,7 @@ def test_sample_npz_png_and_class_selection(image_run, tmp_path, capsys):
     assert labels.tolist() == [1] * 5
     # the uint8 images are round((x + 1) * 127.5) of the one-step samples e - u(e, 0, 1 | y)
     loaded = load_run(out)
-    e = sample_noise((1, 8, 8), seed=0, start=0, stop=5)  # runs/run.py
+    e = sample_noise((1, 8, 8), seed=0, start=0, stop=5)  # runs/noise.py
     with torch.no_grad():
         x = e - loaded.model(e, torch.zeros(5), torch.ones(5), y=torch.ones(5, dtype=torch.long))
     expect = np.clip(np.rint((x.numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
@@ -158,7 +158,7 @@ def test_sampling_guidance_flag(image_run, tmp_path, capsys):
                             "--out", str(tmp_path / "g.npy"))
     assert code == 0 and json.loads(stdout)["guidance"] == 3.0, err
     loaded = load_run(out)
-    e = sample_noise((1, 8, 8), seed=0, start=0, stop=4)  # runs/run.py
+    e = sample_noise((1, 8, 8), seed=0, start=0, stop=4)  # runs/noise.py
     y = torch.arange(4) % 2
     with torch.no_grad():
         c = loaded.model(e, torch.zeros(4), torch.ones(4), y=y)

@@ -2,7 +2,7 @@
 
 The .npy and .npz outputs are streamed, so memory stays bounded whatever ``--num`` is (FID-50K
 of 256x256 images is about 9.8 GB of uint8). Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank
-samples a contiguous range of the noise chunks of :func:`~meanflow.runs.run.iter_noise` into
+samples a contiguous range of the noise chunks of :func:`~meanflow.runs.noise.iter_noise` into
 a part file beside ``--out``; rank 0 then joins the parts into one file. Row i depends only on
 the seed and i, so the output is the same for any number of processes.
 """
@@ -192,7 +192,7 @@ def _write_stream(args, ext: str, run, sampling: dict, info: distributed.Dist) -
     each rank's rows into a part file, joined by rank 0 after a barrier. Rank 0 then renames
     the file to ``--out``."""
     from ..plotting import to_uint8
-    from ..runs.run import NOISE_CHUNK
+    from ..runs.noise import NOISE_CHUNK
 
     def convert(x):
         return to_uint8(x.numpy()) if ext == ".npz" else x.numpy().astype(np.float32, copy=False)

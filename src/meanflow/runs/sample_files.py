@@ -10,7 +10,7 @@ from typing import IO
 import numpy as np
 
 from ..errors import check
-from .run import NOISE_CHUNK
+from .noise import NOISE_CHUNK
 
 # Rows per block when reading part files back.
 READ_BLOCK = 256
