@@ -229,10 +229,10 @@ class TrainedRun:
         row i's noise depends on ``seed`` and i alone (:func:`~meanflow.runs.noise.sample_noise`),
         and its label is row i of the labels built for all ``num`` rows, so disjoint ranges
         computed apart (one per rank under torchrun) join into the samples of one call.
-        Batches end at multiples of
-        ``batch`` counted from row 0, so ranges that start at such a multiple pass the network
-        the very batches one call does and join bit for bit (other splits may differ in the
-        last bit: a network's rounding can depend on the batch size)."""
+        Batches end at multiples of ``batch`` counted from row 0, so ranges that start at such
+        a multiple pass the network the very batches one call does and join bit for bit (other
+        splits may differ in the last bit: a network's rounding can depend on the batch
+        size)."""
         check(num >= 1, f"--num must be >= 1, got {num}")
         stop = num if stop is None else stop
         check(
