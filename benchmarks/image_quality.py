@@ -51,9 +51,10 @@ NAMES = {"meanflow": "MeanFlow", "flow-matching": "flow matching", "imf": "impro
          "alphaflow": "AlphaFlow"}
 
 
-def parse_runs(items: list[str]) -> dict[str, str]:
+def parse_runs(items: list[str], carried: tuple[str, ...] = ()) -> dict[str, str]:
     """``{entry: run directory}`` from ``ENTRY=DIR`` items; an entry is an objective, optionally
-    followed by ``+key=value`` training settings (``meanflow+time.ratio_start=0``)."""
+    followed by ``+key=value`` training settings (``meanflow+time.ratio_start=0``). Flow
+    matching, the reference, must be a run or among the ``carried`` entries."""
     runs = {}
     for item in items:
         entry, sep, run_dir = item.rpartition("=")
@@ -63,8 +64,8 @@ def parse_runs(items: list[str]) -> dict[str, str]:
         if entry in runs:
             raise SystemExit(f"--run {entry}=... given twice")
         runs[entry] = run_dir
-    if "flow-matching" not in runs:
-        raise SystemExit("--run flow-matching=DIR is needed: it is the reference at 100 steps")
+    if "flow-matching" not in runs and "flow-matching" not in carried:
+        raise SystemExit("--run flow-matching=DIR (or --keep --carry flow-matching) is needed: it is the reference at 100 steps")
     return runs
 
 
@@ -159,7 +160,7 @@ def main() -> None:
                     help="keep OUT/results.json's rows of ENTRY without its run directory")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    runs = parse_runs(args.run)
+    runs = parse_runs(args.run, tuple(args.carry))
     if args.carry and not args.keep:
         sys.exit("--carry needs --keep (it reuses rows of OUT/results.json)")
     if set(args.carry) & set(runs):
