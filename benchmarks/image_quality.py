@@ -20,7 +20,8 @@ in ``OUT/results.json`` for the same entry and training step are reused, not sam
 (adding an entry to a seed's folder costs that entry only; a kept entry's grid is redrawn
 from 100 samples of the same seed and labels). ``--carry ENTRY``: that entry's rows in
 ``OUT/results.json`` stay in the results without its run directory (a run deleted since; its
-grid is not redrawn), so a later entry joins a folder whose runs are gone.
+grid is not redrawn; the grids of the runs given go to ``grids-OBJECTIVES.png`` beside the
+folder's ``grids.png``), so a later entry joins a folder whose runs are gone.
 Writes results.json, table.md, quality.png (FD and recall against steps) and grids.png.
 """
 
@@ -233,7 +234,10 @@ def main() -> None:
                    "rows": rows, "floor": floor, "targets": targets}, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    _plots(args.out, rows, floor, grids, args.data, entries)
+    # with carried entries the grids show the runs given only: beside grids.png, not over it
+    grids_name = ("grids-" + "-".join(objective_of(e) for e in runs) + ".png" if args.carry
+                  else "grids.png")
+    _plots(args.out, rows, floor, grids, args.data, entries, grids_name)
     print("\n".join(table))
     print(json.dumps(targets))
 
@@ -268,7 +272,7 @@ def _grid_title(entry: str, steps: int) -> str:
 
 
 def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str,
-           objectives: list[str]) -> None:
+           objectives: list[str], grids_name: str = "grids.png") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -300,7 +304,7 @@ def _plots(out: str, rows: list[dict], floor: dict, grids: dict, data: str,
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "grids.png"), dpi=110)
+    fig.savefig(os.path.join(out, grids_name), dpi=110)
     plt.close(fig)
 
 
