@@ -1,5 +1,6 @@
 """Quality for compute across data sets: flow matching, MeanFlow, improved MeanFlow and AlphaFlow
-in one table and one plot, from the committed results of docs/benchmarks.md and docs/onestep.md.
+(with its authors' window, and with the window ending at half the run) in one table and one
+plot, from the committed results of docs/benchmarks.md and docs/onestep.md.
 
     python benchmarks/objectives_report.py --out benchmarks/results/objectives_report
 
@@ -34,7 +35,8 @@ from eval_lines_table import setting_and_seed
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FM = "flow matching"
-ORDER = [FM, "MeanFlow", "improved MeanFlow", "AlphaFlow"]
+AF_HALF = "AlphaFlow, window to half"  # alpha.finish=0.5: alpha = 0 from 36% of the run on
+ORDER = [FM, "MeanFlow", "improved MeanFlow", "AlphaFlow", AF_HALF]
 # (data set, kind, path under results/, {entry in the source: objective shown}, 2-D set)
 SOURCES: list[tuple[str, str, str, dict[str, str], str]] = [
     ("Fashion-MNIST, 1,200-step budget", "images", "objectives_seeds",
@@ -46,10 +48,10 @@ SOURCES: list[tuple[str, str, str, dict[str, str], str]] = [
     ("digits", "eval-lines", "digits_fm_w1/eval.jsonl",
      {"w1fm": FM, "w1": "MeanFlow"}, ""),
     ("digits", "eval-lines", "digits_objectives/eval.jsonl",
-     {"imf": "improved MeanFlow", "af": "AlphaFlow"}, ""),
+     {"imf": "improved MeanFlow", "af": "AlphaFlow", "af05": AF_HALF}, ""),
     *[(f"2-D {name}", "runs-csv", "onestep_2d/runs.csv",
        {"h8-fm12k": FM, "h97-ramp": "MeanFlow", "h97-imf": "improved MeanFlow",
-        "h97-alpha05": "AlphaFlow"}, name) for name in ("smiley", "grid-gaussians")],
+        "h97-alpha05": AF_HALF}, name) for name in ("smiley", "grid-gaussians")],
 ]
 
 # (data set, objective, training seed, sampling steps) -> metric
@@ -149,7 +151,7 @@ def plot(cells: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.3 * len(datasets), 3.3),
                              squeeze=False)
     for ax, data in zip(axes[0], datasets):
-        for name, marker, color in zip(ORDER, "osD^", ("C0", "C1", "C2", "C3")):
+        for name, marker, color in zip(ORDER, "osD^v", ("C0", "C1", "C2", "C3", "C4")):
             mine = [c for c in cells if c["data"] == data and c["objective"] == name
                     and c["steps"] <= 4 and c["ratio"] == c["ratio"]]
             if not mine:
