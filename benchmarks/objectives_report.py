@@ -10,7 +10,8 @@ where the results hold them:
 
 - Fashion-MNIST (``fashion-mnist-small``): ``objectives_seeds/seed*/results.json`` (the compute
   of 1,200 steps of the former MeanFlow preset) and ``objectives_preset_budget`` (the preset's
-  3,000 steps; flow matching and MeanFlow only): FD-FMNIST of 2,000 samples, one sampling seed.
+  3,000 steps; flow matching and MeanFlow, and ``finetune_fm``: 1,532 flow-matching steps, then
+  1,421 MeanFlow steps from them, ``--init``): FD-FMNIST of 2,000 samples, one sampling seed.
 - digits (``digits-small``): ``meanflow eval`` lines (FD-digits of 1,000 samples, mean over the
   sampling seeds of a run first).
 - 2-D (``toy-2d``): ``onestep_2d/runs.csv`` rows (SWD of 5,000 samples, one draw).
@@ -36,7 +37,8 @@ from eval_lines_table import setting_and_seed
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FM = "flow matching"
 AF_HALF = "AlphaFlow, window to half"  # alpha.finish=0.5: alpha = 0 from 36% of the run on
-ORDER = [FM, "MeanFlow", "improved MeanFlow", "AlphaFlow", AF_HALF]
+INIT = "FM, then MeanFlow (--init)"  # Decoupled MeanFlow's conversion, half the compute each
+ORDER = [FM, "MeanFlow", "improved MeanFlow", "AlphaFlow", AF_HALF, INIT]
 # (data set, kind, path under results/, {entry in the source: objective shown}, 2-D set)
 SOURCES: list[tuple[str, str, str, dict[str, str], str]] = [
     ("Fashion-MNIST, 1,200-step budget", "images", "objectives_seeds",
@@ -45,6 +47,8 @@ SOURCES: list[tuple[str, str, str, dict[str, str], str]] = [
       "alphaflow+time.ratio_start=-1": "AlphaFlow"}, ""),
     ("Fashion-MNIST, 3,000-step budget", "images", "objectives_preset_budget",
      {"flow-matching": FM, "meanflow+time.ratio_start=0": "MeanFlow"}, ""),
+    ("Fashion-MNIST, 3,000-step budget", "images", "finetune_fm",
+     {"meanflow+init=fm1532": INIT}, ""),
     ("digits", "eval-lines", "digits_fm_w1/eval.jsonl",
      {"w1fm": FM, "w1": "MeanFlow"}, ""),
     ("digits", "eval-lines", "digits_objectives/eval.jsonl",
@@ -151,7 +155,7 @@ def plot(cells: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.3 * len(datasets), 3.3),
                              squeeze=False)
     for ax, data in zip(axes[0], datasets):
-        for name, marker, color in zip(ORDER, "osD^v", ("C0", "C1", "C2", "C3", "C4")):
+        for name, marker, color in zip(ORDER, "osD^vP", ("C0", "C1", "C2", "C3", "C4", "C5")):
             mine = [c for c in cells if c["data"] == data and c["objective"] == name
                     and c["steps"] <= 4 and c["ratio"] == c["ratio"]]
             if not mine:
