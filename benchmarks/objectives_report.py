@@ -174,8 +174,12 @@ def plot(cells: list[dict], path: str) -> None:
         ax.set_title(data, fontsize=9)
         ax.set_xlabel("network evaluations per sample")
     axes[0][0].set_ylabel("metric / 100-step flow matching")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    legend: dict = {}  # every objective once, from whichever panel has it
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
