@@ -66,7 +66,8 @@ def parse_runs(items: list[str], carried: tuple[str, ...] = ()) -> dict[str, str
             raise SystemExit(f"--run {entry}=... given twice")
         runs[entry] = run_dir
     if "flow-matching" not in runs and "flow-matching" not in carried:
-        raise SystemExit("--run flow-matching=DIR (or --keep --carry flow-matching) is needed: it is the reference at 100 steps")
+        raise SystemExit("--run flow-matching=DIR (or --keep --carry flow-matching) is needed: "
+                         "it is the reference at 100 steps")
     return runs
 
 
