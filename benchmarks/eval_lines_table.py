@@ -30,18 +30,32 @@ def setting_and_seed(run: str) -> tuple[str, str]:
     return setting, seed
 
 
-def table(lines: list[dict]) -> str:
-    runs: dict[tuple[str, int, str], list[dict]] = defaultdict(list)
+def read_lines(path: str) -> list[dict]:
+    """The JSON lines of one file (blank lines skipped)."""
+    with open(path) as f:
+        return [json.loads(text) for text in f if text.strip()]
+
+
+def sampling_means(lines: list[dict], keys: tuple[str, ...]) -> dict[tuple[str, str, int], list]:
+    """``{(setting, training seed, sampling steps): [mean of each key]}``: the lines of one run
+    and step count (its sampling seeds) averaged, a missing key as NaN."""
+    runs: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for line in lines:
         setting, seed = setting_and_seed(line["run"])
-        runs[(setting, int(line["steps"]), seed)].append(line)
+        runs[(setting, seed, int(line["steps"]))].append(line)
+    return {
+        key: [statistics.mean(g.get(k, float("nan")) for g in group) for k in keys]
+        for key, group in runs.items()
+    }
+
+
+def table(lines: list[dict]) -> str:
     metric = metric_of(lines[0])
     cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(dict)
-    for (setting, steps, seed), group in runs.items():
-        cells[(setting, steps)][seed] = [
-            statistics.mean(g.get(k, float("nan")) for g in group)
-            for k in (metric, "precision", "recall")
-        ]
+    for (setting, seed, steps), means in sampling_means(
+        lines, (metric, "precision", "recall")
+    ).items():
+        cells[(setting, steps)][seed] = means
     out = [
         f"| setting | sampling steps | training seeds | {metric.upper()} mean (min-max) "
         "| precision | recall |",
@@ -62,10 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="files of meanflow eval JSON lines")
     args = ap.parse_args()
-    lines = []
-    for path in args.files:
-        with open(path) as f:
-            lines += [json.loads(text) for text in f if text.strip()]
+    lines = [line for path in args.files for line in read_lines(path)]
     if not lines:
         raise SystemExit(f"no eval lines in {', '.join(args.files)}")
     print(table(lines), end="")

@@ -32,7 +32,7 @@ import os
 import statistics
 from collections import defaultdict
 
-from eval_lines_table import setting_and_seed
+from eval_lines_table import read_lines, sampling_means, setting_and_seed
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FM = "flow matching"
@@ -82,18 +82,11 @@ def image_records(folder: str, data: str, names: dict[str, str],
 def eval_line_records(path: str, data: str, names: dict[str, str],
                       records: Records, train_steps: dict) -> None:
     """``meanflow eval`` JSON lines, runs named ``SETTING-sSEED``; sampling seeds averaged."""
-    groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    with open(path) as f:
-        for text in f:
-            if not text.strip():
-                continue
-            line = json.loads(text)
-            setting, seed = setting_and_seed(line["run"])
-            if setting in names:
-                groups[names[setting], seed, int(line["steps"])].append(line["fd"])
-                train_steps[data, names[setting]] = line["checkpoint_step"]
-    for (name, seed, steps), values in groups.items():
-        records[data, name, seed, steps] = statistics.mean(values)
+    lines = [line for line in read_lines(path) if setting_and_seed(line["run"])[0] in names]
+    for line in lines:
+        train_steps[data, names[setting_and_seed(line["run"])[0]]] = line["checkpoint_step"]
+    for (setting, seed, steps), (fd,) in sampling_means(lines, ("fd",)).items():
+        records[data, names[setting], seed, steps] = fd
 
 
 def csv_records(path: str, data: str, names: dict[str, str], dataset: str,
